@@ -1,0 +1,193 @@
+"""Command line: ``streamedit stylize | info`` (+ the commands other modules register).
+
+Every user mistake ends in one line on stderr and exit code 2; Ctrl-C / SIGTERM during
+``stylize`` leave a finalized, playable file with every frame processed so far.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+import click
+
+from .errors import StreameditError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Group(click.Group):
+    """Turns StreameditError (and unexpected errors) into one line + exit 2 instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except StreameditError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # a bug, not a user error: still one line unless asked for more
+            if os.environ.get("STREAMEDIT_DEBUG"):
+                raise
+            click.echo(f"error: {type(exc).__name__}: {exc} (set STREAMEDIT_DEBUG=1 for the traceback)", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Show library warnings and debug logs.")
+def cli(verbose: bool):
+    """Real-time video stylization with an instruction-edit diffusion model."""
+    setup_logging(verbose)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    if not verbose:
+        for name in ("diffusers", "transformers", "httpx", "huggingface_hub", "torch", "PIL"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+
+
+def model_options(fn):
+    """--model/--revision/--device/--dtype, shared by every command that loads a model."""
+    fn = click.option("--dtype", type=click.Choice(DTYPES), default=None,
+                      help="Default: bfloat16 on CUDA, float32 on CPU.")(fn)
+    fn = click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")(fn)
+    fn = click.option("--revision", default=None, help="Hub revision (DreamLite-mobile: 'diffusers').")(fn)
+    fn = click.option("--model", "model", default="demo", show_default=True,
+                      help="Hub id, local diffusers folder, 'demo', 'random:real' or 'random:tiny'.")(fn)
+    return fn
+
+
+def resolve_device(device: str | None, dtype: str | None):
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise StreameditError(f"--device {device} was asked for, but no CUDA GPU is available here (use --device cpu)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise StreameditError(f"unknown --device {device!r}: use cpu or cuda")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    return device, getattr(torch, dtype)
+
+
+def load(model: str, revision, device, dtype):
+    from .models import load_models
+
+    if model == "demo":
+        from .models import demo_available
+
+        if not demo_available():
+            logging.warning("the bundled demo model is not installed; using random:tiny (random weights)")
+            model = "random:tiny"
+    return load_models(model, device=device, dtype=dtype, revision=revision)
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT")
+@click.option("-o", "--output", required=True, help="Output video file (.mp4, .mkv, .mov).")
+@click.option("-p", "--prompt", required=True, help="The edit instruction, e.g. 'oil painting'.")
+@model_options
+@click.option("--batch", default=8, show_default=True, help="Frames per batch.")
+@click.option("--steps", default=1, show_default=True, help="Denoising steps (1-4).")
+@click.option("--size", default=512, show_default=True, help="Working resolution (square).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--fixed-noise", is_flag=True, help="Start every frame from the same noise (less flicker).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the U-Net (first batch pays for it).")
+@click.option("--compile-mode", default="reduce-overhead", show_default=True)
+@click.option("--te-batch-one", is_flag=True, help="Approximation: one TE pass per batch.")
+@click.option("--te-refresh", default=1, show_default=True, help="Approximation: reuse the TE output N batches.")
+@click.option("--keep-size", is_flag=True, help="Write the working size instead of scaling back to the input's.")
+def stylize(input_path, output, prompt, model, revision, device, dtype, batch, steps, size, seed, fixed_noise,
+            compile_, compile_mode, te_batch_one, te_refresh, keep_size):
+    """Stylize INPUT with an instruction and write OUTPUT (same fps, timestamps and audio)."""
+    from tqdm import tqdm
+
+    from .engine import EngineConfig, StreamEngine
+    from .io import VideoWriter, open_video
+
+    config = EngineConfig(prompt=prompt, batch_size=batch, steps=steps, size=size, seed=seed, fixed_noise=fixed_noise,
+                          compile=compile_, compile_mode=compile_mode, te_batch_one=te_batch_one,
+                          te_refresh_every=te_refresh)
+    from .engine import _clean_prompt
+
+    config.prompt = _clean_prompt(prompt)  # fail on a bad prompt before any slow loading
+    device, torch_dtype = resolve_device(device, dtype)
+    source = open_video(input_path, size=size, keep_size=keep_size)
+    written = 0
+    t0 = time.perf_counter()
+    restore = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    try:
+        with VideoWriter(output, source) as writer:
+            engine = StreamEngine(load(model, revision, device, torch_dtype), config)
+            t0 = time.perf_counter()
+            bar = tqdm(total=source.info.frame_count, unit="frame", desc="stylize", dynamic_ncols=True,
+                       disable=None)
+            for frame in engine.run(source.frames()):
+                writer.write(frame)
+                written += 1
+                bar.update(1)
+                bar.set_postfix(fps=f"{written / (time.perf_counter() - t0):.1f}", refresh=False)
+            bar.close()
+            engine.close()
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: {written} stylized frames saved to {output}", err=True)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, restore)
+    wall = time.perf_counter() - t0
+    peak = ""
+    if device.startswith("cuda"):
+        import torch
+
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    click.echo(f"{written} frames in {wall:.1f} s ({written / max(wall, 1e-9):.1f} fps{peak}) -> {output}")
+    if source.warning:
+        click.echo(f"error: {source.warning}", err=True)
+        sys.exit(2)
+
+
+def _sigterm_to_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@cli.command()
+@model_options
+def info(model, revision, device, dtype):
+    """Print each component's class and parameter count, and the LLLite hook sites."""
+    from .models import describe, hook_split
+
+    rows, models = describe(model if model != "demo" else _demo_or_tiny(), revision=revision)
+    click.echo(f"model: {model}" + (" (built on the meta device: no weights allocated)"
+                                    if model.startswith("random:") else ""))
+    for name, cls, n in rows:
+        click.echo(f"  {name:<13} {cls:<36} {n / 1e9:7.3f} B params" if n else f"  {name:<13} {cls}")
+    total = sum(n for _, _, n in rows)
+    click.echo(f"  {'total':<13} {'':<36} {total / 1e9:7.3f} B params")
+    split = hook_split(models.unet)
+    click.echo(f"hook sites: {sum(split.values())} (down {split['down']} / mid {split['mid']} / up {split['up']})")
+    click.echo(f"edit template prefix dropped from the TE output: {models.edit_prefix_len} tokens")
+
+
+def _demo_or_tiny() -> str:
+    from .models import demo_available
+
+    return "demo" if demo_available() else "random:tiny"
+
+
+def main() -> None:
+    cli(prog_name="streamedit")
+
+
+if __name__ == "__main__":
+    main()

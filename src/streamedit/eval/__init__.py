@@ -1,0 +1,24 @@
+"""Video quality metrics: temporal consistency (warp error), sharpness (Sobel, HF-FFT) and optional
+model metrics (LPIPS, CLIP, RAFT) that run only from local weights. See docs/metrics.md."""
+
+from .metrics import (
+    FARNEBACK,
+    HF_RADIUS,
+    Flows,
+    as_frames,
+    compute_all,
+    compute_flows,
+    hf_fft_energy,
+    sobel_sharpness,
+    valid_mask,
+    warp,
+    warp_error,
+    windowed,
+)
+from .optional import available_metrics, clip_metrics, lpips_metrics
+
+__all__ = [
+    "FARNEBACK", "HF_RADIUS", "Flows", "as_frames", "available_metrics", "clip_metrics", "compute_all",
+    "compute_flows", "hf_fft_energy", "lpips_metrics", "sobel_sharpness", "valid_mask", "warp", "warp_error",
+    "windowed",
+]

@@ -1,0 +1,477 @@
+"""Video file I/O on PyAV: decode any input to working-size RGB frames, encode results back.
+
+Geometry: each frame is *resized* (not cropped) to ``size x size`` for the model, and the writer
+resizes results back to the input's W x H. Non-square inputs are squashed while processing; the
+mapping is exactly invertible, so nothing is cropped away and output dimensions match the input.
+Downscaling uses ``cv2.INTER_AREA`` (no aliasing); upscaling ``cv2.INTER_CUBIC`` (sharper than
+linear at the same cost; Lanczos is ~8x slower at 1080p, too slow for real time).
+Rotated phone video (display-matrix rotation) is turned upright on decode; ``info`` reports the
+upright size and the output is written upright. Alpha is dropped; grayscale/10-bit become RGB8.
+
+Encoding: H.264 (libx264, yuv420p, BT.709 tags) for .mp4/.m4v/.mov/.mkv, VP9 for .webm.
+4:2:0 cannot hold odd sizes (H.264 crops only in 2-pixel steps), so an odd width/height is
+padded by one replicated column/row (333x257 -> 334x258) to stay playable everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+
+from .errors import StreameditError
+
+log = logging.getLogger(__name__)
+
+# Output extension -> encoders to try, best first.
+_H264 = ("libx264", "libopenh264", "mpeg4")
+VIDEO_CODECS = {".mp4": _H264, ".m4v": _H264, ".mov": _H264, ".mkv": _H264,
+                ".webm": ("libvpx-vp9", "libvpx")}
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    width: int                  # upright display size
+    height: int
+    fps: Fraction
+    time_base: Fraction         # of the video stream; VideoSource.pts are in this unit
+    frame_count: int | None     # from the header, else duration * fps, else None
+    has_audio: bool
+    pix_fmt: str
+    duration: float | None      # seconds
+    rotation: int = 0           # counter-clockwise degrees applied to make frames upright
+
+
+def resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    if img.shape[1] == width and img.shape[0] == height:
+        return img
+    shrink = width * height < img.shape[0] * img.shape[1]
+    return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+def _ffmpeg_reason(e: Exception) -> str:
+    return " ".join(str(getattr(e, "strerror", None) or e).split())  # always one line
+
+
+class VideoSource:
+    """An opened input video. Use :func:`open_video`."""
+
+    def __init__(self, path: str | os.PathLike, size: int = 512, keep_size: bool = False):
+        self.path, self.size, self.keep_size = Path(path), int(size), keep_size
+        self._container = None
+        first = self._start()  # fail here, before any processing, on unreadable input
+        rot = int(round((first.rotation or 0) / 90)) % 4 * 90
+        w, h = (first.height, first.width) if rot in (90, 270) else (first.width, first.height)
+        c = self._container
+        duration = self._video_duration or (c.duration / av.time_base if c.duration else None)
+        count = self._stream.frames or (round(duration * self._fps) if duration else None)
+        has_audio = any(s.codec_context is not None for s in c.streams.audio)
+        self.info = VideoInfo(w, h, self._fps, self._tb, count, has_audio, first.format.name, duration, rot)
+
+    def _start(self):
+        """(Re)open the file and decode the first frame, so empty/undecodable input fails early."""
+        self.close()
+        self.warning: str | None = None
+        self.pts: list[int] = []          # timestamp of every frame yielded so far (VideoWriter reuses them)
+        self.exhausted = False            # True once the last frame has been yielded
+        p = self.path
+        if not p.exists():
+            raise StreameditError(f"input file not found: {p}")
+        if p.is_dir():
+            raise StreameditError(f"input is a directory, not a video file: {p}")
+        if p.is_file() and p.stat().st_size == 0:
+            raise StreameditError(f"input file is empty: {p}")
+        try:
+            self._container = av.open(str(p), metadata_errors="ignore")
+        except (av.error.InvalidDataError, av.error.EOFError):
+            raise StreameditError(f"not a readable video file (unknown format, or damaged): {p}") from None
+        except (av.FFmpegError, OSError) as e:
+            raise StreameditError(f"cannot open {p}: {_ffmpeg_reason(e)}") from None
+        # Cover art in audio files shows up as a one-picture "video" stream; that is not a video.
+        streams = [s for s in self._container.streams.video
+                   if not s.disposition & av.stream.Disposition.attached_pic]
+        if not streams:
+            self._fail(f"no video stream in {p}" + (" (audio-only file)" if self._container.streams.audio else ""))
+        if streams[0].codec_context is None:
+            self._fail(f"{p}: its video codec is not supported by this FFmpeg build")
+        self._stream = st = streams[0]
+        st.thread_type = "AUTO"  # frame threading: several times faster decode
+        self._fps = Fraction(st.average_rate or st.guessed_rate or st.base_rate or 30)
+        self._tb = st.time_base or 1 / self._fps
+        self._video_duration = float(st.duration * self._tb) if st.duration else None
+        with contextlib.suppress(KeyError, ValueError):  # Matroska/WebM keep it in a per-track tag
+            hh, mm, ss = st.metadata["DURATION"].split(":")
+            self._video_duration = self._video_duration or int(hh) * 3600 + int(mm) * 60 + float(ss)
+        raw = self._decode()
+        first = next(raw, None)
+        if first is None:
+            self._fail(f"no decodable video frames in {p}" + (f" ({self.warning})" if self.warning else ""))
+        self._raw = itertools.chain([first], raw)
+        return first
+
+    def _decode(self):
+        """Yield decoded av.VideoFrames; a demux/decode error or a short stream ends it with a warning."""
+        last, n, step = None, 0, max(1, round(1 / (self._fps * self._tb)))
+        try:
+            for frame in self._container.decode(self._stream):
+                pts = frame.pts if frame.pts is not None else (0 if last is None else last + step)
+                if last is not None and pts <= last:  # encoders need strictly increasing pts
+                    pts = last + 1
+                self.pts.append(pts)
+                last, n = pts, n + 1
+                yield frame
+        except av.FFmpegError as e:
+            self._warn(f"video stream is corrupt after frame {n}; stopped decoding there ({_ffmpeg_reason(e)})")
+            return
+        # Demuxers often just stop at a truncated/garbled spot: compare with what the header promised
+        # (duration first: mp4 edit lists can legitimately hide some of the header's frame count).
+        dur, expected = self._video_duration, self._stream.frames
+        end = float((last - self.pts[0] + step) * self._tb) if n else 0.0
+        if n and (end < dur - 2 / self._fps - 0.05 if dur else expected and n < expected):
+            got = f"{n} of {expected} frames" if expected else f"{n} frames ({end:.2f}s of {dur:.2f}s)"
+            self._warn(f"video stream ended early, after {got}; file truncated or damaged?")
+
+    def _fail(self, msg: str):
+        self.close()
+        raise StreameditError(msg)
+
+    def _warn(self, msg: str):
+        self.warning = msg
+        log.warning("%s: %s", self.path, msg)
+
+    def frames(self):
+        """Yield HxWx3 uint8 RGB frames at ``size x size``. A second call starts over."""
+        if self._raw is None:
+            self._start()
+        raw, self._raw = self._raw, None
+        for frame in raw:
+            kw = {}
+            if frame.colorspace == 2 and frame.height >= 720:  # untagged HD: BT.709, as players assume
+                kw["src_colorspace"] = "itu709"
+            rgb = frame.to_ndarray(format="rgb24", **kw)
+            if self.info.rotation:
+                rgb = np.rot90(rgb, self.info.rotation // 90)
+            yield np.ascontiguousarray(resize(rgb, self.size, self.size))
+        self.exhausted = True
+        self.close()
+
+    def close(self):
+        if self._container is not None:
+            self._container.close()
+            self._container, self._raw = None, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_video(path: str | os.PathLike, size: int = 512, keep_size: bool = False) -> VideoSource:
+    """Open ``path`` for decoding; raises StreameditError (one line) if it is not a usable video."""
+    return VideoSource(path, size=size, keep_size=keep_size)
+
+
+def _open_output(path: Path, source_path: Path | None = None):
+    ext = path.suffix.lower()
+    if ext not in VIDEO_CODECS:
+        raise StreameditError(f"unsupported output extension {ext or '(none)'!r}; use one of {', '.join(VIDEO_CODECS)}")
+    if path.is_dir():
+        raise StreameditError(f"output path is a directory: {path}")
+    if source_path is not None and path.resolve() == source_path.resolve():
+        raise StreameditError(f"output would overwrite the input file: {path}")
+    if not path.parent.is_dir():
+        raise StreameditError(f"output folder does not exist: {path.parent}")
+    # Index (moov) at the front: plays while downloading; written on close, which we always reach.
+    opts = {"movflags": "+faststart"} if ext in (".mp4", ".m4v", ".mov") else {}
+    try:
+        return av.open(str(path), "w", options=opts)
+    except (av.FFmpegError, OSError) as e:
+        raise StreameditError(f"cannot write {path}: {_ffmpeg_reason(e)}") from None
+
+
+def _add_video_stream(out, ext, width, height, fps, time_base, pix_fmt="yuv420p", crf=18, preset="veryfast",
+                      codecs=None):
+    for name in codecs or VIDEO_CODECS[ext]:
+        try:
+            codec = av.Codec(name, "w")
+        except av.FFmpegError:
+            continue
+        if name not in out.supported_codecs or pix_fmt not in {f.name for f in codec.video_formats or ()}:
+            continue
+        opts = {"libx264": {"crf": str(crf), "preset": preset},
+                "libvpx-vp9": {"crf": str(crf + 13), "b": "0", "row-mt": "1", "deadline": "good", "cpu-used": "4"},
+                }.get(name, {})
+        s = out.add_stream(name, rate=fps, options=opts)
+        s.width, s.height, s.pix_fmt = width, height, pix_fmt
+        s.time_base = s.codec_context.time_base = time_base
+        if name in ("mpeg4", "libopenh264", "libvpx"):  # no CRF mode: pick a generous bitrate
+            s.bit_rate = int(width * height * float(fps) * 0.25)
+        if not pix_fmt.startswith(("gray", "rgb", "bgr", "gbr")):
+            cc = s.codec_context  # tag what we convert with, so players do not guess
+            cc.colorspace, cc.color_range, cc.color_primaries, cc.color_trc = 1, 1, 1, 1  # BT.709, limited
+        return s
+    raise StreameditError(f"no encoder for {pix_fmt} in {ext} in this FFmpeg build")
+
+
+def _to_av_frame(rgb: np.ndarray, pix_fmt: str) -> av.VideoFrame:
+    fmt = {1: "gray", 3: "rgb24", 4: "rgba"}[1 if rgb.ndim == 2 else rgb.shape[2]]
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format=fmt)
+    if pix_fmt.startswith(("yuv", "nv")):
+        return frame.reformat(format=pix_fmt, dst_colorspace="itu709", dst_color_range="MPEG")
+    return frame.reformat(format=pix_fmt)
+
+
+@contextlib.contextmanager
+def _signals_deferred(sigs=(signal.SIGINT, signal.SIGTERM)):
+    """Hold off Ctrl-C/SIGTERM while a file is finalized (a second Ctrl-C would leave an mp4 without
+    its index, i.e. unplayable); the signal is re-raised afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    old = {s: signal.signal(s, lambda n, _f: caught.append(n)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
+class VideoWriter:
+    """Encode RGB frames to ``path``, matching ``source`` in size, fps, timestamps and audio.
+
+    Frame i gets the timestamp of the source's frame i (variable frame rate is kept); frames beyond
+    the source's continue at 1/fps. Without a source, give ``fps`` and ``size=(w, h)``.
+    Audio (first audio stream) is copied; if the container cannot hold its codec it is re-encoded
+    (AAC, Opus for .webm); if that fails too it is dropped with a logged warning. Audio is cut at the
+    end of the last written frame unless the whole source was written. Closing (also by leaving the
+    ``with`` block through an exception such as KeyboardInterrupt) flushes the encoder, so the file is
+    playable and holds every frame written. If no frame was written, the file is removed. An existing
+    file at ``path`` is overwritten; the input file itself is refused.
+    """
+
+    def __init__(self, path, source: VideoSource | None = None, *, fps=None, size=None, crf=18,
+                 preset="veryfast", audio=True):
+        self.path, self.source, self.frames_written = Path(path), source, 0
+        self._closed, self._last_pts = False, None
+        if source is not None:
+            fps, tb, info = source.info.fps, source.info.time_base, source.info
+            size = (source.size, source.size) if source.keep_size else (info.width, info.height)
+        elif fps is None or size is None:
+            raise ValueError("VideoWriter needs a source, or fps and size=(width, height)")
+        else:
+            fps = Fraction(fps).limit_denominator(100000)
+            tb = 1 / fps
+        self.fps, self.size = fps, (int(size[0]), int(size[1]))
+        self._step = max(1, round(1 / (fps * tb)))
+        self._out = _open_output(self.path, source.path if source else None)
+        try:
+            w, h = self.size
+            self._stream = _add_video_stream(self._out, self.path.suffix.lower(), w + w % 2, h + h % 2, fps, tb,
+                                             crf=crf, preset=preset)
+            self._ain = self._aout = None
+            if audio and source is not None and source.info.has_audio:
+                self._setup_audio()
+            self._out.start_encoding()  # opens encoders now: bad settings fail before processing
+        except BaseException as e:  # incl. Ctrl-C here: leave no half-made file behind
+            self._out.close()
+            self.path.unlink(missing_ok=True)
+            if isinstance(e, StreameditError) or not isinstance(e, Exception):
+                raise
+            raise StreameditError(f"cannot start encoding {self.path}: {_ffmpeg_reason(e)}") from None
+
+    def _setup_audio(self):
+        try:
+            self._ain = av.open(str(self.source.path), metadata_errors="ignore")  # own demuxer: decode is elsewhere
+            src = next(s for s in self._ain.streams.audio if s.codec_context is not None)
+            try:
+                self._aout, self._transcode = self._out.add_stream_from_template(src), False
+            except ValueError:  # codec not allowed in this container: re-encode
+                codec = "libopus" if self.path.suffix.lower() == ".webm" else "aac"
+                rate = 48000 if codec == "libopus" else src.rate
+                self._aout = self._out.add_stream(codec, rate=rate, layout=src.layout.name)
+                self._transcode = True
+            self._apackets, self._apending = self._ain.demux(src), None
+        except Exception as e:
+            log.warning("%s: dropping audio (%s)", self.path, _ffmpeg_reason(e))
+            if self._ain is not None:
+                self._ain.close()
+            self._ain = self._aout = None
+
+    def _mux_audio(self, until: float | None, final: bool = False):
+        """Mux source audio packets that start before ``until`` seconds (all if None)."""
+        if self._aout is None:
+            return
+        try:
+            while True:
+                pkt = self._apending or next(self._apackets, None)
+                self._apending = None
+                if pkt is None:
+                    break
+                ts = pkt.pts if pkt.pts is not None else pkt.dts
+                if until is not None and ts is not None and ts * pkt.time_base >= until:
+                    self._apending = pkt  # not yet: keeps audio interleaved with video
+                    break
+                if self._transcode:
+                    for frame in pkt.decode():
+                        self._out.mux(self._aout.encode(frame))
+                elif pkt.size and pkt.dts is not None:
+                    pkt.stream = self._aout
+                    self._out.mux(pkt)
+            if not final:
+                return
+            if self._transcode:
+                self._out.mux(self._aout.encode(None))
+        except Exception as e:  # never let audio trouble lose the video
+            log.warning("%s: audio stopped early (%s)", self.path, _ffmpeg_reason(e))
+        self._ain.close()
+        self._ain = self._aout = None
+
+    def write(self, rgb: np.ndarray, pts: int | None = None) -> None:
+        """Append one HxWx3 uint8 RGB frame (any size; resized to the output size)."""
+        if self._closed:
+            raise ValueError("write() on a closed VideoWriter")
+        rgb = np.asarray(rgb)
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"expected HxWx3 uint8 RGB, got {rgb.dtype} {rgb.shape}")
+        w, h = self.size
+        img = resize(rgb, w, h)
+        if w % 2 or h % 2:
+            img = cv2.copyMakeBorder(img, 0, h % 2, 0, w % 2, cv2.BORDER_REPLICATE)
+        if pts is None:
+            known = self.source.pts if self.source is not None else ()
+            pts = known[self.frames_written] if self.frames_written < len(known) else (
+                0 if self._last_pts is None else self._last_pts + self._step)
+        if self._last_pts is not None and pts <= self._last_pts:
+            pts = self._last_pts + 1
+        frame = _to_av_frame(img, self._stream.pix_fmt)
+        frame.pts, frame.time_base = pts, self._stream.codec_context.time_base
+        self._out.mux(self._stream.encode(frame))
+        self._last_pts, self.frames_written = pts, self.frames_written + 1
+        self._mux_audio(float(pts * frame.time_base))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with _signals_deferred():
+            try:
+                if self.frames_written:
+                    self._out.mux(self._stream.encode(None))  # flush delayed (B-)frames
+                    src = self.source
+                    whole = src is not None and src.exhausted and self.frames_written >= len(src.pts)
+                    end = (self._last_pts + self._step) * self._stream.codec_context.time_base
+                    self._mux_audio(None if whole else float(end), final=True)
+            finally:
+                if self._ain is not None:
+                    self._ain.close()
+                self._out.close()
+                if not self.frames_written:
+                    self.path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def write_clip(path, frames, fps=24, *, pix_fmt="yuv420p", audio=None, sample_rate=48000, crf=18) -> Path:
+    """Encode ``frames`` (HxWx3 RGB, HxWx4 RGBA or HxW gray uint8) exactly as given (no resizing or
+    padding), stored as ``pix_fmt``: libx264 if it can, else FFV1 (.mkv; odd sizes, alpha), VP9 or PNG.
+    ``audio``: float samples in [-1, 1], shape (n,) or (channels, n), at ``sample_rate``."""
+    path, frames = Path(path), list(frames)
+    if not frames:
+        raise ValueError("write_clip needs at least one frame")
+    (h, w), ext = frames[0].shape[:2], path.suffix.lower()
+    fps = Fraction(fps).limit_denominator(100000)
+    # libx264 only for YUV: the H.264 decoder returns 4:0:0 (gray) as yuv420p, hiding the format.
+    codecs = ("libx264", "ffv1", "libvpx-vp9", "png") if pix_fmt.startswith(("yuv", "nv")) else ("ffv1", "png")
+    fmt = av.VideoFormat(pix_fmt)
+    if (w % 2 and fmt.chroma_width(w) != w) or (h % 2 and fmt.chroma_height(h) != h):  # x264: even 4:2:x
+        codecs = ("ffv1", "libvpx-vp9")
+    out = _open_output(path)
+    try:
+        vs = _add_video_stream(out, ext, w, h, fps, 1 / fps, pix_fmt, crf, "medium", codecs)
+        chunks = []
+        if audio is not None:
+            a = np.atleast_2d(np.asarray(audio, np.float32))
+            layout = {1: "mono", 2: "stereo"}[len(a)]
+            ast = out.add_stream("libopus" if ext == ".webm" else "aac", rate=48000 if ext == ".webm" else sample_rate,
+                                 layout=layout)
+            for i in range(0, a.shape[1], 1024):
+                af = av.AudioFrame.from_ndarray(np.ascontiguousarray(a[:, i:i + 1024]), format="fltp", layout=layout)
+                af.sample_rate, af.pts, af.time_base = sample_rate, i, Fraction(1, sample_rate)
+                chunks.append(af)
+        for i, img in enumerate(frames):
+            frame = _to_av_frame(img, pix_fmt)
+            frame.pts, frame.time_base = i, 1 / fps
+            out.mux(vs.encode(frame))
+            while chunks and chunks[0].pts / sample_rate < (i + 1) / fps:  # interleave audio with video
+                out.mux(ast.encode(chunks.pop(0)))
+        out.mux(vs.encode(None))
+        if audio is not None:
+            for af in chunks:
+                out.mux(ast.encode(af))
+            out.mux(ast.encode(None))
+    finally:
+        out.close()
+    return path
+
+
+def _scene(t: int, w: int, h: int, alt: bool = False) -> np.ndarray:
+    """A scrolling gradient with a bouncing square; ``alt`` is a visibly different scene (for cuts)."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    if alt:
+        v = 0.5 + 0.5 * np.sin((x + y + 2 * t) / max(w, h) * 12)
+        img = np.stack([40 + 60 * v, 120 + 100 * v, 200 - 80 * v], -1)
+    else:
+        img = np.stack([255 * ((x + 2 * t) % w) / w, 255 * y / h, np.full_like(x, 90)], -1)
+    s = max(2, min(w, h) // 4)
+    rx, ry = max(1, w - s), max(1, h - s)  # travel range of the square's corner
+    px, py = (3 * t) % (2 * rx), (2 * t) % (2 * ry)
+    cx, cy = min(px, 2 * rx - px), min(py, 2 * ry - py)
+    img[cy:cy + s, cx:cx + s] = (240, 60, 60) if alt else (250, 240, 40)
+    return img.astype(np.uint8)
+
+
+def make_test_clip(path, frames=24, width=64, height=48, fps=24, audio=False, pix_fmt="yuv420p",
+                   pattern="moving", cut_at=None, seed=0) -> Path:
+    """Write a small synthetic clip. ``pattern``: "moving" (scrolling gradient + bouncing square),
+    "static" (one frame repeated), "noise" (uniform random, seeded) or "cut" (moving scene, then a
+    different scene from frame ``cut_at``, default frames // 2). ``audio`` adds a 440 Hz stereo tone.
+    Alpha formats (yuva420p, ...) get a horizontal alpha ramp. Use .mkv for odd sizes or alpha."""
+    if pattern not in ("moving", "static", "noise", "cut"):
+        raise ValueError(f"unknown pattern {pattern!r}")
+    cut_at = frames // 2 if cut_at is None else cut_at
+    rng = np.random.default_rng(seed)
+    alpha = len(av.VideoFormat(pix_fmt).components) in (2, 4)
+    imgs = []
+    for i in range(frames):
+        if pattern == "noise":
+            img = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        else:
+            img = _scene(0 if pattern == "static" else i, width, height, alt=pattern == "cut" and i >= cut_at)
+        if alpha:
+            ramp = np.linspace(64, 255, width, dtype=np.float32).astype(np.uint8)
+            img = np.dstack([img, np.broadcast_to(ramp, (height, width))])
+        imgs.append(img)
+    tone = None
+    if audio:
+        t = np.arange(int(48000 * frames / fps)) / 48000
+        tone = np.stack([0.3 * np.sin(2 * np.pi * 440 * t)] * 2)
+    return write_clip(path, imgs, fps, pix_fmt=pix_fmt, audio=tone, sample_rate=48000)

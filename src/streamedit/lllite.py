@@ -1,0 +1,337 @@
+"""ControlNet-LLLite adapter for ``DreamLiteUNetModel``, with a compile-friendly inference path.
+
+Structure (identical to kohya-ss ``networks/control_net_lllite.py`` and its DreamLite port
+``otanl/dreamlite-lllite``, so their weights load unchanged): one :class:`LLLiteModule` per hooked
+Linear (``attn1.to_q/k/v`` and ``attn2.to_q`` of every transformer block, see
+:func:`streamedit.models.hook_sites`), holding
+
+* ``conditioning1``: strided convs, kernel == stride, no padding, ReLU between them, channels
+  ``3 -> cond_emb_dim//2 (-> cond_emb_dim//2) -> cond_emb_dim``. The total stride is the pixel to
+  token-grid ratio of the hooked block: ``vae_scale * 2**level`` (8/16/32 for DreamLite's three
+  resolutions), factored greedily into 4s then a 2 (8 = 4*2, 16 = 4*4, 32 = 4*4*2: kohya's depths 1-3).
+* ``down`` = Linear(C, mlp_dim) + ReLU, ``mid`` = Linear(cond_emb_dim + mlp_dim, mlp_dim) + ReLU
+  (input is ``cat([cond, down(x)])``, cond first), optional dropout (training only),
+  ``up`` = Linear(mlp_dim, C), zero-initialised (weight and bias).
+
+The host Linear computes ``host(x + multiplier * up(...))``. DreamLite's edit input is
+``cat([noisy, source], dim=W)``: the embedding (B, c, h, w) is zero-padded to (h, 2w) over the source
+half and flattened row-major to (B, h*2w, c) tokens, matching the block's token order.
+
+Two forwards, chosen by ``apply_lllite(..., inference_mode=)``:
+
+* training (``inference_mode=False``): ``set_cond_image`` runs the conditioning CNNs with autograd and
+  keeps the graph-connected embeddings; ordinary autograd through everything.
+* inference (default): the embedding and the multiplier live in **non-persistent buffers of fixed
+  shape** that ``set_cond_image`` / ``set_multiplier`` overwrite **in place** (``copy_``/``fill_``).
+  The patched forward has no Python branch on data, only on shapes, so a
+  ``torch.compile(unet, fullgraph=True)`` sees the same tensors (same identity, shape, dtype) after
+  every update: zero graph breaks, zero recompiles. Buffers are sized for a batch ``B`` and a cond
+  image ``H x W`` on the first ``set_cond_image`` or by ``allocate(B, H, W)``; call one of them before
+  compiling. A smaller later batch is tiled cyclically into the ``B`` rows; a U-Net batch that is a
+  multiple of ``B`` (CFG) repeats the rows, a smaller one uses the first rows. Changing ``H x W`` or
+  growing ``B`` re-allocates (a compiled U-Net then recompiles once; a warning says so).
+
+The patch replaces the host Linear's ``forward`` by an instance attribute
+(``functools.partial(_forward_*, lllite_module, previous_forward)``): the U-Net's module tree and
+``state_dict`` stay untouched, and ``remove_lllite`` deletes the attribute, restoring the original
+forward exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import StreameditError
+from .models import hook_sites
+
+log = logging.getLogger(__name__)
+
+HOOK_SUBSETS = ("all", "down", "mid", "up")
+_RESTORE = "_lllite_restore"  # host attribute: the instance forward it had before patching (or None)
+
+
+@dataclass(frozen=True)
+class LLLiteConfig:
+    """Everything needed to rebuild an adapter; stored in the checkpoint metadata."""
+
+    cond_emb_dim: int = 32
+    mlp_dim: int = 64
+    cond_size: int = 512  # default cond image side in pixels (the generated image's size)
+    vae_scale: int = 8  # pixels per latent cell: stride of the finest level
+    dropout: float | None = None
+    hooks: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def select_hooks(unet: nn.Module, hooks: str | list[str] | tuple[str, ...] = "down") -> list[str]:
+    """Hook names for ``all``/``down``/``mid``/``up`` or an explicit list (returned in U-Net order)."""
+    sites = hook_sites(unet)
+    if isinstance(hooks, str):
+        if hooks not in HOOK_SUBSETS:
+            raise StreameditError(f"unknown LLLite hook subset {hooks!r}: use one of {', '.join(HOOK_SUBSETS)} "
+                                  "or a list of hook names")
+        return sites if hooks == "all" else [n for n in sites if n.startswith(hooks)]
+    wanted = set(hooks)
+    unknown = sorted(wanted - set(sites))
+    if unknown:
+        raise StreameditError(f"{len(unknown)} LLLite hook name(s) are not hook sites of this U-Net, "
+                              f"e.g. {unknown[0]!r}")
+    return [n for n in sites if n in wanted]
+
+
+def hook_level(unet: nn.Module, name: str) -> int:
+    """Resolution level of a hook: 0 = latent resolution, +1 per 2x downsampling before its block."""
+    down = list(unet.down_blocks)
+    n_down = [getattr(b, "downsamplers", None) is not None for b in down]
+    m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.|mid_block\.", name)
+    if m is None:
+        raise StreameditError(f"cannot place LLLite hook {name!r} in the U-Net (not in down/mid/up blocks)")
+    if m.group(1) == "down_blocks":
+        return sum(n_down[: int(m.group(2))])
+    level = sum(n_down)
+    if m.group(1) == "up_blocks":
+        ups = list(unet.up_blocks)[: int(m.group(2))]
+        level -= sum(getattr(b, "upsamplers", None) is not None for b in ups)
+    return level
+
+
+def conv_strides(total: int) -> list[int]:
+    """Factor a total stride into 4s then one 2 (the public layer layout)."""
+    strides = []
+    while total > 1:
+        step = 4 if total % 4 == 0 else 2
+        if total % step:
+            raise StreameditError(f"LLLite conditioning stride {total} is not a power of two")
+        strides.append(step)
+        total //= step
+    return strides or [1]
+
+
+class LLLiteModule(nn.Module):
+    """The adapter of one hooked Linear (see the module docstring for the layout)."""
+
+    def __init__(self, hook: str, in_dim: int, stride: int, cond_emb_dim: int, mlp_dim: int,
+                 dropout: float | None = None):
+        super().__init__()
+        self.hook, self.stride, self.dropout = hook, stride, dropout
+        layers: list[nn.Module] = []
+        strides = conv_strides(stride)
+        ch = 3
+        for i, s in enumerate(strides):
+            last = i == len(strides) - 1
+            out = cond_emb_dim if last else cond_emb_dim // 2
+            layers.append(nn.Conv2d(ch, out, kernel_size=s if s > 1 else 3, stride=s, padding=0 if s > 1 else 1))
+            if not last:
+                layers.append(nn.ReLU())
+            ch = out
+        self.conditioning1 = nn.Sequential(*layers)
+        self.down = nn.Sequential(nn.Linear(in_dim, mlp_dim), nn.ReLU())
+        self.mid = nn.Sequential(nn.Linear(mlp_dim + cond_emb_dim, mlp_dim), nn.ReLU())
+        self.up = nn.Sequential(nn.Linear(mlp_dim, in_dim))
+        nn.init.zeros_(self.up[0].weight)
+        nn.init.zeros_(self.up[0].bias)
+        # Inference state: fixed-shape buffers written in place (never part of the state dict).
+        self.register_buffer("cond_emb", torch.zeros(0), persistent=False)
+        self.register_buffer("multiplier", torch.ones(()), persistent=False)
+        self.live_cond: torch.Tensor | None = None  # training: graph-connected embedding
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) in [-1,1] -> (B, H/s * 2W/s, cond_emb_dim) tokens, source half zero."""
+        cx = self.conditioning1(images)
+        cx = torch.cat([cx, torch.zeros_like(cx)], dim=3)
+        return cx.flatten(2).transpose(1, 2)
+
+    def delta(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """What is added to the host's input. Branches only on shapes (static under compile)."""
+        if cond.dim() != 3:
+            raise StreameditError(f"LLLite hook {self.hook}: no cond embedding; call adapter.set_cond_image() "
+                                  "(or adapter.allocate()) before running the U-Net")
+        n, b = x.shape[0], cond.shape[0]
+        if n < b:
+            cond = cond[:n]
+        elif n != b:
+            if n % b:
+                raise StreameditError(f"LLLite hook {self.hook}: U-Net batch {n} is not a multiple of the "
+                                      f"cond batch {b}")
+            cond = cond.repeat(n // b, 1, 1)
+        if cond.shape[1] != x.shape[1]:
+            raise StreameditError(f"LLLite hook {self.hook}: the block has {x.shape[1]} tokens but the cond "
+                                  f"embedding has {cond.shape[1]}; the cond image must be the generated image's "
+                                  "size (latent size x vae_scale)")
+        h = self.down(x)
+        h = self.mid(torch.cat([cond.to(h.dtype), h], dim=-1))
+        if self.dropout:
+            h = F.dropout(h, p=self.dropout, training=self.training)
+        return self.up(h) * self.multiplier
+
+
+def _forward_inference(module: LLLiteModule, previous, x: torch.Tensor) -> torch.Tensor:
+    return previous(x + module.delta(x, module.cond_emb))
+
+
+def _forward_training(module: LLLiteModule, previous, x: torch.Tensor) -> torch.Tensor:
+    if module.live_cond is None:
+        raise StreameditError(f"LLLite hook {module.hook}: call adapter.set_cond_image() before the U-Net")
+    return previous(x + module.delta(x, module.live_cond))
+
+
+class LLLiteAdapter(nn.Module):
+    """All LLLite modules for one U-Net and hook subset.
+
+    Engine-facing API: ``set_cond_image(images)``, ``set_multiplier(x)``, ``hooks``, ``config``,
+    ``allocate(batch, height, width)``, ``save(path)`` / ``LLLiteAdapter.load(path, unet, hooks)``.
+    ``inference_mode`` is set by :func:`apply_lllite` and decides what ``set_cond_image`` writes.
+    """
+
+    def __init__(self, config: LLLiteConfig, specs: dict[str, tuple[int, int]]):
+        super().__init__()
+        self.config = config
+        self.inference_mode = True
+        self._alloc: tuple[int, int, int] | None = None  # (batch, height, width) of the buffers
+        self.lllite = nn.ModuleDict({
+            _key(hook): LLLiteModule(hook, in_dim, stride, config.cond_emb_dim, config.mlp_dim, config.dropout)
+            for hook, (in_dim, stride) in specs.items()})
+
+    @classmethod
+    def for_unet(cls, unet: nn.Module, hooks: str | list[str] = "down", cond_emb_dim: int = 32, mlp_dim: int = 64,
+                 cond_size: int = 512, vae_scale: int = 8, dropout: float | None = None) -> "LLLiteAdapter":
+        """A fresh (zero ``up``) adapter on the U-Net's device and dtype."""
+        names = select_hooks(unet, hooks)
+        specs = {n: (unet.get_submodule(n).in_features, vae_scale * 2 ** hook_level(unet, n)) for n in names}
+        worst = max((s for _, s in specs.values()), default=1)
+        if cond_size % worst:
+            raise StreameditError(f"LLLite cond_size {cond_size} must be a multiple of {worst} "
+                                  "(the coarsest hooked block's stride)")
+        config = LLLiteConfig(cond_emb_dim, mlp_dim, cond_size, vae_scale, dropout, tuple(names))
+        param = next(unet.parameters())
+        with torch.device(param.device):
+            adapter = cls(config, specs)
+        return adapter.to(param.dtype)
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.config.hooks)
+
+    def module_for(self, hook: str) -> LLLiteModule:
+        return self.lllite[_key(hook)]
+
+    def items(self):
+        return ((m.hook, m) for m in self.lllite.values())
+
+    def allocate(self, batch: int, height: int | None = None, width: int | None = None) -> None:
+        """(Re)create the inference buffers for ``batch`` cond images of ``height x width`` pixels."""
+        height = height or self.config.cond_size
+        width = width or height
+        param = next(self.parameters())
+        for _, m in self.items():
+            if height % m.stride or width % m.stride:
+                raise StreameditError(f"LLLite cond image {height}x{width} is not a multiple of {m.stride} "
+                                      f"(stride of hook {m.hook})")
+            tokens = (height // m.stride) * (2 * width // m.stride)
+            m.cond_emb = torch.zeros(batch, tokens, self.config.cond_emb_dim, device=param.device, dtype=param.dtype)
+        self._alloc = (batch, height, width)
+
+    def set_cond_image(self, images: torch.Tensor) -> None:
+        """Embed cond images: (B,3,H,W) uint8 in [0,255] or float in [-1,1], on the adapter's device.
+
+        Inference mode: no grad, results ``copy_``'d into the fixed buffers (allocated on first use).
+        Training mode: graph-connected embeddings kept for the next U-Net forwards.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise StreameditError(f"LLLite cond image must be (B,3,H,W), got {tuple(images.shape)}")
+        param = next(self.parameters())
+        if images.dtype == torch.uint8:
+            images = images.to(param.device, torch.float32) / 127.5 - 1.0
+        images = images.to(param.device, param.dtype)
+        if not self.inference_mode:
+            for _, m in self.items():
+                m.live_cond = m.embed(images)
+            return
+        b, _, h, w = images.shape
+        if self._alloc is None or self._alloc[1:] != (h, w) or b > self._alloc[0]:
+            if self._alloc is not None:
+                log.warning("LLLite: re-allocating cond buffers for %dx%dx%d (a compiled U-Net recompiles once)",
+                            max(b, self._alloc[0]), h, w)
+            self.allocate(max(b, self._alloc[0] if self._alloc else 0), h, w)
+        rows = torch.arange(self._alloc[0], device=param.device) % b
+        with torch.no_grad():
+            for _, m in self.items():
+                emb = m.embed(images)
+                m.cond_emb.copy_(emb if b == self._alloc[0] else emb[rows])
+
+    def set_multiplier(self, value: float | torch.Tensor) -> None:
+        """Strength of the adapter (0 = off), written in place into every module's buffer."""
+        with torch.no_grad():
+            for _, m in self.items():
+                if isinstance(value, torch.Tensor):
+                    m.multiplier.copy_(value)
+                else:
+                    m.multiplier.fill_(float(value))
+
+    def save(self, path: str | Path) -> None:
+        from .lllite_io import save_adapter
+
+        save_adapter(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, unet: nn.Module, hooks: str | list[str] | None = None,
+             cond_size: int | None = None) -> "LLLiteAdapter":
+        """Load a streamedit, dreamlite-lllite (``LLLiteController``) or kohya-style file (auto-detected).
+
+        ``hooks=None`` loads every hook the file has weights for; a subset skips the others (one
+        warning). ``cond_size`` is only needed for files without streamedit metadata (default 512).
+        """
+        from .lllite_io import load_adapter
+
+        return load_adapter(cls, path, unet, hooks, cond_size)
+
+
+def _key(hook: str) -> str:
+    return hook.replace(".", "__")
+
+
+def apply_lllite(unet: nn.Module, adapter: LLLiteAdapter, inference_mode: bool = True) -> LLLiteAdapter:
+    """Patch the hooked Linears of ``unet`` in place (apply before ``torch.compile``)."""
+    targets = []
+    for hook, m in adapter.items():
+        try:
+            host = unet.get_submodule(hook)
+        except AttributeError:
+            raise StreameditError(f"LLLite hook {hook!r} does not exist in this U-Net") from None
+        if not isinstance(host, nn.Linear) or host.in_features != m.down[0].in_features:
+            raise StreameditError(f"LLLite hook {hook!r} does not match this U-Net (expected a Linear with "
+                                  f"{m.down[0].in_features} inputs, found {host})")
+        if _RESTORE in vars(host):
+            raise StreameditError(f"LLLite is already applied to {hook!r}; call remove_lllite(unet) first")
+        targets.append((host, m))
+    adapter.inference_mode = inference_mode
+    step = _forward_inference if inference_mode else _forward_training
+    for host, m in targets:
+        own = vars(host).get("forward")  # an instance-level forward someone else installed, if any
+        setattr(host, _RESTORE, own)
+        host.forward = functools.partial(step, m, host.forward)
+    return adapter
+
+
+def remove_lllite(unet: nn.Module) -> int:
+    """Undo :func:`apply_lllite` on every patched Linear; returns how many were restored."""
+    count = 0
+    for host in unet.modules():
+        if _RESTORE in vars(host):
+            own = vars(host).pop(_RESTORE)
+            if own is None:
+                del host.forward
+            else:
+                host.forward = own
+            count += 1
+    return count

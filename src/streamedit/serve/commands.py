@@ -1,0 +1,100 @@
+"""`streamedit serve`: the click command (imports aiohttp/aiortc only when it runs)."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from ..errors import StreameditError
+
+SERVE_EXTRA = "pip install 'streamedit[serve]' (aiohttp, aiortc)"
+
+
+def _need_server_deps():
+    try:
+        import aiohttp  # noqa: F401
+        import aiortc  # noqa: F401
+    except ImportError as exc:
+        raise StreameditError(f"'streamedit serve' needs {exc.name}: {SERVE_EXTRA}") from None
+
+
+def _resolution(value: str) -> int:
+    try:
+        w, h = (int(v) for v in value.lower().split("x"))
+        if w <= 0 or h <= 0:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"expected WIDTHxHEIGHT, e.g. 1920x1080, got {value!r}") from None
+    return w * h
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but loopback requires the access token.")
+@click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--model", "model", default=None, help="Hub id, local diffusers folder, 'demo' or 'random:tiny' "
+              "(default: carlofkl/DreamLite-mobile).")
+@click.option("--lllite", type=click.Path(exists=True, dir_okay=False), default=None, help="LLLite adapter file.")
+@click.option("--token", default=None, help="Access token (generated and printed when binding off-localhost).")
+@click.option("--prompt", default="oil painting", show_default=True, help="Initial instruction of new sessions.")
+@click.option("--size", default=256, show_default=True, type=int, help="Default processing size (square).")
+@click.option("--max-size", default=512, show_default=True, type=int, help="Largest size a page may ask for.")
+@click.option("--steps", default=1, show_default=True, type=click.IntRange(1, 4))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16, bfloat16")
+@click.option("--max-sessions", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--max-resolution", default="1920x1080", show_default=True, help="Largest input frame accepted.")
+@click.option("--ice-host", "ice_hosts", multiple=True, help="Local address(es) for WebRTC media "
+              "(default: every interface). Repeatable.")
+@click.option("--certfile", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TLS certificate (HTTPS): browsers give camera access only to https or localhost pages.")
+@click.option("--keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key.")
+def serve_command(host, port, model, lllite, token, prompt, size, max_size, steps, device, dtype, max_sessions,
+                  max_resolution, ice_hosts, certfile, keyfile):
+    """Serve a web page that stylizes the browser's camera (or a video file) live over WebRTC."""
+    _need_server_deps()
+    from .runtime import DEFAULT_MODEL, engine_factory, load_runtime
+    from .server import Server, ServerConfig, is_loopback, new_token
+    from .session import check_prompt
+
+    if token is not None and len(token) < 8:
+        raise click.UsageError("--token must be at least 8 characters")
+    if bool(certfile) != bool(keyfile):
+        raise click.UsageError("--certfile and --keyfile go together")
+    if not 64 <= size <= max_size or size % 32:
+        raise click.UsageError(f"--size must be a multiple of 32 between 64 and --max-size ({max_size}), got {size}")
+    try:
+        prompt = check_prompt(prompt)
+    except ValueError as exc:
+        raise click.UsageError(f"--prompt: {exc}") from None
+    generated = False
+    if token is None and not is_loopback(host):
+        token, generated = new_token(), True
+    model = model or DEFAULT_MODEL
+    click.echo(f"loading {model} ...", err=True)
+    models, adapter = load_runtime(model, device, dtype, lllite)
+    config = ServerConfig(host=host, port=port, token=token, prompt=prompt, size=size, max_size=max_size,
+                          max_sessions=max_sessions, max_input_pixels=_resolution(max_resolution),
+                          ice_hosts=list(ice_hosts) or None, model_name=model)
+    server = Server(config, engine_factory(models, steps=steps, adapter=adapter))
+    ssl_context = None
+    if certfile:
+        import ssl
+
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(certfile, keyfile)
+    scheme = "https" if ssl_context else "http"
+    shown = "localhost" if is_loopback(host) else ("<this-machine's-address>" if host in ("0.0.0.0", "::") else host)
+    url = f"{scheme}://{shown}:{port}/" + (f"?token={token}" if token else "")
+    if generated:
+        click.echo(f"access token (generated): {token}", err=True)
+    if not is_loopback(host) and not ssl_context:
+        click.echo("note: over plain http, browsers on other machines allow no camera, only a video file; "
+                   "use --certfile/--keyfile for camera access", err=True)
+    click.echo(f"streamedit serve: open {url}", err=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from aiohttp import web
+
+    web.run_app(server.app(), host=host, port=port, ssl_context=ssl_context, print=None,
+                access_log=None, handle_signals=True)

@@ -1,0 +1,357 @@
+"""`streamedit serve`: an aiohttp app that serves the page and stylizes browser video over WebRTC.
+
+Routes: ``GET /`` (the page), ``/static/*``, ``GET /health``, ``GET /stats`` (JSON), ``POST /offer``
+(WebRTC offer -> answer, starts a session), ``POST /session/{id}/prompt`` and ``DELETE /session/{id}``.
+Prompt changes and stats also travel on the session's WebRTC data channel ("control").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.sdp import SessionDescription
+
+from .session import Session, check_prompt
+from .tracks import drain
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).with_name("static")
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+PUBLIC_PATHS = ("/health", "/static/", "/favicon.ico")
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    token: str | None = None          # required on every request except /health and /static when set
+    prompt: str = "oil painting"
+    size: int = 256                   # default processing size (square)
+    max_size: int = 512               # largest size a client may ask for
+    max_sessions: int = 2
+    max_pending: int = 8              # offers negotiated at once (no engine runs before a session starts)
+    max_input_pixels: int = 1920 * 1080
+    max_message_bytes: int = 4096     # data-channel messages
+    max_body_bytes: int = 64 * 1024   # HTTP request bodies (offers)
+    max_queue: int = 1                # input frames kept per session (latest-frame-wins beyond this)
+    connect_timeout: float = 20.0     # seconds for a session's WebRTC connection to come up
+    ice_hosts: list[str] | None = None  # local addresses for WebRTC media (None: all interfaces)
+    stats_interval: float = 0.5
+    trace: bool = False               # keep (output pts, input pts) pairs per session (latency benchmarks)
+    model_name: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class Server:
+    def __init__(self, config: ServerConfig, engine_factory: Callable):
+        self.config = config
+        self.engine_factory = engine_factory
+        self.sessions: dict[str, Session] = {}
+        self.pcs: dict[str, RTCPeerConnection] = {}
+        self.pending = 0  # offers being negotiated
+        self.refused = {"auth": 0, "busy": 0, "malformed": 0, "messages": 0}
+        self.engine_lock = threading.Lock()  # one model shared by all sessions: one batch at a time
+        self.started = time.monotonic()
+        if config.ice_hosts:
+            restrict_ice_hosts(config.ice_hosts)
+
+    # ---- app ------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self.guard])
+        app.router.add_get("/", self.index)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/stats", self.stats)
+        app.router.add_post("/offer", self.offer)
+        app.router.add_post("/session/{sid}/prompt", self.prompt)
+        app.router.add_delete("/session/{sid}", self.stop)
+        app.router.add_static("/static/", STATIC, show_index=False)
+        app.on_shutdown.append(self.shutdown)
+        return app
+
+    @web.middleware
+    async def guard(self, request: web.Request, handler):
+        cfg = self.config
+        public = request.path.startswith(PUBLIC_PATHS)
+        if cfg.token is None:
+            # Loopback without a token: refuse foreign Host headers (DNS rebinding) and cross-site writes.
+            if request.host.rsplit(":", 1)[0] not in LOOPBACK_NAMES:
+                return refuse(403, f"host {request.host!r} not allowed: this server only answers on localhost")
+        elif not public and not hmac.compare_digest(request_token(request).encode(), cfg.token.encode()):
+            self.refused["auth"] += 1
+            if request.path == "/":
+                return web.Response(status=401, content_type="text/html", text=NEED_TOKEN_PAGE)
+            return refuse(401, "missing or wrong access token (see the URL printed by 'streamedit serve')")
+        origin = request.headers.get("Origin")
+        if request.method not in ("GET", "HEAD") and origin and origin.split("://", 1)[-1] != request.host:
+            return refuse(403, f"cross-origin request from {origin!r} refused")
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return refuse(413, f"request body over this server's limit of {cfg.max_body_bytes} bytes")
+
+    async def index(self, request):
+        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    async def health(self, request):
+        return web.json_response({"status": "ok", "sessions": len(self.sessions)})
+
+    async def stats(self, request):
+        return web.json_response({
+            "model": self.config.model_name, "uptime_s": round(time.monotonic() - self.started, 1),
+            "sessions": [s.snapshot() for s in self.sessions.values()], "max_sessions": self.config.max_sessions,
+            "pending": self.pending, "refused": self.refused,
+            "limits": {"max_input_pixels": self.config.max_input_pixels, "max_size": self.config.max_size,
+                       "max_message_bytes": self.config.max_message_bytes,
+                       "max_body_bytes": self.config.max_body_bytes},
+        })
+
+    # ---- sessions -------------------------------------------------------------------------
+    async def offer(self, request):
+        cfg = self.config
+        try:  # cheap checks first: malformed offers never take a session slot
+            params = parse_offer(await request.read(), cfg)
+        except ValueError as exc:
+            self.refused["malformed"] += 1
+            return refuse(400, f"malformed offer: {exc}")
+        if len(self.sessions) >= cfg.max_sessions or self.pending >= cfg.max_pending:
+            return self._busy()
+        self.pending += 1
+        pc = session = None
+        try:
+            sid = uuid.uuid4().hex[:12]
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: nothing leaves this host
+            session = Session(sid, self.engine_factory, params["prompt"], params["size"], asyncio.get_running_loop(),
+                              max_queue=cfg.max_queue, max_input_pixels=cfg.max_input_pixels,
+                              engine_lock=self.engine_lock, trace=cfg.trace)
+            self._wire(pc, session)
+            sdp = filter_candidates(params["sdp"], cfg.ice_hosts)
+            await asyncio.wait_for(pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer")), 10)
+            if not session.tasks:
+                raise ValueError("the offer sends no video track")
+            await asyncio.wait_for(pc.setLocalDescription(await pc.createAnswer()), 15)
+        except Exception as exc:
+            self.pending -= 1
+            self.refused["malformed"] += 1
+            await self._discard(session, pc)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            return refuse(400, f"malformed offer: {first}")
+        self.pending -= 1
+        if len(self.sessions) >= cfg.max_sessions:  # another offer won the last slot meanwhile
+            await self._discard(session, pc)
+            return self._busy()
+        self.sessions[sid], self.pcs[sid] = session, pc
+        session.start()
+        asyncio.get_running_loop().call_later(cfg.connect_timeout, self._check_connected, sid)
+        log.info("session %s started (%d/%d)", sid, len(self.sessions), cfg.max_sessions)
+        return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
+                                  "session": sid, "size": session.size, "prompt": session.prompt})
+
+    @staticmethod
+    async def _discard(session: Session | None, pc: RTCPeerConnection | None) -> None:
+        if session is not None:
+            for task in session.tasks:
+                task.cancel()
+            await session.close()
+        if pc is not None:
+            await pc.close()
+
+    def _busy(self) -> web.Response:
+        self.refused["busy"] += 1
+        n = self.config.max_sessions
+        return refuse(503, f"server busy: {n} of {n} sessions in use, try again when one ends")
+
+    def _wire(self, pc: RTCPeerConnection, session: Session) -> None:
+        sid = session.id
+        tasks = session.tasks
+
+        def on_error(message: str) -> None:
+            self._send(session, {"type": "error", "error": message})
+            self._end(sid)
+
+        session.on_error = on_error
+
+        @pc.on("track")
+        def on_track(track):
+            if track.kind == "video" and not tasks:
+                pc.addTrack(session.track)
+                tasks.append(asyncio.ensure_future(drain(track, session)))
+
+        @pc.on("datachannel")
+        def on_datachannel(channel):
+            session.channel = channel
+            channel.on("message", lambda msg: self._on_message(session, msg))
+            if len(tasks) < 2:
+                tasks.append(asyncio.ensure_future(self._push_stats(session, channel)))
+
+        @pc.on("connectionstatechange")
+        async def on_state():
+            if pc.connectionState in ("failed", "closed"):
+                self._end(sid)
+            elif pc.connectionState == "disconnected":
+                asyncio.get_running_loop().call_later(5, self._check_connected, sid)
+
+        session.tasks = tasks
+
+    def _on_message(self, session: Session, message) -> None:
+        try:
+            if not isinstance(message, str):
+                raise ValueError("messages must be JSON text")
+            if len(message.encode()) > self.config.max_message_bytes:
+                raise ValueError(f"message over {self.config.max_message_bytes} bytes")
+            msg = json.loads(message)
+            if not isinstance(msg, dict) or msg.get("type") not in ("prompt", "ping"):
+                raise ValueError("unknown message (expected {'type': 'prompt'|'ping', ...})")
+            if msg["type"] == "prompt":
+                prompt = session.set_prompt(msg.get("prompt"))
+                self._send(session, {"type": "prompt", "prompt": prompt})
+            else:
+                self._send(session, {"type": "pong", "t": msg.get("t") if isinstance(msg.get("t"), (int, float))
+                                     else None})
+        except (ValueError, RecursionError) as exc:
+            self.refused["messages"] += 1
+            self._send(session, {"type": "error", "error": f"message refused: {exc}"[:300]})
+
+    def _send(self, session: Session, payload: dict) -> None:
+        channel = session.channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(json.dumps(payload))
+
+    async def _push_stats(self, session: Session, channel) -> None:
+        while not session.closed:
+            if channel.readyState == "open":
+                channel.send(json.dumps({"type": "stats", **session.snapshot()}))
+            elif channel.readyState == "closed":
+                return
+            await asyncio.sleep(self.config.stats_interval)
+
+    def _check_connected(self, sid: str) -> None:
+        pc = self.pcs.get(sid)
+        if pc is not None and pc.connectionState != "connected":
+            log.info("session %s: WebRTC connection not up (%s), closing", sid, pc.connectionState)
+            self._end(sid)
+
+    def _end(self, sid: str) -> None:
+        if sid in self.sessions:
+            asyncio.ensure_future(self.close_session(sid))
+
+    async def close_session(self, sid: str) -> bool:
+        session, pc = self.sessions.pop(sid, None), self.pcs.pop(sid, None)
+        if session is None:
+            return False
+        for task in session.tasks:
+            task.cancel()
+        await session.close()
+        if pc is not None:
+            await pc.close()
+        log.info("session %s closed (%d left)", sid, len(self.sessions))
+        return True
+
+    async def prompt(self, request):
+        session = self.sessions.get(request.match_info["sid"])
+        if session is None:
+            return refuse(404, "no such session")
+        try:
+            body = json.loads(await request.read())
+            prompt = session.set_prompt(body.get("prompt") if isinstance(body, dict) else None)
+        except ValueError as exc:
+            self.refused["messages"] += 1
+            return refuse(400, f"bad prompt request: {exc}")
+        return web.json_response({"prompt": prompt})
+
+    async def stop(self, request):
+        if not await self.close_session(request.match_info["sid"]):
+            return refuse(404, "no such session")
+        return web.json_response({"stopped": True})
+
+    async def shutdown(self, app=None):
+        await asyncio.gather(*(self.close_session(sid) for sid in list(self.sessions)))
+
+
+def parse_offer(body: bytes, cfg: ServerConfig) -> dict:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ValueError("body is not JSON") from None
+    if not isinstance(data, dict):
+        raise ValueError("body must be a JSON object")
+    sdp, kind = data.get("sdp"), data.get("type")
+    if kind != "offer":
+        raise ValueError("'type' must be 'offer'")
+    if not isinstance(sdp, str) or not sdp.startswith("v=0") or "m=video" not in sdp:
+        raise ValueError("'sdp' must be an SDP offer with a video section")
+    try:
+        media = SessionDescription.parse(sdp).media
+    except Exception as exc:  # aiortc's parser raises whatever the garbage provokes
+        raise ValueError(f"unreadable SDP ({type(exc).__name__})") from None
+    if not any(m.kind == "video" and m.direction in ("sendrecv", "sendonly") and m.fmt for m in media):
+        raise ValueError("the offer must send video (a sendrecv video section)")
+    prompt = check_prompt(data.get("prompt", cfg.prompt))
+    size = data.get("size", cfg.size)
+    if not isinstance(size, int) or isinstance(size, bool) or size % 32 or not 64 <= size <= cfg.max_size:
+        raise ValueError(f"'size' must be a multiple of 32 between 64 and {cfg.max_size}")
+    return {"sdp": sdp, "prompt": prompt, "size": size}
+
+
+def filter_candidates(sdp: str, ice_hosts: list[str] | None) -> str:
+    """With loopback-only media, drop the browser's non-loopback ICE candidates (so nothing else is tried)."""
+    if not ice_hosts or not all(is_loopback(h) for h in ice_hosts):
+        return sdp
+    keep = []
+    for line in sdp.splitlines():
+        if line.startswith("a=candidate:"):
+            parts = line.split()
+            if len(parts) < 5 or not is_loopback(parts[4]):
+                continue
+        keep.append(line)
+    return "\r\n".join(keep) + "\r\n"
+
+
+def restrict_ice_hosts(addresses: list[str]) -> None:
+    """Make aioice gather host candidates only on ``addresses`` (it skips 127.0.0.1 by default)."""
+    import aioice.ice
+
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(addresses)
+
+
+def request_token(request: web.Request) -> str:
+    auth = request.headers.get("Authorization", "")
+    if auth.startswith("Bearer "):
+        return auth[7:].strip()
+    return request.headers.get("X-Streamedit-Token") or request.query.get("token", "")
+
+
+def refuse(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(18)
+
+
+NEED_TOKEN_PAGE = """<!doctype html><meta charset="utf-8"><title>streamedit: token needed</title>
+<body style="font-family:sans-serif;background:#111;color:#eee;padding:2em">
+<h1>Access token needed</h1><p>This streamedit server is reachable from the network, so it needs its access
+token. Open the address that <code>streamedit serve</code> printed (it ends in <code>/?token=…</code>).</p>"""

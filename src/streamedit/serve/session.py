@@ -1,0 +1,249 @@
+"""One live stylization session: a latest-frame-wins input queue, a worker thread that owns the
+engine, and the aiortc track that carries the stylized frames back to the browser.
+
+Nothing here blocks the asyncio loop: frames arrive on the loop (``submit``), the worker thread
+takes them, runs the engine and hands results back with ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+VIDEO_TIME_BASE = fractions.Fraction(1, 90000)
+MAX_PROMPT_CHARS = 500
+
+
+class LatestQueue:
+    """Bounded thread-safe queue; when full, the oldest item is dropped (latest-frame-wins)."""
+
+    def __init__(self, maxsize: int = 1):
+        self.maxsize = max(1, maxsize)
+        self._items: deque = deque()
+        self._cond = threading.Condition()
+        self.dropped = 0
+        self.closed = False
+
+    def put(self, item) -> None:
+        with self._cond:
+            if self.closed:
+                return
+            while len(self._items) >= self.maxsize:
+                self._items.popleft()
+                self.dropped += 1
+            self._items.append(item)
+            self._cond.notify()
+
+    def get_batch(self, n: int, timeout: float) -> list:
+        """Up to ``n`` items (oldest first); [] after ``timeout`` seconds or once closed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._items or self.closed, timeout)
+            out = []
+            while self._items and len(out) < n:
+                out.append(self._items.popleft())
+            return out
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._items.clear()
+            self._cond.notify_all()
+
+
+def check_prompt(prompt) -> str:
+    """A clean prompt string or ValueError with a one-line reason."""
+    if not isinstance(prompt, str):
+        raise ValueError("prompt must be a string")
+    prompt = " ".join(prompt.split())
+    if not prompt:
+        raise ValueError("prompt is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+    if any(ord(c) < 32 for c in prompt):
+        raise ValueError("prompt contains control characters")
+    return prompt
+
+
+def square_resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Center-crop to a square and resize to ``size`` x ``size`` (what the engine expects)."""
+    h, w = rgb.shape[:2]
+    s = min(h, w)
+    y, x = (h - s) // 2, (w - s) // 2
+    crop = rgb[y:y + s, x:x + s]
+    if s == size:
+        return np.ascontiguousarray(crop)
+    interp = cv2.INTER_AREA if s > size else cv2.INTER_LINEAR
+    return cv2.resize(crop, (size, size), interpolation=interp)
+
+
+@dataclass
+class SessionStats:
+    received: int = 0
+    processed: int = 0
+    sent: int = 0
+    dropped_output: int = 0
+    started: float = field(default_factory=time.monotonic)
+    input_size: tuple[int, int] | None = None
+    latencies: deque = field(default_factory=lambda: deque(maxlen=120))  # seconds, arrival -> handed to encoder
+    sent_times: deque = field(default_factory=lambda: deque(maxlen=240))
+    prompt_switch_frames: int | None = None  # frames sent between a prompt request and its first frame
+
+    def fps(self, window: float = 5.0) -> float:
+        now = time.monotonic()
+        times = [t for t in self.sent_times if now - t <= window]
+        if len(times) < 2:
+            return 0.0
+        return (len(times) - 1) / max(times[-1] - times[0], 1e-6)
+
+    def latency_ms(self, q: float) -> float | None:
+        if not self.latencies:
+            return None
+        return round(float(np.quantile(np.array(self.latencies), q)) * 1000.0, 1)
+
+
+class Session:
+    """Engine, worker thread and stats for one connected client."""
+
+    def __init__(self, sid: str, engine_factory: Callable, prompt: str, size: int, loop: asyncio.AbstractEventLoop,
+                 *, batch_size: int = 1, max_queue: int = 1, max_input_pixels: int = 1920 * 1080,
+                 engine_lock: threading.Lock | None = None, on_error: Callable[[str], None] | None = None,
+                 trace: bool = False):
+        self.id = sid
+        self.size = size
+        self.batch_size = batch_size
+        self.max_input_pixels = max_input_pixels
+        self.loop = loop
+        self.queue = LatestQueue(max_queue)
+        self.stats = SessionStats()
+        self.prompt = check_prompt(prompt)
+        self.active_prompt: str | None = None
+        self.error: str | None = None
+        self.on_error = on_error
+        self._engine_factory = engine_factory
+        self._engine_lock = engine_lock or threading.Lock()
+        self._pending_prompt: tuple[str, int] | None = None  # (prompt, stats.sent when requested)
+        self._prompt_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._work, name=f"streamedit-session-{sid}", daemon=True)
+        self._closed = False
+        self.trace: deque | None = deque(maxlen=2000) if trace else None  # (output pts, input pts) pairs
+        self.channel = None  # the WebRTC data channel, once the browser opens it
+        self.tasks: list = []  # asyncio tasks the server runs for this session
+        from .tracks import StylizedTrack  # aiortc is imported only by the server
+
+        self.track = StylizedTrack(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ---- called on the asyncio loop -------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, frame, arrival: float | None = None) -> None:
+        """Queue one decoded input frame (an ``av.VideoFrame`` or an RGB array)."""
+        if self._closed:
+            return
+        w, h = (frame.width, frame.height) if hasattr(frame, "width") else (frame.shape[1], frame.shape[0])
+        if w * h > self.max_input_pixels:
+            self.fail(f"input resolution {w}x{h} is over this server's limit of {self.max_input_pixels} pixels")
+            return
+        self.stats.received += 1
+        self.stats.input_size = (w, h)
+        self.queue.put((frame, arrival if arrival is not None else time.monotonic(), getattr(frame, "pts", None)))
+
+    def set_prompt(self, prompt) -> str:
+        prompt = check_prompt(prompt)
+        with self._prompt_lock:
+            self.prompt = prompt
+            self._pending_prompt = (prompt, self.stats.sent)
+        return prompt
+
+    def fail(self, message: str) -> None:
+        if self.error is None:
+            self.error = message
+            log.warning("session %s: %s", self.id, message)
+            if self.on_error:
+                self.on_error(message)
+
+    def snapshot(self) -> dict:
+        s = self.stats
+        return {
+            "id": self.id, "prompt": self.prompt, "active_prompt": self.active_prompt, "size": self.size,
+            "fps": round(s.fps(), 2), "latency_ms_p50": s.latency_ms(0.5), "latency_ms_p95": s.latency_ms(0.95),
+            "received": s.received, "processed": s.processed, "sent": s.sent,
+            "dropped": self.queue.dropped + s.dropped_output, "dropped_input": self.queue.dropped,
+            "dropped_output": s.dropped_output, "prompt_switch_frames": s.prompt_switch_frames,
+            "input_size": list(s.input_size) if s.input_size else None,
+            "uptime_s": round(time.monotonic() - s.started, 1), "error": self.error,
+        }
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.queue.close()
+        self.track.stop()
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join, 30)
+
+    # ---- worker thread --------------------------------------------------------------------
+    def _work(self) -> None:
+        engine = None
+        try:
+            engine = self._engine_factory(self.prompt, self.size)
+            self.active_prompt = self.prompt
+            while not self._closed:
+                batch = self.queue.get_batch(self.batch_size, 0.25)
+                if not batch:
+                    continue
+                switch_from = self._apply_prompt(engine)
+                images = [square_resize(_to_rgb(item[0]), self.size) for item in batch]
+                with self._engine_lock:
+                    outs = engine.process(images)
+                self.active_prompt = getattr(engine, "last_prompt", None) or self.active_prompt
+                self.stats.processed += len(outs)
+                for i, (out, (_, arrival, in_pts)) in enumerate(zip(outs, batch)):
+                    self._deliver(out, arrival, in_pts, switch_from if i == 0 else None)
+        except Exception as exc:  # engine/model problems end this session only
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if not self._closed:
+                self.loop.call_soon_threadsafe(self.fail, f"engine error: {msg}")
+        finally:
+            if engine is not None and hasattr(engine, "close"):
+                engine.close()
+
+    def _apply_prompt(self, engine) -> int | None:
+        """Hand a pending prompt to the engine; returns stats.sent at the time it was requested."""
+        with self._prompt_lock:
+            pending, self._pending_prompt = self._pending_prompt, None
+        if pending is None:
+            return None
+        engine.set_prompt(pending[0])
+        self.active_prompt = pending[0]
+        return pending[1]
+
+    def _deliver(self, out: np.ndarray, arrival: float, in_pts, switch_from: int | None) -> None:
+        import av
+
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(out, dtype=np.uint8), format="rgb24")
+        frame = frame.reformat(format="yuv420p")  # the encoder's format, converted off the loop
+        if not self._closed:
+            self.loop.call_soon_threadsafe(self.track.put, (frame, arrival, in_pts, switch_from))
+
+
+def _to_rgb(frame) -> np.ndarray:
+    if isinstance(frame, np.ndarray):
+        return frame
+    return frame.to_ndarray(format="rgb24")

@@ -1,0 +1,166 @@
+"""Temporal conditioning for the LLLite adapter: flow-warped previous output, refresh schedule, scene cuts.
+
+For batch k the cond image of frame i is the last decoded output of batch k-1 warped onto frame i
+by Farnebäck flow. The flow is computed on the *input* frames, on the grid of frame i and pointing
+into the last input frame of batch k-1 (``calcOpticalFlowFarneback(frame_i, last_prev)``), so a
+backward warp ``cond_i(x) = out_prev(x + flow_i(x))`` puts the previous stylization where the
+content is now. The first batch (and frames after a scene cut) use the input frames themselves.
+
+Work split, so nothing here sits on the main stream's critical path:
+
+* :meth:`TemporalConditioner.plan` runs in the engine's prefetch thread, in batch order: it decides
+  whether the batch refreshes the cond embedding (every ``cond_refresh_every`` batches, on a scene
+  cut, or when motion since the last refresh exceeds a threshold) and, for refresh batches only,
+  submits the flows to a thread pool (OpenCV releases the GIL).
+* :meth:`TemporalConditioner.apply` runs on the main stream before the U-Net of the batch: on
+  refresh batches it waits for the (long finished) flows, warps on the GPU with ``grid_sample`` and
+  writes the adapter's cond buffers in place; on reuse batches it does nothing at all.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
+
+
+def farneback(target: np.ndarray, source: np.ndarray, size: int | None = None) -> np.ndarray:
+    """Flow (H,W,2) on ``target``'s grid pointing into ``source`` (RGB uint8), optionally at reduced size."""
+    h, w = target.shape[:2]
+    a, b = (cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in (target, source))
+    if size and size < max(h, w):
+        a, b = (cv2.resize(g, (size, size), interpolation=cv2.INTER_AREA) for g in (a, b))
+    flow = cv2.calcOpticalFlowFarneback(a, b, None, **FARNEBACK)
+    if flow.shape[:2] != (h, w):  # back to full resolution, vectors rescaled with the grid
+        scale = np.array([w / flow.shape[1], h / flow.shape[0]], np.float32)
+        flow = cv2.resize(flow, (w, h), interpolation=cv2.INTER_LINEAR) * scale
+    return flow
+
+
+def warp(images: torch.Tensor, flows: torch.Tensor) -> torch.Tensor:
+    """Backward-warp (B,C,H,W) images with (B,H,W,2) pixel flows: out(x) = images(x + flow(x))."""
+    b, _, h, w = images.shape
+    ys, xs = torch.meshgrid(torch.arange(h, device=flows.device), torch.arange(w, device=flows.device),
+                            indexing="ij")
+    gx = (xs + flows[..., 0]) * (2.0 / max(w - 1, 1)) - 1.0
+    gy = (ys + flows[..., 1]) * (2.0 / max(h - 1, 1)) - 1.0
+    grid = torch.stack([gx, gy], dim=-1).to(images.dtype)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+class SceneCutDetector:
+    """Hard cuts from the L1 distance of normalised luma histograms of consecutive frames.
+
+    Cheap (a 64x64 thumbnail per frame). ``threshold`` is the histogram L1 distance in [0, 2]
+    above which frames count as different shots; 0.6 ignores motion, flashes of moderate size and
+    slow fades, and catches cuts between different scenes.
+    """
+
+    def __init__(self, threshold: float = 0.6, bins: int = 32):
+        self.threshold, self.bins = threshold, bins
+        self._prev = None
+
+    def _hist(self, frame: np.ndarray) -> np.ndarray:
+        thumb = cv2.resize(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), (64, 64), interpolation=cv2.INTER_AREA)
+        hist = np.bincount(((thumb.astype(np.int32) * self.bins) // 256).ravel(), minlength=self.bins).astype(np.float32)
+        return hist / hist.sum()
+
+    def update(self, frame: np.ndarray) -> bool:
+        hist = self._hist(frame)
+        cut = self._prev is not None and float(np.abs(hist - self._prev).sum()) > self.threshold
+        self._prev = hist
+        return cut
+
+
+@dataclass
+class CondPlan:
+    """What the main stream does for one batch (made in the prefetch thread)."""
+
+    refresh: bool
+    reason: str = ""  # start / schedule / cut / motion
+    cut_at: int | None = None  # index in the batch of the first frame of a new shot
+    flows: list[Future] = field(default_factory=list)  # one per frame before the cut (refresh only)
+    force_te: bool = False
+
+
+class TemporalConditioner:
+    def __init__(self, adapter, refresh_every: int = 8, cut_refresh: bool = True,
+                 motion_threshold: float | None = None, flow_size: int | None = None, workers: int = 4):
+        self.adapter = adapter
+        self.refresh_every = refresh_every
+        self.cuts = SceneCutDetector() if cut_refresh else None
+        self.motion_threshold = motion_threshold
+        self.flow_size = flow_size
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="streamedit-flow")
+        self._since_refresh = 0
+        self._motion = 0.0
+        self._prev_last = None  # last input frame of the previous batch
+        self._prev_output = None  # last decoded output of the previous batch (device, (3,H,W) uint8)
+
+    # ---- prefetch thread ----------------------------------------------------------------
+    def plan(self, frames: list[np.ndarray], count: int) -> CondPlan:
+        cut_at = None
+        if self.cuts is not None:
+            for i, frame in enumerate(frames[:count]):
+                if self.cuts.update(frame) and cut_at is None:
+                    cut_at = i
+        if self.motion_threshold is not None and self._prev_last is not None:
+            flow = farneback(frames[count - 1], self._prev_last, size=64)
+            self._motion += float(np.linalg.norm(flow, axis=-1).mean())
+        if self._prev_last is None:
+            plan = CondPlan(True, "start")
+        elif cut_at is not None:
+            plan = CondPlan(True, "cut", cut_at=cut_at, force_te=True)
+        elif self._since_refresh + 1 >= self.refresh_every:
+            plan = CondPlan(True, "schedule")
+        elif self.motion_threshold is not None and self._motion > self.motion_threshold:
+            plan = CondPlan(True, "motion")
+        else:
+            plan = CondPlan(False)
+        if plan.refresh:
+            self._since_refresh, self._motion = 0, 0.0
+            if self._prev_last is not None:
+                stop = len(frames) if plan.cut_at is None else plan.cut_at
+                plan.flows = [self._pool.submit(_timed, farneback, f, self._prev_last, self.flow_size)
+                              for f in frames[:stop]]
+        else:
+            self._since_refresh += 1
+        self._prev_last = frames[count - 1]
+        return plan
+
+    # ---- main stream ----------------------------------------------------------------------
+    def apply(self, plan: CondPlan, inputs: torch.Tensor, timings: dict) -> None:
+        """Write the cond embedding for this batch; ``inputs`` are the (B,H,W,3) uint8 source frames."""
+        if not plan.refresh:
+            return
+        cond = inputs.permute(0, 3, 1, 2)
+        if plan.flows and self._prev_output is not None:
+            t0 = time.perf_counter()
+            results = [f.result() for f in plan.flows]
+            timings["flow_wait_ms"] = 1e3 * (time.perf_counter() - t0)
+            timings["flow_cpu_ms"] = sum(ms for _, ms in results)
+            flows = torch.from_numpy(np.stack([flow for flow, _ in results])).to(inputs.device, non_blocking=True)
+            prev = self._prev_output.float().unsqueeze(0).expand(len(results), -1, -1, -1)
+            warped = warp(prev, flows).round().clamp(0, 255).to(torch.uint8)
+            cond = torch.cat([warped, cond[len(results):]]) if len(results) < len(cond) else warped
+        self.adapter.set_cond_image(cond)
+
+    def remember(self, outputs: torch.Tensor, count: int) -> None:
+        """Keep the last real decoded frame of this batch (device tensor) for the next refresh."""
+        self._prev_output = outputs[count - 1].permute(2, 0, 1)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, 1e3 * (time.perf_counter() - t0)

@@ -1,0 +1,28 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from streamedit import load_models
+
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    return load_models("random:tiny", device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture()
+def frames():
+    """Smooth moving content (random noise would make every frame look alike to a tiny model)."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    out = []
+    for t in range(10):
+        r = 127 + 120 * np.sin((xx + 3 * t) / 7.0)
+        g = 127 + 120 * np.cos((yy - 2 * t) / 9.0)
+        b = 255.0 * ((xx + yy + 5 * t) % 64) / 64
+        out.append(np.stack([r, g, b], -1).astype(np.uint8))
+    return out

@@ -1,0 +1,123 @@
+"""The engine against diffusers' own DreamLiteMobilePipeline, a sequential schedule and per-frame runs."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from streamedit import EngineConfig, StreameditError, StreamEngine
+
+
+def _engine(models, **kw):
+    cfg = dict(prompt="oil painting", batch_size=1, steps=1, size=64, seed=3, fixed_noise=True)
+    cfg.update(kw)
+    return StreamEngine(models, EngineConfig(**cfg))
+
+
+def _capture_latents(engine):
+    seen = []
+    decode = engine.denoiser.decode
+    engine.denoiser.decode = lambda lat: (seen.append(lat.clone()), decode(lat))[1]
+    return seen
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_matches_diffusers_pipeline(tiny_models, frames, steps):
+    pipe = tiny_models.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    engine = _engine(tiny_models, steps=steps)
+    latents = _capture_latents(engine)
+    outs = list(engine.run(frames[:2]))
+    for frame, out, lat in zip(frames[:2], outs, latents):
+        def upstream(output_type, seed=3):
+            return pipe("oil painting", image=Image.fromarray(frame), num_inference_steps=steps,
+                        generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type).images
+
+        assert np.abs(out / 255.0 - upstream("np")[0]).max() <= 1 / 255
+        ref_lat = upstream("latent")
+        assert (lat - ref_lat).abs().max() < 1e-4
+        # the comparison can fail: another seed moves the latents far beyond the tolerance
+        other = upstream("latent", seed=4)
+        assert (other - ref_lat).abs().max() > 1e-1
+
+
+def test_prompt_embeddings_match_upstream(tiny_models, frames):
+    pipe = tiny_models.pipeline()
+    engine = _engine(tiny_models)
+    images = engine.te.prepare_images(frames[:2])
+    ours = engine.te.encode("oil painting", images, 2)
+    upstream_wrapped = ("[Edit]: A diptych with two side-by-side images of the same scene. "
+                        "Compared to the right side, the left one has oil painting")
+    for i in range(2):
+        ref, mask = pipe.encode_prompt("edit", [upstream_wrapped], torch.device("cpu"), torch.float32,
+                                       image=Image.fromarray(frames[i]))
+        assert ref.shape == ours[i:i + 1].shape and bool(mask.all())
+        assert (ours[i:i + 1] - ref).abs().max() < 1e-5
+    assert (ours[0] - ours[1]).abs().max() > 1e-3  # frames really change the conditioning
+
+
+def test_pipelined_equals_sequential(tiny_models, frames):
+    a = list(_engine(tiny_models, batch_size=4, fixed_noise=False, pipeline=True).run(frames))
+    b = list(_engine(tiny_models, batch_size=4, fixed_noise=False, pipeline=False).run(frames))
+    assert len(a) == len(b) == len(frames)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_batched_matches_per_frame(tiny_models, frames):
+    batched = _engine(tiny_models, batch_size=4, fixed_noise=False)
+    single = _engine(tiny_models, batch_size=1, fixed_noise=False)
+    lat_b, lat_s = _capture_latents(batched), _capture_latents(single)
+    out_b, out_s = list(batched.run(frames)), list(single.run(frames))
+    assert len(out_b) == len(out_s) == 10  # 10 frames at B=4: the padded tail is dropped
+    lb = torch.cat(lat_b)[:10]
+    ls = torch.cat(lat_s)
+    assert (lb - ls).abs().max() < 1e-4
+    assert max(np.abs(x.astype(int) - y).max() for x, y in zip(out_b, out_s)) <= 1
+
+
+def test_te_refresh_and_batch_one(tiny_models, frames):
+    engine = _engine(tiny_models, batch_size=2, te_refresh_every=3, te_batch_one=True)
+    list(engine.run(frames))  # 5 batches
+    assert [e["te"] for e in engine.batch_log] == ["computed", "reused", "reused", "computed", "reused"]
+    assert engine.stats["te_calls"] == 2 and engine.stats["te_frames"] == 2
+
+
+def test_te_batch_one_broadcasts_first_frame(tiny_models, frames):
+    engine = _engine(tiny_models, batch_size=2, te_batch_one=True)
+    seen = []
+    encode = engine.te.encode
+    engine.te.encode = lambda p, imgs, b: (seen.append((imgs["image_grid_thw"].shape[0], b)), encode(p, imgs, b))[1]
+    list(engine.run(frames[:4]))
+    assert seen == [(1, 1), (1, 1)]
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_set_prompt_forces_refresh(tiny_models, frames, pipeline):
+    engine = _engine(tiny_models, batch_size=2, te_refresh_every=100, pipeline=pipeline)
+    for i, _ in enumerate(engine.run(frames)):
+        if i == 1:  # while the first batch's last frame is handed out
+            engine.set_prompt("watercolor")
+    log = engine.batch_log
+    first_new = 1 if not pipeline else 2  # with pipelining, batch 1 was already encoded ahead
+    assert [e["prompt"] for e in log] == ["oil painting"] * first_new + ["watercolor"] * (5 - first_new)
+    assert [e["te"] for e in log][first_new] == "computed"
+    assert engine.stats["te_calls"] == 2
+
+
+def test_padding_keeps_every_frame_in_order(tiny_models, frames):
+    engine = _engine(tiny_models, batch_size=4, fixed_noise=True)
+    outs = list(engine.run(frames[:7]))
+    ref = list(_engine(tiny_models, batch_size=1, fixed_noise=True).run(frames[:7]))
+    assert len(outs) == 7
+    assert all(np.abs(a.astype(int) - b).max() <= 1 for a, b in zip(outs, ref))
+
+
+def test_bad_config_and_prompt(tiny_models):
+    with pytest.raises(StreameditError, match="empty"):
+        _engine(tiny_models, prompt="   ")
+    with pytest.raises(StreameditError, match="steps"):
+        _engine(tiny_models, steps=9)
+    with pytest.raises(StreameditError, match="multiple of"):
+        _engine(tiny_models, size=70)
+    engine = _engine(tiny_models, prompt="x" * 5000)
+    assert len(engine.prompt) == 2000

@@ -1,0 +1,297 @@
+"""Tests for streamedit.io: decoding, encoding, timestamps, audio, bad input and interruption."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from streamedit.errors import StreameditError
+from streamedit.io import VideoWriter, make_test_clip, open_video, write_clip
+
+
+def probe(path):
+    """(video frame times in seconds, (width, height), audio seconds or None) of a file, by decoding it all."""
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        times = [float(f.pts * f.time_base) for f in c.decode(v)]
+        size = (v.codec_context.width, v.codec_context.height)
+        audio = None
+        if c.streams.audio:
+            c.seek(0)
+            a = c.streams.audio[0]
+            audio = sum(f.samples for f in c.decode(a)) / a.rate
+    return times, size, audio
+
+
+def stylize(src, out, n=None, **kw):
+    """Copy src to out through the working size, like the CLI does (optionally only n frames)."""
+    with VideoWriter(out, src, **kw) as w:
+        for i, frame in enumerate(src.frames()):
+            if i == n:
+                break
+            w.write(255 - frame)
+    return out
+
+
+def test_round_trip_keeps_count_fps_timestamps_and_audio(tmp_path):
+    inp = make_test_clip(tmp_path / "in.mp4", frames=30, width=96, height=64, fps=24, audio=True)
+    src = open_video(inp, size=32)
+    assert (src.info.width, src.info.height, src.info.fps) == (96, 64, Fraction(24))
+    assert src.info.frame_count == 30 and src.info.has_audio and src.warning is None
+    frames = list(src.frames())
+    assert len(frames) == 30 and all(f.shape == (32, 32, 3) and f.dtype == np.uint8 for f in frames)
+
+    out = stylize(open_video(inp, size=32), tmp_path / "out.mp4")
+    t_in, _, a_in = probe(inp)
+    t_out, size, a_out = probe(out)
+    assert size == (96, 64)
+    assert t_out == pytest.approx(t_in, abs=1e-3)
+    assert open_video(out).info.fps == Fraction(24)
+    assert a_out == pytest.approx(a_in, abs=0.03)  # copied, not dropped or cut
+    with av.open(str(out)) as c:
+        assert c.streams.audio[0].codec_context.name == "aac"
+
+
+def test_output_content_is_the_written_frames(tmp_path):
+    inp = make_test_clip(tmp_path / "in.mp4", frames=8, width=64, height=64)
+    src = open_video(inp, size=64)
+    originals = list(src.frames())
+    out = stylize(open_video(inp, size=64), tmp_path / "out.mkv")
+    decoded = list(open_video(out, size=64).frames())
+    err = [np.abs(d.astype(int) - (255 - o.astype(int))).mean() for d, o in zip(decoded, originals)]
+    assert len(decoded) == 8 and max(err) < 6, err  # inverted colours survive encode/decode
+
+
+def test_variable_frame_rate_timestamps_preserved(tmp_path):
+    inp = tmp_path / "vfr.mkv"
+    pts = [0, 40, 80, 200, 240, 500, 540, 580]  # ms, irregular gaps
+    with av.open(str(inp), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        for i, p in enumerate(pts):
+            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 30, np.uint8), format="rgb24")
+            f.pts, f.time_base = p, Fraction(1, 1000)
+            c.mux(s.encode(f))
+        c.mux(s.encode())
+    src = open_video(inp, size=32)
+    out = stylize(src, tmp_path / "out.mp4")
+    assert src.pts == pts
+    assert probe(out)[0] == pytest.approx([p / 1000 for p in pts], abs=1e-3)
+
+
+def test_odd_size_and_keep_size(tmp_path):
+    inp = make_test_clip(tmp_path / "odd.mkv", frames=6, width=333, height=257)
+    src = open_video(inp, size=64)
+    assert (src.info.width, src.info.height) == (333, 257)
+    times, size, _ = probe(stylize(src, tmp_path / "out.mp4"))
+    assert len(times) == 6 and size == (334, 258)  # padded to even for yuv420p, see io docstring
+
+    src = open_video(inp, size=64, keep_size=True)
+    times, size, _ = probe(stylize(src, tmp_path / "small.mp4"))
+    assert len(times) == 6 and size == (64, 64)
+
+
+@pytest.mark.parametrize("name,pix_fmt", [("gray.mkv", "gray"), ("alpha.mkv", "yuva420p"),
+                                          ("ten.mp4", "yuv420p10le"), ("rgba.mov", "rgba")])
+def test_unusual_pixel_formats_decode_to_rgb8(tmp_path, name, pix_fmt):
+    inp = make_test_clip(tmp_path / name, frames=5, width=64, height=48, pix_fmt=pix_fmt)
+    src = open_video(inp, size=32)
+    assert src.info.pix_fmt == pix_fmt  # the file really is in that format
+    frames = list(src.frames())
+    assert len(frames) == 5 and all(f.shape == (32, 32, 3) and f.dtype == np.uint8 for f in frames)
+    assert frames[0].std() > 10  # real picture, not a blank conversion
+    if pix_fmt == "gray":
+        assert np.array_equal(frames[0][..., 0], frames[0][..., 1])
+    assert len(probe(stylize(open_video(inp, size=32), tmp_path / "out.mp4"))[0]) == 5
+
+
+def test_webm_output_transcodes_audio(tmp_path):
+    inp = make_test_clip(tmp_path / "in.mp4", frames=24, audio=True)
+    out = stylize(open_video(inp, size=32), tmp_path / "out.webm")
+    times, _, audio = probe(out)
+    assert len(times) == 24 and audio == pytest.approx(1.0, abs=0.06)
+    with av.open(str(out)) as c:
+        assert c.streams.video[0].codec_context.name == "vp9"
+        assert c.streams.audio[0].codec_context.name in ("opus", "libopus")
+
+
+def test_patterns_and_write_clip(tmp_path):
+    static = list(open_video(make_test_clip(tmp_path / "s.mp4", frames=4, pattern="static"), size=48).frames())
+    moving = list(open_video(make_test_clip(tmp_path / "m.mp4", frames=4), size=48).frames())
+    cut = list(open_video(make_test_clip(tmp_path / "c.mp4", frames=8, pattern="cut", cut_at=5), size=48).frames())
+    diff = lambda a, b: np.abs(a.astype(int) - b.astype(int)).mean()
+    assert diff(static[0], static[3]) < 2 < diff(moving[0], moving[3])
+    steps = [diff(cut[i], cut[i + 1]) for i in range(7)]
+    assert int(np.argmax(steps)) == 4 and steps[4] > 3 * max(steps[:4] + steps[5:])
+    noise = list(open_video(make_test_clip(tmp_path / "n.mkv", frames=3, pattern="noise"), size=48).frames())
+    assert noise[0].std() > 40
+
+    frames = [np.full((40, 60, 3), v, np.uint8) for v in (0, 128, 255)]
+    times, size, _ = probe(write_clip(tmp_path / "w.mp4", frames, fps=10))
+    assert times == pytest.approx([0, 0.1, 0.2]) and size == (60, 40)
+
+
+def test_bad_input_raises_one_line_error(tmp_path):
+    (tmp_path / "notes.mp4").write_text("just some text\n" * 20)
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    for path, words in [(tmp_path / "missing.mp4", "not found"), (tmp_path / "notes.mp4", "not a readable video"),
+                        (tmp_path / "empty.mp4", "empty"), (tmp_path, "directory")]:
+        with pytest.raises(StreameditError, match=words) as e:
+            open_video(path)
+        assert "\n" not in str(e.value)
+
+
+def test_audio_only_and_zero_frame_files_are_rejected(tmp_path):
+    silence = np.zeros((1, 1024), np.float32)
+    for name, with_video in [("audio.m4a", False), ("novideo.mkv", True)]:
+        with av.open(str(tmp_path / name), "w") as c:
+            if with_video:  # a video track that never gets a frame
+                v = c.add_stream("libx264", rate=24)
+                v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+            a = c.add_stream("aac", rate=48000, layout="mono")
+            for i in range(10):
+                f = av.AudioFrame.from_ndarray(silence, format="fltp", layout="mono")
+                f.sample_rate, f.pts = 48000, i * 1024
+                c.mux(a.encode(f))
+            c.mux(a.encode())
+    with pytest.raises(StreameditError, match="no video stream.*audio-only"):
+        open_video(tmp_path / "audio.m4a")
+    with pytest.raises(StreameditError, match="no decodable video frames"):
+        open_video(tmp_path / "novideo.mkv")
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".mkv"])
+def test_truncated_file_keeps_decoded_frames_and_warns(tmp_path, ext):
+    inp = make_test_clip(tmp_path / f"full{ext}", frames=48, pattern="noise")  # noise: frames have similar sizes
+    data = inp.read_bytes()
+    cut = tmp_path / f"cut{ext}"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    src = open_video(cut, size=32)
+    frames = list(src.frames())
+    assert 10 < len(frames) < 48
+    assert src.warning and "\n" not in src.warning
+    # What was decoded can still be written out.
+    assert len(probe(stylize(open_video(cut, size=32), tmp_path / "out.mp4"))[0]) == len(frames)
+    # A healthy file gives no warning.
+    src = open_video(inp, size=32)
+    assert len(list(src.frames())) == 48 and src.warning is None
+
+
+def test_unwritable_output_raises_before_processing(tmp_path):
+    src = open_video(make_test_clip(tmp_path / "in.mp4", frames=3), size=32)
+    for bad in [tmp_path / "no" / "such" / "dir" / "out.mp4", tmp_path / "out.xyz", tmp_path, src.path]:
+        with pytest.raises(StreameditError):
+            VideoWriter(bad, src)
+    if os.geteuid() != 0:  # root can write anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(StreameditError):
+            VideoWriter(ro / "out.mp4", src)
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".mkv"])
+def test_interrupted_writer_leaves_playable_file(tmp_path, ext):
+    inp = make_test_clip(tmp_path / "in.mp4", frames=48, audio=True)
+    out = tmp_path / f"out{ext}"
+    src = open_video(inp, size=32)
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(out, src) as w:
+            for i, frame in enumerate(src.frames()):
+                if i == 10:
+                    raise KeyboardInterrupt
+                w.write(frame)
+    times, _, audio = probe(out)
+    assert len(times) == 10
+    assert audio is not None and audio < 10 / 24 + 0.1  # audio cut near the last written frame
+
+
+def test_nothing_written_leaves_no_file(tmp_path):
+    src = open_video(make_test_clip(tmp_path / "in.mp4", frames=3), size=32)
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(tmp_path / "out.mp4", src):
+            raise KeyboardInterrupt
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_ctrl_c_in_real_process(tmp_path):
+    """A real SIGINT mid-write (KeyboardInterrupt can land anywhere) still leaves a complete file."""
+    inp = make_test_clip(tmp_path / "in.mp4", frames=200, width=64, height=48, audio=True)
+    out = tmp_path / "out.mp4"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from streamedit.io import VideoWriter, open_video
+        src = open_video({str(inp)!r}, size=32)
+        w = VideoWriter({str(out)!r}, src)
+        try:
+            with w:
+                for frame in src.frames():
+                    w.write(frame)
+                    print(w.frames_written, flush=True)
+                    time.sleep(0.01)
+        except KeyboardInterrupt:
+            print("written", w.frames_written, flush=True)
+            sys.exit(130)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if int(line) >= 20:
+            proc.send_signal(2)
+            break
+    rest = proc.communicate(timeout=60)[0].split()
+    assert proc.returncode == 130, rest
+    written = int(rest[rest.index("written") + 1])
+    assert written < 200 and len(probe(out)[0]) == written
+
+
+def test_rotated_phone_video_is_turned_upright(tmp_path):
+    inp = tmp_path / "rot.mp4"
+    stored = np.zeros((48, 64, 3), np.uint8)
+    stored[:12, :12] = 255  # marker in the stored top-left corner
+    with av.open(str(inp), "w") as c:
+        s = c.add_stream("libx264", rate=24)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.set_display_rotation(90)  # display = stored rotated 90 degrees counter-clockwise
+        for i in range(4):
+            f = av.VideoFrame.from_ndarray(stored, format="rgb24")
+            f.pts = i
+            c.mux(s.encode(f))
+        c.mux(s.encode())
+    src = open_video(inp, size=64)
+    assert (src.info.width, src.info.height, src.info.rotation) == (48, 64, 90)
+    first = next(iter(src.frames()))
+    ys, xs = np.nonzero(first[..., 0] > 128)
+    assert ys.mean() > 48 and xs.mean() < 16  # marker now bottom-left
+    times, size, _ = probe(stylize(open_video(inp, size=64), tmp_path / "out.mp4"))
+    assert size == (48, 64) and len(times) == 4
+
+
+def test_writer_without_source_and_frames_restart(tmp_path):
+    with VideoWriter(tmp_path / "plain.mkv", fps=Fraction(30000, 1001), size=(40, 30)) as w:
+        for v in range(5):
+            w.write(np.full((16, 16, 3), v * 50, np.uint8))  # any input size is resized
+    times, size, audio = probe(tmp_path / "plain.mkv")
+    assert size == (40, 30) and audio is None
+    assert times == pytest.approx([i * 1001 / 30000 for i in range(5)], abs=1e-3)
+    src = open_video(tmp_path / "plain.mkv", size=8)
+    assert len(list(src.frames())) == 5 and len(list(src.frames())) == 5  # second pass starts over
+    with pytest.raises(ValueError):
+        w.write(np.zeros((8, 8, 3), np.uint8))  # closed
+
+
+def test_second_ctrl_c_waits_for_finalization():
+    from streamedit.io import _signals_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _signals_deferred():
+            signal.raise_signal(signal.SIGINT)
+            done.append(True)  # still runs: the signal is held back ...
+    assert done  # ... and re-raised afterwards
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

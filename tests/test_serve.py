@@ -1,0 +1,307 @@
+"""`streamedit serve`: HTTP API, security (token, host, origin, limits), WebRTC sessions from a Python
+client (aiortc) on 127.0.0.1, malformed-input storms and session cleanup. The model is the tiny random
+one on CPU (or a fake engine where only the plumbing matters)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytest.importorskip("aiortc")
+from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
+
+from streamedit.serve.bench import SyntheticCamera, connect  # noqa: E402
+from streamedit.serve.server import Server, ServerConfig, filter_candidates, is_loopback  # noqa: E402
+from streamedit.serve.session import LatestQueue, check_prompt, square_resize  # noqa: E402
+
+TOKEN = "s3cret-token-for-tests"
+
+
+class FakeEngine:
+    """Inverts colours and tints by prompt: visibly not the input, and a prompt change shows."""
+
+    def __init__(self, prompt, size):
+        self.prompt, self.size = prompt, size
+
+    def set_prompt(self, prompt):
+        self.prompt = prompt
+
+    def process(self, frames):
+        tint = sum(map(ord, self.prompt)) % 200
+        return [np.clip(255 - f.astype(np.int16) + (tint, 0, 0), 0, 255).astype(np.uint8) for f in frames]
+
+
+def fake_factory(prompt, size):
+    return FakeEngine(prompt, size)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+async def start(factory=fake_factory, **cfg):
+    server = Server(ServerConfig(ice_hosts=["127.0.0.1"], size=64, **cfg), factory)
+    client = TestClient(TestServer(server.app(), host="127.0.0.1"))
+    await client.start_server()
+    return server, client
+
+
+# ---- units -----------------------------------------------------------------------------------
+def test_latest_queue_drops_oldest_and_counts():
+    q = LatestQueue(2)
+    for i in range(5):
+        q.put(i)
+    assert q.dropped == 3 and q.get_batch(4, 0) == [3, 4] and q.get_batch(1, 0.01) == []
+    q.close()
+    q.put(9)
+    assert q.get_batch(1, 0) == []
+
+
+def test_prompt_and_resize_helpers():
+    assert check_prompt("  oil   painting ") == "oil painting"
+    for bad in ("", "   ", None, 3, "x" * 501, "a\x00b"):
+        with pytest.raises(ValueError):
+            check_prompt(bad)
+    out = square_resize(np.zeros((480, 640, 3), np.uint8), 128)
+    assert out.shape == (128, 128, 3)
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
+    sdp = "v=0\r\na=candidate:1 1 udp 1 192.0.2.7 5000 typ host\r\na=candidate:2 1 udp 1 127.0.0.1 5001 typ host\r\n"
+    kept = filter_candidates(sdp, ["127.0.0.1"])
+    assert "127.0.0.1" in kept and "192.0.2.7" not in kept and filter_candidates(sdp, None) == sdp
+
+
+# ---- HTTP and security -------------------------------------------------------------------------
+def test_health_stats_and_page_on_localhost():
+    async def go():
+        server, client = await start()
+        try:
+            assert (await (await client.get("/health")).json())["status"] == "ok"
+            stats = await (await client.get("/stats")).json()
+            assert stats["sessions"] == [] and stats["max_sessions"] == 2 and "limits" in stats
+            page = await client.get("/")
+            assert page.status == 200 and "streamedit" in await page.text()
+            assert (await client.get("/static/app.js")).status == 200
+            # DNS rebinding: a foreign Host header is refused on a loopback server without token
+            evil = await client.get("/stats", headers={"Host": "evil.example:7860"})
+            assert evil.status == 403 and "not allowed" in (await evil.json())["error"]
+            cross = await client.post("/offer", data="{}", headers={"Origin": "http://evil.example"})
+            assert cross.status == 403 and "cross-origin" in (await cross.json())["error"]
+        finally:
+            await client.close()
+
+    run(go())
+
+
+def test_token_checked_on_page_api_and_offer():
+    async def go():
+        server, client = await start(token=TOKEN)
+        try:
+            assert (await client.get("/health")).status == 200  # liveness stays public
+            page = await client.get("/")
+            assert page.status == 401 and "token" in (await page.text()).lower()
+            assert (await client.get(f"/?token={TOKEN}")).status == 200
+            for path in ("/stats", "/stats?token=wrong"):
+                resp = await client.get(path)
+                assert resp.status == 401 and "token" in (await resp.json())["error"]
+            assert (await client.get("/stats", headers={"X-Streamedit-Token": TOKEN})).status == 200
+            assert (await client.get("/stats", headers={"Authorization": f"Bearer {TOKEN}"})).status == 200
+            cam, status, body = await connect(client, size=64)  # a real offer, without the token
+            await cam.close()
+            assert status == 401 and server.sessions == {}
+            assert (await client.post("/session/abc/prompt", json={"prompt": "x"})).status == 401
+            assert server.refused["auth"] >= 5
+        finally:
+            await client.close()
+
+    run(go())
+
+
+@pytest.mark.timeout(120)
+def test_cli_off_localhost_generates_token_and_refuses_without_it(tmp_path):
+    """The real command bound to 0.0.0.0 (reached only via 127.0.0.1): a token is printed and required."""
+    port = 17000 + os.getpid() % 2000
+    code = "import sys; from streamedit.serve import serve_command; serve_command(sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", code, "--host", "0.0.0.0", "--port", str(port), "--model",
+                             "random:tiny", "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    try:
+        lines, token = [], None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and token is None:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "".join(lines)
+            lines.append(line)
+            if m := re.search(r"open http://\S+/\?token=(\S+)", line):
+                token = m.group(1)
+        assert token and any("access token (generated)" in ln for ln in lines), "".join(lines)
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):  # the server starts right after printing
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.1)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{base}/stats", timeout=5)
+        assert err.value.code == 401
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{base}/", timeout=5)
+        assert err.value.code == 401
+        ok = urllib.request.urlopen(urllib.request.Request(f"{base}/stats", headers={"X-Streamedit-Token": token}))
+        assert json.loads(ok.read())["model"] == "random:tiny"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_limits_give_clear_refusals():
+    async def go():
+        server, client = await start(max_body_bytes=8192)
+        try:
+            big = await client.post("/offer", data="x" * 20000)
+            assert big.status == 413 and "limit" in (await big.json())["error"]
+            cam, status, body = await connect(client, size=1024)
+            await cam.close()
+            assert status == 400 and "'size' must be" in body["error"]
+            cam, status, body = await connect(client, prompt="x" * 600)
+            await cam.close()
+            assert status == 400 and "500 characters" in body["error"]
+        finally:
+            await client.close()
+
+    run(go())
+
+
+# ---- sessions over WebRTC ----------------------------------------------------------------------
+def test_session_streams_stylized_frames_and_changes_prompt(tiny_models):
+    from streamedit.serve.runtime import engine_factory
+
+    async def go():
+        server, client = await start(engine_factory(tiny_models))
+        cam, status, body = await connect(client, size=64, prompt="oil painting")
+        try:
+            assert status == 200, body
+            await cam.wait(lambda: len(cam.frames) >= 3, 60, "3 stylized frames")
+            _, _, out = cam.frames[-1]
+            assert out.shape == (64, 64, 3)
+            src = square_resize(cam.camera._base, 64)
+            assert np.abs(out.astype(int) - src).mean() > 10, "output looks like the input"
+            cam.channel.send(json.dumps({"type": "prompt", "prompt": "watercolor"}))
+            await cam.wait(lambda: (cam.stats() or {}).get("active_prompt") == "watercolor"
+                           and cam.stats()["prompt_switch_frames"] is not None, 60, "the new prompt")
+            assert cam.stats()["prompt_switch_frames"] <= 3
+            http = await client.post(f"/session/{cam.session}/prompt", json={"prompt": "pencil sketch"})
+            assert http.status == 200
+            await cam.wait(lambda: cam.stats()["active_prompt"] == "pencil sketch", 60, "the HTTP prompt")
+            stats = (await (await client.get("/stats")).json())["sessions"][0]
+            assert stats["fps"] > 0 and stats["latency_ms_p50"] > 0 and stats["sent"] >= 3
+        finally:
+            await cam.close()
+            await client.close()
+
+    run(go())
+
+
+def test_session_limit_refuses_clearly_and_frees_on_disconnect():
+    async def go():
+        server, client = await start(max_sessions=1)
+        first, status, _ = await connect(client)
+        try:
+            assert status == 200
+            await first.wait(lambda: len(first.frames) >= 2, 30, "frames")
+            second, status, body = await connect(client)
+            await second.close()
+            assert status == 503 and "1 of 1 sessions in use" in body["error"]
+            await first.close()  # the browser goes away: the server notices and frees the slot
+            deadline = time.monotonic() + 20
+            while server.sessions and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert server.sessions == {}
+            third, status, body = await connect(client)
+            assert status == 200, body
+            await third.wait(lambda: len(third.frames) >= 2, 30, "frames of the new session")
+            stop = await client.delete(f"/session/{third.session}")
+            assert stop.status == 200 and server.sessions == {}
+            await third.close()
+        finally:
+            await first.close()
+            await client.close()
+
+    run(go())
+
+
+def test_oversized_input_is_refused_on_its_session_only():
+    async def go():
+        server, client = await start(max_input_pixels=100 * 100)
+        cam, status, _ = await connect(client, camera=SyntheticCamera(320, 240, 15))
+        try:
+            assert status == 200
+            await cam.wait(lambda: any(m["type"] == "error" for m in cam.messages), 30, "the refusal")
+            err = next(m for m in cam.messages if m["type"] == "error")["error"]
+            assert "320x240" in err and "limit" in err
+            await cam.wait(lambda: not server.sessions, 10, "the session to close")
+        finally:
+            await cam.close()
+            await client.close()
+
+    run(go())
+
+
+@pytest.mark.timeout(300)
+def test_1000_malformed_offers_and_messages_leave_a_healthy_server():
+    valid_sdp_head = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"
+                      "c=IN IP4 0.0.0.0\r\na=sendrecv\r\na=rtpmap:96 VP8/90000\r\n")
+    bad_bodies = [b"", b"not json", b"[1,2]", b"{\"type\": \"offer\"}", b"{\"sdp\": 5, \"type\": \"offer\"}",
+                  json.dumps({"sdp": "v=0 garbage", "type": "offer"}).encode(),
+                  json.dumps({"sdp": valid_sdp_head + "a=garbage\r\n", "type": "offer"}).encode(),
+                  json.dumps({"sdp": valid_sdp_head.replace("sendrecv", "recvonly"), "type": "offer"}).encode(),
+                  json.dumps({"sdp": valid_sdp_head + "a=setup:actpass\r\na=ice-ufrag:x\r\n", "type": "offer"}).encode(),
+                  json.dumps({"sdp": valid_sdp_head, "type": "answer"}).encode(),
+                  json.dumps({"sdp": valid_sdp_head, "type": "offer", "size": "big"}).encode(),
+                  json.dumps({"sdp": valid_sdp_head, "type": "offer", "prompt": ["x"]}).encode(),
+                  b"{" * 5000, b"\xff\xfe\x00garbage"]
+    bad_messages = ["", "not json", "[]", "{}", '{"type": "prompt"}', '{"type": "prompt", "prompt": 7}',
+                    '{"type": "prompt", "prompt": "a\\u0000b"}', '{"type": "nope"}', "x" * 5000, b"\x00\x01binary",
+                    '{"type": "prompt", "prompt": "' + "y" * 800 + '"}', "[" * 3000]
+
+    async def go():
+        server, client = await start(max_sessions=2)
+        healthy, status, _ = await connect(client)
+        try:
+            assert status == 200
+            await healthy.wait(lambda: len(healthy.frames) >= 2, 30, "frames")
+            for i in range(0, 500, 50):  # 500 malformed offers, 50 at a time
+                resps = await asyncio.gather(*(client.post("/offer", data=bad_bodies[j % len(bad_bodies)])
+                                               for j in range(i, i + 50)))
+                assert all(r.status == 400 for r in resps), {r.status for r in resps}
+            for j in range(500):  # 500 malformed data-channel messages on the live session
+                healthy.channel.send(bad_messages[j % len(bad_messages)])
+                if j % 50 == 0:
+                    await asyncio.sleep(0.01)
+            await healthy.wait(lambda: sum(m["type"] == "error" for m in healthy.messages) >= 500, 30, "500 refusals")
+            n = len(healthy.frames)
+            await healthy.wait(lambda: len(healthy.frames) >= n + 3, 30, "frames after the storm")
+            healthy.channel.send(json.dumps({"type": "prompt", "prompt": "still works"}))
+            await healthy.wait(lambda: healthy.stats()["active_prompt"] == "still works", 30, "a good prompt")
+            stats = await (await client.get("/stats")).json()
+            assert stats["refused"]["malformed"] == 500 and stats["refused"]["messages"] >= 500
+            assert len(stats["sessions"]) == 1 and stats["pending"] == 0
+            other, status, _ = await connect(client)  # and a new session still starts
+            assert status == 200
+            await other.wait(lambda: len(other.frames) >= 2, 30, "a second session's frames")
+            await other.close()
+        finally:
+            await healthy.close()
+            await client.close()
+
+    run(go())

@@ -1,0 +1,135 @@
+"""Temporal conditioning: refresh schedule, scene cuts, flow warping and the engine integration."""
+
+import numpy as np
+import pytest
+import torch
+
+from streamedit import EngineConfig, StreamEngine
+from streamedit.lllite import LLLiteAdapter
+from streamedit.temporal import SceneCutDetector, farneback, warp
+
+
+def _textured(seed=0, size=64):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (size // 8, size // 8, 3), dtype=np.uint8)
+    import cv2
+
+    return cv2.resize(base, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def _clip_with_cut(n=40, cut=20, size=64):
+    a, b = _textured(1, size), 255 - _textured(2, size) // 3  # different shot: much brighter histogram
+    return [np.roll(a if i < cut else b, i % 7, axis=1) for i in range(n)]
+
+
+def _engine(models, frames_seen=None, **kw):
+    cfg = dict(prompt="oil painting", batch_size=4, size=64, seed=0, fixed_noise=True, lllite="random",
+               cond_refresh_every=8)
+    cfg.update(kw)
+    return StreamEngine(models, EngineConfig(**cfg))
+
+
+def _refreshes(engine):
+    return [e["batch"] for e in engine.batch_log if e["cond"] != "reuse"]
+
+
+def test_cut_forces_refresh_exactly_at_its_batch(tiny_models):
+    engine = _engine(tiny_models)
+    out = list(engine.run(_clip_with_cut()))
+    engine.close()
+    assert len(out) == 40
+    assert _refreshes(engine) == [0, 5]  # start, then the batch holding frame 20 (20 // 4)
+    assert engine.batch_log[5]["cond"] == "cut" and engine.batch_log[5]["cut_at"] == 0
+
+
+def test_no_cut_refreshes_only_on_schedule(tiny_models):
+    frames = [np.roll(_textured(1), i, axis=1) for i in range(72)]
+    engine = _engine(tiny_models)
+    list(engine.run(frames))
+    engine.close()
+    assert _refreshes(engine) == [0, 8, 16]
+    assert {e["cond"] for e in engine.batch_log} == {"start", "schedule", "reuse"}
+
+
+def test_cut_forces_te_refresh_when_te_is_reused(tiny_models):
+    engine = _engine(tiny_models, lllite=None, te_refresh_every=100)
+    list(engine.run(_clip_with_cut()))
+    engine.close()
+    assert [e["batch"] for e in engine.batch_log if e["te"] == "computed"] == [0, 5]
+
+
+def test_cond_cnn_and_flow_skipped_on_reuse_batches(tiny_models, monkeypatch):
+    frames = [np.roll(_textured(3), 2 * i, axis=1) for i in range(40)]
+    engine = _engine(tiny_models, cond_refresh_every=3)
+    calls, flows = [], []
+    real_set = engine.adapter.set_cond_image
+    monkeypatch.setattr(engine.adapter, "set_cond_image", lambda img: (calls.append(img.clone()), real_set(img)))
+    import streamedit.temporal as temporal
+
+    real_fb = temporal.farneback
+    monkeypatch.setattr(temporal, "farneback", lambda *a: (flows.append(1), real_fb(*a))[1])
+    list(engine.run(frames))
+    engine.close()
+    assert _refreshes(engine) == [0, 3, 6, 9]
+    assert len(calls) == 4
+    assert len(flows) == 3 * 4  # one flow per frame of each refresh batch after the first
+    # first batch: the input frames themselves are the cond images
+    first = torch.from_numpy(np.stack(frames[:4])).permute(0, 3, 1, 2)
+    assert torch.equal(calls[0], first)
+    # later refreshes: the previous output warped, not the inputs
+    assert not torch.equal(calls[1], torch.from_numpy(np.stack(frames[12:16])).permute(0, 3, 1, 2))
+
+
+def test_adapter_changes_output_and_detaches(tiny_models, frames):
+    base = list(StreamEngine(tiny_models, EngineConfig(prompt="p", batch_size=2, size=64, fixed_noise=True)).run(frames))
+    adapter = LLLiteAdapter.for_unet(tiny_models.unet, hooks="all", cond_size=64)
+    with torch.no_grad():
+        for _, m in adapter.items():
+            m.up[0].weight.normal_(0, 0.5)
+    engine = StreamEngine(tiny_models, EngineConfig(prompt="p", batch_size=2, size=64, fixed_noise=True,
+                                                    lllite=adapter, hooks="all"))
+    with_adapter = list(engine.run(frames))
+    engine.close()
+    assert any(not np.array_equal(a, b) for a, b in zip(base, with_adapter))
+    again = list(StreamEngine(tiny_models, EngineConfig(prompt="p", batch_size=2, size=64, fixed_noise=True)).run(frames))
+    assert all(np.array_equal(a, b) for a, b in zip(base, again))  # close() restored the U-Net
+
+
+def test_motion_refresh_triggers_early(tiny_models):
+    frames = [np.roll(_textured(4), 6 * i, axis=1) for i in range(32)]
+    engine = _engine(tiny_models, motion_refresh=10.0, cond_refresh_every=100)
+    list(engine.run(frames))
+    engine.close()
+    refreshes = _refreshes(engine)
+    assert len(refreshes) > 1 and all(engine.batch_log[b]["cond"] in ("start", "motion") for b in refreshes)
+    calm = _engine(tiny_models, motion_refresh=10.0, cond_refresh_every=100)
+    list(calm.run([_textured(4)] * 32))
+    calm.close()
+    assert _refreshes(calm) == [0]
+
+
+def test_farneback_warp_aligns_translated_frames():
+    a = _textured(5, 96)
+    b = np.roll(a, 3, axis=1)  # content moves 3 px right
+    flow = farneback(b, a)  # on b's grid, pointing into a
+    assert abs(float(np.median(flow[..., 0])) + 3) < 0.5
+    warped = warp(torch.from_numpy(a).permute(2, 0, 1)[None].float(), torch.from_numpy(flow)[None])
+    warped = warped[0].permute(1, 2, 0).numpy()
+    inner = (slice(8, -8), slice(8, -8))
+    err = np.abs(warped[inner] - b[inner].astype(np.float32)).mean()
+    assert err < 0.25 * np.abs(a[inner].astype(np.float32) - b[inner]).mean()
+
+
+@pytest.mark.parametrize("flow_size", [32])
+def test_reduced_resolution_flow_scales_vectors(flow_size):
+    a = _textured(6, 96)
+    flow = farneback(np.roll(a, 4, axis=1), a, size=flow_size)
+    assert flow.shape == (96, 96, 2)
+    assert abs(float(np.median(flow[..., 0])) + 4) < 1.5
+
+
+def test_scene_cut_detector():
+    det = SceneCutDetector()
+    clip = _clip_with_cut()
+    cuts = [i for i, f in enumerate(clip) if det.update(f)]
+    assert cuts == [20]
