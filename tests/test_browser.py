@@ -52,6 +52,22 @@ def write_y4m(path: Path, frames: int = 30, width: int = 320, height: int = 240,
     return path
 
 
+def write_webm(path: Path, frames: int = 30, width: int = 320, height: int = 240) -> Path:
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libvpx", rate=15)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for t in range(frames):
+            img = np.zeros((height, width, 3), np.uint8)
+            img[..., 0] = (np.arange(width) * 255 // width)[None]
+            img[..., 1] = 40 + 6 * t
+            img[60:120, (10 * t) % (width - 60):(10 * t) % (width - 60) + 60] = (250, 240, 40)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(stream.encode(None))
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,9 +127,13 @@ GRAB = """() => {
 
 @pytest.mark.timeout(300)
 def test_browser_end_to_end(tmp_path, tiny_models):
-    from streamedit.serve.runtime import engine_factory
+    import torch
+
+    from streamedit.serve.runtime import engine_factory, set_cpu_threads
     from streamedit.serve.server import Server, ServerConfig
 
+    threads = torch.get_num_threads()
+    set_cpu_threads(tiny_models)  # as `streamedit serve` does on CPU; restored below
     clip = write_y4m(tmp_path / "clip.y4m")
     server = Server(ServerConfig(ice_hosts=["127.0.0.1"], size=128, model_name="random:tiny"),
                     engine_factory(tiny_models))
@@ -122,7 +142,7 @@ def test_browser_end_to_end(tmp_path, tiny_models):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, timeout=60_000,
                                     args=CHROMIUM_ARGS + [f"--use-file-for-fake-video-capture={clip}"])
         try:
-            page = browser.new_page(viewport={"width": 1180, "height": 760})
+            page = browser.new_page(viewport={"width": 1180, "height": 860})
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(f"http://127.0.0.1:{srv.port}/", timeout=30_000)
@@ -159,8 +179,9 @@ def test_browser_end_to_end(tmp_path, tiny_models):
             wait_for(page, f"window.streamedit.server.sent > {first}", 30, "the stats to move")
             stats = srv.get("/stats")["sessions"][0]
             assert stats["active_prompt"] == "watercolor" and stats["fps"] > 0 and stats["latency_ms_p50"] > 0
+            page.click("summary")  # open the details panel for the artifact
             page.wait_for_timeout(1500)  # let the overlay show a couple of refreshes
-            page.screenshot(path=str(ARTIFACTS / "serve.png"))
+            page.screenshot(path=str(ARTIFACTS / "serve.png"), full_page=True)
             overlay = page.inner_text("#overlay")
             print(f"\noverlay: {overlay!r}; server stats: {json.dumps(stats)}")
 
@@ -169,6 +190,51 @@ def test_browser_end_to_end(tmp_path, tiny_models):
             while srv.get("/health")["sessions"] and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert srv.get("/health")["sessions"] == 0, "session not cleaned up after Stop"
+
+            # A chosen video file instead of the camera.
+            with page.expect_file_chooser() as chooser:
+                page.select_option("#source", "file")
+            chooser.value.set_files(str(write_webm(tmp_path / "clip.webm")))
+            frames_before = page.evaluate("window.streamedit.outputFrames")
+            page.click("#start")
+            wait_for(page, f"window.streamedit.outputFrames >= {frames_before + 3} && window.streamedit.session", 120,
+                     "stylized frames from the video file")
+            assert srv.get("/stats")["sessions"][0]["input_size"] == [171, 128]  # scaled down to ~size by the page
+            page.click("#stop")
             assert not errors, errors
+        finally:
+            browser.close()
+            torch.set_num_threads(threads)
+
+
+@pytest.mark.timeout(180)
+def test_browser_token_and_busy_refusal(tmp_path, tiny_models):
+    """The page needs the token when the server has one, sends it on its API calls, and shows the
+    server's refusal when the session limit is reached."""
+    from streamedit.serve.runtime import engine_factory
+    from streamedit.serve.server import Server, ServerConfig
+
+    clip = write_y4m(tmp_path / "clip.y4m", frames=10)
+    server = Server(ServerConfig(ice_hosts=["127.0.0.1"], size=64, token="browser-test-token", max_sessions=1),
+                    engine_factory(tiny_models))
+    with ThreadedServer(server, free_port()) as srv, playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, timeout=60_000,
+                                    args=CHROMIUM_ARGS + [f"--use-file-for-fake-video-capture={clip}"])
+        try:
+            page = browser.new_page()
+            resp = page.goto(f"http://127.0.0.1:{srv.port}/", timeout=30_000)
+            assert resp.status == 401 and "Access token needed" in page.content()
+            url = f"http://127.0.0.1:{srv.port}/?token=browser-test-token"
+            page.goto(url, timeout=30_000)
+            page.wait_for_function("document.getElementById('size').value === '64'", timeout=10_000)  # server default
+            page.click("#start")
+            wait_for(page, "window.streamedit.outputFrames >= 2", 90, "frames with the token")
+            other = browser.new_page()
+            other.goto(url, timeout=30_000)
+            other.click("#start")
+            wait_for(other, "window.streamedit.error !== ''", 30, "the refusal")
+            assert "server busy: 1 of 1 sessions in use" in other.inner_text("#error")
+            assert other.evaluate("window.streamedit.status") == "error"
+            assert not other.is_disabled("#start")  # the page is ready to try again
         finally:
             browser.close()

@@ -222,6 +222,7 @@ def test_clip_bad_folder(tmp_path):
 
 # ------------------------------------------------------------------ LPIPS / RAFT (only with torchvision)
 @pytest.mark.skipif(not HAS_TV, reason="torchvision not installed")
+@pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")  # lpips' torchvision calls
 def test_lpips_random_weights(tmp_path, translated):
     lpips = pytest.importorskip("lpips")
     import torchvision

@@ -57,6 +57,34 @@ def setup_logging(verbose: bool = False) -> None:
         tlog.set_verbosity_error()
 
 
+def lllite_options(fn):
+    """The temporal-adapter flags shared by stylize, bench and eval."""
+    opts = [
+        click.option("--lllite", default=None, help="Temporal LLLite adapter (.safetensors), or 'random'."),
+        click.option("--hooks", default="down", show_default=True, help="down | mid | up | all | name,name,..."),
+        click.option("--cond-refresh", default=8, show_default=True, help="Rebuild the cond embedding every N batches."),
+        click.option("--lllite-multiplier", default=1.0, show_default=True, help="Adapter strength."),
+        click.option("--cut-refresh/--no-cut-refresh", default=True, show_default=True,
+                     help="Refresh cond (and TE) on the batch holding a scene cut."),
+        click.option("--motion-refresh", type=float, default=None,
+                     help="Refresh early when mean flow (px) since the last refresh exceeds this."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def temporal_config(lllite, hooks, cond_refresh, lllite_multiplier, cut_refresh, motion_refresh) -> dict:
+    if lllite not in (None, "random"):
+        from pathlib import Path
+
+        if not Path(lllite).is_file():
+            raise StreameditError(f"LLLite adapter file {lllite!r} does not exist")
+    hooks = hooks.split(",") if "," in hooks else hooks
+    return dict(lllite=lllite, hooks=hooks, cond_refresh_every=cond_refresh, lllite_multiplier=lllite_multiplier,
+                cut_refresh=cut_refresh, motion_refresh=motion_refresh)
+
+
 def model_options(fn):
     """--model/--revision/--device/--dtype, shared by every command that loads a model."""
     fn = click.option("--dtype", type=click.Choice(DTYPES), default=None,
@@ -108,8 +136,9 @@ def load(model: str, revision, device, dtype):
 @click.option("--te-batch-one", is_flag=True, help="Approximation: one TE pass per batch.")
 @click.option("--te-refresh", default=1, show_default=True, help="Approximation: reuse the TE output N batches.")
 @click.option("--keep-size", is_flag=True, help="Write the working size instead of scaling back to the input's.")
+@lllite_options
 def stylize(input_path, output, prompt, model, revision, device, dtype, batch, steps, size, seed, fixed_noise,
-            compile_, compile_mode, te_batch_one, te_refresh, keep_size):
+            compile_, compile_mode, te_batch_one, te_refresh, keep_size, **temporal):
     """Stylize INPUT with an instruction and write OUTPUT (same fps, timestamps and audio)."""
     from tqdm import tqdm
 
@@ -118,7 +147,7 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
 
     config = EngineConfig(prompt=prompt, batch_size=batch, steps=steps, size=size, seed=seed, fixed_noise=fixed_noise,
                           compile=compile_, compile_mode=compile_mode, te_batch_one=te_batch_one,
-                          te_refresh_every=te_refresh)
+                          te_refresh_every=te_refresh, **temporal_config(**temporal))
     from .engine import _clean_prompt
 
     config.prompt = _clean_prompt(prompt)  # fail on a bad prompt before any slow loading
@@ -163,7 +192,9 @@ def _sigterm_to_interrupt(signum, frame):
 
 @cli.command()
 @model_options
-def info(model, revision, device, dtype):
+@click.option("--lllite", default=None, help="Also load this adapter and list its hooks.")
+@click.option("--hooks", default=None, help="Hook subset to attach (default: every hook in the file).")
+def info(model, revision, device, dtype, lllite, hooks):
     """Print each component's class and parameter count, and the LLLite hook sites."""
     from .models import describe, hook_split
 
@@ -171,18 +202,45 @@ def info(model, revision, device, dtype):
     click.echo(f"model: {model}" + (" (built on the meta device: no weights allocated)"
                                     if model.startswith("random:") else ""))
     for name, cls, n in rows:
-        click.echo(f"  {name:<13} {cls:<36} {n / 1e9:7.3f} B params" if n else f"  {name:<13} {cls}")
-    total = sum(n for _, _, n in rows)
-    click.echo(f"  {'total':<13} {'':<36} {total / 1e9:7.3f} B params")
+        click.echo(f"  {name:<13} {cls:<36} {_count(n):>9} params" if n else f"  {name:<13} {cls}")
+    click.echo(f"  {'total':<13} {'':<36} {_count(sum(n for _, _, n in rows)):>9} params")
     split = hook_split(models.unet)
     click.echo(f"hook sites: {sum(split.values())} (down {split['down']} / mid {split['mid']} / up {split['up']})")
     click.echo(f"edit template prefix dropped from the TE output: {models.edit_prefix_len} tokens")
+    if lllite:
+        from .lllite import LLLiteAdapter
+
+        if models.device.type == "meta":  # adapter weights need real storage
+            models = load(model, revision, "cpu", __import__("torch").float32)
+        adapter = LLLiteAdapter.load(lllite, models.unet, hooks=hooks.split(",") if hooks and "," in hooks else hooks)
+        cfg = adapter.config
+        parts = {p: sum(h.startswith(p) for h in adapter.hooks) for p in ("down", "mid", "up")}
+        click.echo(f"lllite: {lllite}: {len(adapter.hooks)} hooks (down {parts['down']} / mid {parts['mid']} / "
+                   f"up {parts['up']}), cond_emb_dim {cfg.cond_emb_dim}, mlp_dim {cfg.mlp_dim}, "
+                   f"cond image {cfg.cond_size}, {sum(p.numel() for p in adapter.parameters()) / 1e6:.2f} M params")
+        for hook in adapter.hooks:
+            click.echo(f"  {hook}")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"
 
 
 def _demo_or_tiny() -> str:
     from .models import demo_available
 
     return "demo" if demo_available() else "random:tiny"
+
+
+def _register_commands() -> None:
+    """Commands that live with their mechanism (imports inside them stay lazy)."""
+    from .serve import live_command, serve_command
+
+    cli.add_command(serve_command)
+    cli.add_command(live_command)
+
+
+_register_commands()
 
 
 def main() -> None:

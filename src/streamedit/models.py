@@ -158,7 +158,7 @@ def build_random(size: str, device: torch.device, dtype: torch.dtype, seed: int 
     models = Models(
         text_encoder=text_encoder.to(dtype).eval(), tokenizer=tokenizer,
         processor=proc.build_processor(tokenizer, vision.patch_size, vision.spatial_merge_size),
-        vae=vae.to(dtype).eval(), unet=unet.to(dtype).eval(),
+        vae=vae.eval(), unet=unet.eval(),  # already in dtype (built under it)
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                   max_shift=1.16, base_image_seq_len=256, max_image_seq_len=4096),
         edit_prefix_len=proc.edit_prefix_len(tokenizer),
@@ -185,20 +185,21 @@ def _te_config(tokenizer, text: dict, vision: dict) -> Qwen3VLConfig:
 
 def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, revision: str | None) -> Models:
     local = Path(source).expanduser()
-    if local.exists():
-        _check_folder(local)
-        source = str(local)
-    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        raise StreameditError(f"unknown model source {source!r}: not a folder, not a hub id (owner/name), "
-                              "not 'random:real' / 'random:tiny' / 'demo'")
-    if revision is None and source == DREAMLITE_HUB_ID:
-        revision = DREAMLITE_REVISION
+    if not local.exists():
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+            raise StreameditError(f"unknown model source {source!r}: not a folder, not a hub id (owner/name), "
+                                  "not 'random:real' / 'random:tiny' / 'demo'")
+        if revision is None and source == DREAMLITE_HUB_ID:
+            revision = DREAMLITE_REVISION
+        local = Path(_hub_snapshot(source, revision))
+    # Hub ids and folders load through the same code from here on.
+    _check_folder(local)
+    source = str(local)
     try:
         # Loaded separately so that machines without torchvision get the image-only processor;
         # with torchvision this is the stock Qwen3VLProcessor of the checkpoint.
-        processor = proc.processor_class().from_pretrained(source, subfolder="processor", revision=revision)
-        pipe = DreamLiteMobilePipeline.from_pretrained(source, revision=revision, torch_dtype=dtype,
-                                                       processor=processor)
+        processor = proc.processor_class().from_pretrained(source, subfolder="processor")
+        pipe = DreamLiteMobilePipeline.from_pretrained(source, dtype=dtype, processor=processor)
     except StreameditError:
         raise
     except Exception as exc:  # hub/network/format errors: one clear line for the user
@@ -209,6 +210,48 @@ def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, revi
     # Upstream's 64 is exact for the Qwen tokenizer; other tokenizers are measured.
     prefix = proc.QWEN_EDIT_PREFIX_LEN if len(tok) > 150_000 else proc.edit_prefix_len(tok)
     return Models(**{c: getattr(pipe, c) for c in COMPONENTS}, source=source, edit_prefix_len=prefix)
+
+
+def _hub_snapshot(repo: str, revision: str | None) -> str:
+    """Local folder of a hub model: the cache if it has it, else a download (fails fast offline)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo, revision=revision, local_files_only=True)
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") or not _hub_reachable():
+        raise StreameditError(f"model {repo!r} is not in the local Hugging Face cache and the hub cannot be "
+                              "reached: download it on a connected machine, or pass a local folder")
+    try:
+        return snapshot_download(repo, revision=revision)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StreameditError(f"could not download model {repo!r}: {first}") from exc
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """A TCP connect to the hub endpoint, bounded in time (DNS included), so offline runs fail fast."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(result)
 
 
 def _check_folder(path: Path) -> None:

@@ -121,15 +121,17 @@ async def connect(http_client, **params) -> tuple[Client, int, dict]:
     return client, status, body
 
 
-async def bench(model: str, size: int, seconds: float, width: int, height: int, fps: float, warmup: float) -> dict:
+async def bench(model: str, size: int, seconds: float, width: int, height: int, fps: float, warmup: float,
+                threads: int | None = None) -> dict:
     from aiohttp.test_utils import TestClient, TestServer
 
-    from .runtime import engine_factory, load_runtime
+    from .runtime import engine_factory, load_runtime, set_cpu_threads
     from .server import Server, ServerConfig
 
-    models, adapter = load_runtime(model)
+    models = load_runtime(model)
+    threads = set_cpu_threads(models, threads)
     server = Server(ServerConfig(ice_hosts=["127.0.0.1"], size=size, trace=True, model_name=model),
-                    engine_factory(models, adapter=adapter))
+                    engine_factory(models))
     http = TestClient(TestServer(server.app(), host="127.0.0.1"))
     await http.start_server()
     client, status, body = await connect(http, size=size, camera=SyntheticCamera(width, height, fps))
@@ -157,7 +159,8 @@ async def bench(model: str, size: int, seconds: float, width: int, height: int, 
     await client.close()
     await http.close()
     return {
-        "model": model, "size": size, "input": f"{width}x{height}@{fps:g}", "seconds": round(elapsed, 1),
+        "model": model, "device": str(models.device), "cpu_threads": threads, "size": size,
+        "input": f"{width}x{height}@{fps:g}", "seconds": round(elapsed, 1),
         "served_fps": round((session.stats.sent - n0) / elapsed, 2),
         "e2e_ms_p50": round(1000 * float(np.median(e2e)), 1) if e2e else None,
         "e2e_ms_p95": round(1000 * float(np.quantile(e2e, 0.95)), 1) if e2e else None,
@@ -172,11 +175,15 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--warmup", type=float, default=3)
-    ap.add_argument("--input", default="640x480")
+    ap.add_argument("--input", default=None, help="WxH the client sends (default: 4:3 with short side = size, "
+                    "what the page uploads)")
     ap.add_argument("--fps", type=float, default=30)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as `serve`: half the cores)")
     args = ap.parse_args(argv)
-    width, height = (int(v) for v in args.input.split("x"))
-    print(json.dumps(asyncio.run(bench(args.model, args.size, args.seconds, width, height, args.fps, args.warmup))))
+    width, height = ((int(v) for v in args.input.split("x")) if args.input
+                     else (round(args.size * 4 / 3) // 2 * 2, args.size))
+    print(json.dumps(asyncio.run(bench(args.model, args.size, args.seconds, width, height, args.fps, args.warmup,
+                                       args.threads))))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import logging
 import click
 
 from ..errors import StreameditError
+from .runtime import live_model_options
 
 SERVE_EXTRA = "pip install 'streamedit[serve]' (aiohttp, aiortc)"
 
@@ -33,28 +34,25 @@ def _resolution(value: str) -> int:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback requires the access token.")
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--model", "model", default=None, help="Hub id, local diffusers folder, 'demo' or 'random:tiny' "
-              "(default: carlofkl/DreamLite-mobile).")
-@click.option("--lllite", type=click.Path(exists=True, dir_okay=False), default=None, help="LLLite adapter file.")
+@live_model_options
 @click.option("--token", default=None, help="Access token (generated and printed when binding off-localhost).")
 @click.option("--prompt", default="oil painting", show_default=True, help="Initial instruction of new sessions.")
 @click.option("--size", default=256, show_default=True, type=int, help="Default processing size (square).")
 @click.option("--max-size", default=512, show_default=True, type=int, help="Largest size a page may ask for.")
-@click.option("--steps", default=1, show_default=True, type=click.IntRange(1, 4))
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
-@click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16, bfloat16")
 @click.option("--max-sessions", default=2, show_default=True, type=click.IntRange(1, 64))
 @click.option("--max-resolution", default="1920x1080", show_default=True, help="Largest input frame accepted.")
 @click.option("--ice-host", "ice_hosts", multiple=True, help="Local address(es) for WebRTC media "
               "(default: every interface). Repeatable.")
+@click.option("--cpu-threads", type=click.IntRange(1, 512), default=None,
+              help="torch threads when running on CPU (default: half the cores; the rest encode/decode video).")
 @click.option("--certfile", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TLS certificate (HTTPS): browsers give camera access only to https or localhost pages.")
 @click.option("--keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key.")
-def serve_command(host, port, model, lllite, token, prompt, size, max_size, steps, device, dtype, max_sessions,
-                  max_resolution, ice_hosts, certfile, keyfile):
+def serve_command(host, port, model, revision, device, dtype, lllite, steps, token, prompt, size, max_size,
+                  max_sessions, max_resolution, ice_hosts, cpu_threads, certfile, keyfile):
     """Serve a web page that stylizes the browser's camera (or a video file) live over WebRTC."""
     _need_server_deps()
-    from .runtime import DEFAULT_MODEL, engine_factory, load_runtime
+    from .runtime import check_lllite, engine_factory, load_runtime, set_cpu_threads
     from .server import Server, ServerConfig, is_loopback, new_token
     from .session import check_prompt
 
@@ -71,13 +69,16 @@ def serve_command(host, port, model, lllite, token, prompt, size, max_size, step
     generated = False
     if token is None and not is_loopback(host):
         token, generated = new_token(), True
-    model = model or DEFAULT_MODEL
+    check_lllite(lllite)
     click.echo(f"loading {model} ...", err=True)
-    models, adapter = load_runtime(model, device, dtype, lllite)
+    models = load_runtime(model, device, dtype, revision)
+    threads = set_cpu_threads(models, cpu_threads)
+    if threads:
+        click.echo(f"running on CPU with {threads} torch thread(s)", err=True)
     config = ServerConfig(host=host, port=port, token=token, prompt=prompt, size=size, max_size=max_size,
                           max_sessions=max_sessions, max_input_pixels=_resolution(max_resolution),
-                          ice_hosts=list(ice_hosts) or None, model_name=model)
-    server = Server(config, engine_factory(models, steps=steps, adapter=adapter))
+                          ice_hosts=list(ice_hosts) or None, model_name=getattr(models, "source", "") or model)
+    server = Server(config, engine_factory(models, steps=steps, lllite=lllite))
     ssl_context = None
     if certfile:
         import ssl
@@ -94,6 +95,8 @@ def serve_command(host, port, model, lllite, token, prompt, size, max_size, step
                    "use --certfile/--keyfile for camera access", err=True)
     click.echo(f"streamedit serve: open {url}", err=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("aioice", "aiortc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from aiohttp import web
 
     web.run_app(server.app(), host=host, port=port, ssl_context=ssl_context, print=None,

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from ..errors import StreameditError
+from .runtime import live_model_options
 from .session import LatestQueue, check_prompt, square_resize
 
 WINDOW = "streamedit live"
@@ -202,19 +203,14 @@ class LiveLoop:
 @click.option("--window", is_flag=True, help="Show input and output side by side in a desktop window.")
 @click.option("--virtual-cam", is_flag=True, help="Send the output to a virtual camera (OBS, video calls).")
 @click.option("--vcam-device", default=None, help="Virtual camera device (e.g. /dev/video10); default: the first.")
-@click.option("--model", default=None, help="Hub id, local folder, 'demo' or 'random:tiny' "
-              "(default: carlofkl/DreamLite-mobile).")
-@click.option("--lllite", type=click.Path(exists=True, dir_okay=False), default=None, help="LLLite adapter file.")
+@live_model_options
 @click.option("--prompt", default="oil painting", show_default=True)
 @click.option("--size", default=512, show_default=True, type=int)
-@click.option("--steps", default=1, show_default=True, type=click.IntRange(1, 4))
 @click.option("--fps", default=30.0, show_default=True, help="Frame rate announced to the virtual camera.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True)
 @click.option("--save-dir", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Where 's' saves frames.")
-def live_command(camera, window, virtual_cam, vcam_device, model, lllite, prompt, size, steps, fps, device, dtype,
-                 save_dir):
+def live_command(camera, window, virtual_cam, vcam_device, model, revision, device, dtype, lllite, steps, prompt, size,
+                 fps, save_dir):
     """Stylize a camera live into a window and/or a virtual camera (type a prompt + Enter to change it)."""
     if not (window or virtual_cam):
         raise click.UsageError("choose an output: --window and/or --virtual-cam")
@@ -225,15 +221,14 @@ def live_command(camera, window, virtual_cam, vcam_device, model, lllite, prompt
     except ValueError as exc:
         raise click.UsageError(f"--prompt: {exc}") from None
     # Everything that can be missing is checked before the model loads.
+    from .runtime import LiveEngine, check_lllite, load_runtime
+
+    check_lllite(lllite)
     win = WindowSink(size) if window else None
     cam = VirtualCamSink(size, fps, vcam_device) if virtual_cam else None
     cap = open_camera(camera)
-    from .runtime import DEFAULT_MODEL, LiveEngine, load_runtime
-
-    model = model or DEFAULT_MODEL
     click.echo(f"loading {model} ...", err=True)
-    models, adapter = load_runtime(model, device, dtype, lllite)
-    engine = LiveEngine(models, prompt, size, steps=steps, adapter=adapter)
+    engine = LiveEngine(load_runtime(model, device, dtype, revision), prompt, size, steps=steps, lllite=lllite)
     pace = None if camera.isdigit() else (cap.get(cv2.CAP_PROP_FPS) or 30.0)
     grabber = Grabber(cap, pace).start()
     commands: queue.Queue = queue.Queue()

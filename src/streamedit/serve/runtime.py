@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 
@@ -10,53 +11,83 @@ import numpy as np
 from ..errors import StreameditError
 
 log = logging.getLogger(__name__)
-DEFAULT_MODEL = "carlofkl/DreamLite-mobile"
+DEFAULT_MODEL = "demo"  # the bundled demo model; random:tiny (with a warning) where it is not installed
 
 
-def resolve_device(device: str, dtype: str):
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise StreameditError(f"--device {device}: no CUDA GPU is visible to torch (use --device cpu)")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    try:
-        torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    except KeyError:
-        raise StreameditError(f"--dtype must be auto, float32, float16 or bfloat16, got {dtype!r}") from None
-    return device, torch_dtype
-
-
-def load_runtime(model: str, device: str = "auto", dtype: str = "auto", lllite: str | None = None):
-    """(models, adapter or None): the shared model every session's engine runs on."""
-    from .. import load_models
+def load_runtime(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
+                 revision: str | None = None):
+    """The model every session shares (same device/dtype defaults and demo fallback as `stylize`)."""
+    from ..cli import load, resolve_device
 
     device, torch_dtype = resolve_device(device, dtype)
-    models = load_models(model, device=device, dtype=torch_dtype)
-    adapter = None
-    if lllite:
-        from ..lllite import LLLiteAdapter, apply_lllite
+    return load(model, revision, device, torch_dtype)
 
-        adapter = LLLiteAdapter.load(lllite, models.unet).to(models.device, models.dtype)
-        apply_lllite(models.unet, adapter)
-    return models, adapter
+
+def live_model_options(fn):
+    """--model/--revision/--device/--dtype/--lllite/--steps with the same meaning as in `stylize`."""
+    import click
+
+    opts = [
+        click.option("--model", default=DEFAULT_MODEL, show_default=True,
+                     help="Hub id, local diffusers folder, 'demo', 'random:real' or 'random:tiny'."),
+        click.option("--revision", default=None, help="Hub revision (DreamLite-mobile: 'diffusers')."),
+        click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
+        click.option("--dtype", type=click.Choice(("float32", "bfloat16", "float16")), default=None,
+                     help="Default: bfloat16 on CUDA, float32 on CPU."),
+        click.option("--lllite", default=None, help="Temporal LLLite adapter (.safetensors), or 'random'."),
+        click.option("--steps", default=1, show_default=True, type=click.IntRange(1, 4), help="Denoising steps."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def set_cpu_threads(models, threads: int | None = None) -> int | None:
+    """On CPU, leave cores to the video codecs and the event loop: torch gets half of them by default.
+
+    Measured with the tiny model on 2 cores: 2 torch threads competing with aiortc's encoder/decoder
+    threads served 1.9 fps, 1 thread 8.8 fps (OpenMP threads spin while the codecs hold the cores).
+    """
+    if models.device.type != "cpu":
+        return None
+    import os
+
+    import torch
+
+    threads = threads or max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def check_lllite(lllite: str | None) -> str | None:
+    if lllite not in (None, "random"):
+        from pathlib import Path
+
+        if not Path(lllite).is_file():
+            raise StreameditError(f"LLLite adapter file {lllite!r} does not exist")
+    return lllite
 
 
 class LiveEngine:
-    """A low-latency ``StreamEngine`` (batch 1, no pipelining, fixed noise) plus the LLLite cond image."""
+    """A low-latency ``StreamEngine``: batch 1, no pipelining, fixed noise (no flicker from the noise).
 
-    def __init__(self, models, prompt: str, size: int, steps: int = 1, adapter=None, seed: int = 0):
+    With an LLLite adapter each engine gets its own copy of the U-Net: the adapter patches the U-Net
+    and keeps per-stream cond buffers, so sessions must not share one. Text encoder and VAE are shared.
+    """
+
+    def __init__(self, models, prompt: str, size: int, steps: int = 1, lllite: str | None = None, seed: int = 0,
+                 lllite_multiplier: float = 1.0):
         from .. import EngineConfig, StreamEngine
 
+        fields = {f.name for f in dataclasses.fields(EngineConfig)}
         config = EngineConfig(prompt=prompt, batch_size=1, steps=steps, size=size, seed=seed, fixed_noise=True,
                               pipeline=False, prefetch=0)
-        if adapter is not None and "lllite" in {f.name for f in dataclasses.fields(EngineConfig)}:
-            config = dataclasses.replace(config, lllite=adapter)  # the engine knows LLLite itself
-            adapter = None
+        if lllite is not None:
+            if "lllite" not in fields:
+                raise StreameditError("--lllite: this build's engine has no LLLite support")
+            config = dataclasses.replace(config, lllite=lllite, lllite_multiplier=lllite_multiplier)
+            models = dataclasses.replace(models, unet=copy.deepcopy(models.unet))
         self.engine = StreamEngine(models, config)
-        self.adapter = adapter
         self.last_prompt: str | None = None  # the prompt the engine encoded the latest batch with
 
     @property
@@ -67,10 +98,6 @@ class LiveEngine:
         self.engine.set_prompt(prompt)
 
     def process(self, frames: list[np.ndarray]) -> list[np.ndarray]:
-        if self.adapter is not None:  # the source frame is the control image
-            import torch
-
-            self.adapter.set_cond_image(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous())
         out = self.engine.process(frames)
         log_ = self.engine.batch_log
         self.last_prompt = log_[-1].get("prompt") if log_ else None
@@ -81,10 +108,10 @@ class LiveEngine:
         self.engine.close()
 
 
-def engine_factory(models, steps: int = 1, adapter=None):
+def engine_factory(models, steps: int = 1, lllite: str | None = None):
     """``factory(prompt, size) -> engine`` for :class:`streamedit.serve.session.Session`."""
 
     def factory(prompt: str, size: int) -> LiveEngine:
-        return LiveEngine(models, prompt, size, steps=steps, adapter=adapter)
+        return LiveEngine(models, prompt, size, steps=steps, lllite=lllite)
 
     return factory

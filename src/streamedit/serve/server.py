@@ -25,7 +25,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
 from .session import Session, check_prompt
-from .tracks import drain
+from .tracks import discard, drain
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
@@ -123,6 +123,7 @@ class Server:
             "model": self.config.model_name, "uptime_s": round(time.monotonic() - self.started, 1),
             "sessions": [s.snapshot() for s in self.sessions.values()], "max_sessions": self.config.max_sessions,
             "pending": self.pending, "refused": self.refused,
+            "defaults": {"size": self.config.size, "prompt": self.config.prompt},
             "limits": {"max_input_pixels": self.config.max_input_pixels, "max_size": self.config.max_size,
                        "max_message_bytes": self.config.max_message_bytes,
                        "max_body_bytes": self.config.max_body_bytes},
@@ -149,7 +150,7 @@ class Server:
             self._wire(pc, session)
             sdp = filter_candidates(params["sdp"], cfg.ice_hosts)
             await asyncio.wait_for(pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer")), 10)
-            if not session.tasks:
+            if not any(sender.track is session.track for sender in pc.getSenders()):
                 raise ValueError("the offer sends no video track")
             await asyncio.wait_for(pc.setLocalDescription(await pc.createAnswer()), 15)
         except Exception as exc:
@@ -198,13 +199,17 @@ class Server:
             if track.kind == "video" and not tasks:
                 pc.addTrack(session.track)
                 tasks.append(asyncio.ensure_future(drain(track, session)))
+            else:  # audio or extra tracks: read and drop, so nothing piles up
+                tasks.append(asyncio.ensure_future(discard(track)))
 
         @pc.on("datachannel")
         def on_datachannel(channel):
+            if session.channel is not None:  # one control channel per session
+                channel.close()
+                return
             session.channel = channel
             channel.on("message", lambda msg: self._on_message(session, msg))
-            if len(tasks) < 2:
-                tasks.append(asyncio.ensure_future(self._push_stats(session, channel)))
+            tasks.append(asyncio.ensure_future(self._push_stats(session, channel)))
 
         @pc.on("connectionstatechange")
         async def on_state():
@@ -212,8 +217,6 @@ class Server:
                 self._end(sid)
             elif pc.connectionState == "disconnected":
                 asyncio.get_running_loop().call_later(5, self._check_connected, sid)
-
-        session.tasks = tasks
 
     def _on_message(self, session: Session, message) -> None:
         try:
@@ -236,7 +239,8 @@ class Server:
 
     def _send(self, session: Session, payload: dict) -> None:
         channel = session.channel
-        if channel is not None and channel.readyState == "open":
+        # a client that floods and never reads gets no more replies once 256 KiB are waiting
+        if channel is not None and channel.readyState == "open" and channel.bufferedAmount < 256 * 1024:
             channel.send(json.dumps(payload))
 
     async def _push_stats(self, session: Session, channel) -> None:

@@ -76,3 +76,14 @@ async def drain(track: MediaStreamTrack, session: Session) -> None:
         pass
     except Exception:  # a broken decoder must not take the server down
         log.exception("session %s: input track failed", session.id)
+
+
+async def discard(track: MediaStreamTrack) -> None:
+    """Consume a track the session does not use (aiortc would otherwise queue its frames forever)."""
+    try:
+        while True:
+            await track.recv()
+    except (MediaStreamError, asyncio.CancelledError):
+        pass
+    except Exception:
+        log.debug("discarded track failed", exc_info=True)

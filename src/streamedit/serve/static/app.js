@@ -167,12 +167,17 @@ function watchFrames(video) {
   if ("requestVideoFrameCallback" in video) video.requestVideoFrameCallback(onFrame);
 }
 
-// End-to-end latency = browser encode + network round trip + server (queue + model) + jitter buffer + decode.
+// End-to-end latency = browser encode + network round trip + server frame assembly + server (queue + model)
+// + jitter buffer + decode. Only the server's own encode/decode (a few ms) is left out.
 async function browserStats() {
   if (!pc) return;
   const b = {}, report = await pc.getStats();
   report.forEach((r) => {
-    if (r.type === "outbound-rtp" && r.kind === "video" && r.framesEncoded) b.encodeMs = 1000 * r.totalEncodeTime / r.framesEncoded;
+    if (r.type === "outbound-rtp" && r.kind === "video" && r.framesEncoded) {
+      b.encodeMs = 1000 * r.totalEncodeTime / r.framesEncoded;
+      // the server (aiortc) completes a frame when the next one's first packet arrives: one frame interval
+      if (r.framesPerSecond) b.assemblyMs = 1000 / r.framesPerSecond;
+    }
     if (r.type === "inbound-rtp" && r.kind === "video") {
       if (r.framesDecoded) b.decodeMs = 1000 * r.totalDecodeTime / r.framesDecoded;
       if (r.jitterBufferEmittedCount) b.jitterMs = 1000 * r.jitterBufferDelay / r.jitterBufferEmittedCount;
@@ -196,7 +201,8 @@ function render() {
   state.fps = spanS > 0 ? (renderTimes.length - 1) / spanS : (s.fps || 0);
   state.dropped = (s.dropped || 0) + (b.framesDropped || 0);
   if (s.latency_ms_p50 != null) {
-    state.latencyMs = s.latency_ms_p50 + (b.encodeMs || 0) + (b.rttMs || 0) + (b.jitterMs || 0) + (b.decodeMs || 0);
+    state.latencyMs = s.latency_ms_p50 + (b.encodeMs || 0) + (b.rttMs || 0) + (b.assemblyMs || 0) +
+      (b.jitterMs || 0) + (b.decodeMs || 0);
   }
   $("fps").textContent = state.fps ? state.fps.toFixed(1) : "–";
   $("latency").textContent = state.latencyMs != null ? Math.round(state.latencyMs) : "–";
@@ -206,9 +212,21 @@ function render() {
     `session ${state.session || "–"} · ${s.size || "–"}px · input ${s.input_size ? s.input_size.join("x") : "–"}\n` +
     `server: fps ${s.fps ?? "–"} · latency p50 ${s.latency_ms_p50 ?? "–"} ms, p95 ${s.latency_ms_p95 ?? "–"} ms · ` +
     `received ${s.received ?? 0} · sent ${s.sent ?? 0} · dropped ${s.dropped_input ?? 0} in, ${s.dropped_output ?? 0} out\n` +
-    `browser: encode ${fmt(b.encodeMs)} ms · rtt ${fmt(b.rttMs)} ms · jitter buffer ${fmt(b.jitterMs)} ms · ` +
+    `browser: encode ${fmt(b.encodeMs)} ms · rtt ${fmt(b.rttMs)} ms · server frame assembly ${fmt(b.assemblyMs)} ms · ` +
+    `jitter buffer ${fmt(b.jitterMs)} ms · ` +
     `decode ${fmt(b.decodeMs)} ms · dropped ${b.framesDropped ?? 0}`;
 }
+
+// The server's default size and prompt; sizes above its limit are not offered.
+api("stats").then((info) => {
+  const select = $("size"), { size, prompt } = info.defaults || {}, max = (info.limits || {}).max_size;
+  for (const option of Array.from(select.options)) if (max && +option.value > max) option.remove();
+  if (size && !Array.from(select.options).some((o) => +o.value === size)) {
+    select.add(new Option(String(size), size), Array.from(select.options).find((o) => +o.value > size) || null);
+  }
+  if (size) select.value = String(size);
+  if (prompt) $("prompt").value = prompt;
+}).catch((e) => showError(e.message));
 
 $("source").addEventListener("change", () => { if ($("source").value === "file") $("file").click(); });
 $("start").addEventListener("click", start);
