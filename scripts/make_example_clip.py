@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from streamedit.io import write_clip
+from streamedit.clips import write_clip
 
 W = H = 256
 FPS, FRAMES = 24, 60

@@ -12,7 +12,7 @@ from PIL import Image
 
 import streamedit.bench as bench
 from streamedit.cli import _Group
-from streamedit.io import make_test_clip
+from streamedit.clips import make_test_clip
 
 # te_refresh_every keeps the (comparatively slow) TE out of all but the first batch: CPU time in CI
 TINY = ["--model", "random:tiny", "--device", "cpu", "--size", "64", "--set", "te_refresh_every=100"]

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from streamedit.cli import cli
-from streamedit.io import make_test_clip
+from streamedit.clips import make_test_clip
 
 FAST = ["--model", "random:tiny", "--size", "64", "--batch", "4", "--device", "cpu"]
 
@@ -113,13 +113,15 @@ def test_info_real_builds_on_meta():
 def test_sigterm_leaves_playable_file_with_every_processed_frame(tmp_path):
     src = make_test_clip(tmp_path / "in.mp4", frames=2000, width=64, height=64)
     out = tmp_path / "o.mp4"
-    cmd = [sys.executable, "-m", "streamedit.cli", "stylize", str(src), "-o", str(out), "-p", "x", *FAST]
+    # 4 steps at batch 1: slow enough that the run is surely still going when the signal comes
+    cmd = [sys.executable, "-m", "streamedit.cli", "stylize", str(src), "-o", str(out), "-p", "x", *FAST,
+           "--steps", "4", "--batch", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     deadline = time.time() + 120
     while time.time() < deadline and not (out.exists() and out.stat().st_size > 2000):
         time.sleep(0.2)  # the encoder has flushed some frames: processing is under way
-    time.sleep(1.0)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

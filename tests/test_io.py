@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from streamedit.errors import StreameditError
-from streamedit.io import VideoWriter, make_test_clip, open_video, write_clip
+from streamedit.clips import make_test_clip, write_clip
+from streamedit.io import VideoWriter, open_video
 
 
 def probe(path):

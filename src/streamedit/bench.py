@@ -15,7 +15,6 @@ import datetime
 import itertools
 import json
 import logging
-import platform
 import queue
 import shlex
 import sys
@@ -27,6 +26,7 @@ import click
 import numpy as np
 
 from .cli import lllite_options, load, model_options, resolve_device, temporal_config
+from .bench_report import COMPONENTS, check_matplotlib, command_line, device_name, format_table, save_plot
 from .errors import StreameditError
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,12 @@ log = logging.getLogger(__name__)
 PAPER = dict(pipeline=True, compile=True, compile_mode="reduce-overhead", lllite="random")
 MATRIX = [
     ("reference", PAPER),  # the paper's recipe; every ratio is against this row
-    ("best", dict(PAPER)),  # best streamedit config: add exact speed flags here as the engine gains them
+    ("best", dict(PAPER, te_fast=True)),  # + static, sync-free, compiled/graphed TE (exact)
     ("no-side-stream", dict(PAPER, pipeline=False)),
     ("B=1", dict(PAPER, batch_size=1)),
     ("no-compile", dict(PAPER, compile=False)),
     ("no-lllite", dict(PAPER, lllite=None)),
 ]
-COMPONENTS = ("te", "vae_encode", "cond", "unet", "vae_decode", "flow_wait", "flow_cpu")  # table order
 
 
 # ------------------------------------------------------------------------------------------- source
@@ -91,7 +90,7 @@ def bench_frames(clip: str | None, size: int, count: int) -> list[np.ndarray]:
         from .io import open_video
 
         return list(itertools.islice(open_video(clip, size=size).frames(), count))
-    from .io import _scene  # the synthetic scene of make_test_clip: smooth motion, one moving object
+    from .clips import _scene  # the synthetic scene of make_test_clip: smooth motion, one moving object
 
     return [_scene(i, size, size) for i in range(min(count, 48))]
 
@@ -270,7 +269,7 @@ FLOPS_METHOD = ("FlopCounterMode over one eager batch of the row's config (TE + 
 
 
 def run_matrix(models, rows, base: dict, forced: dict, frames, count: int, fps: float, warmup: int,
-               echo=None) -> list[dict]:
+               echo=None, on_row=None) -> list[dict]:
     """Measure each (name, overrides) row on the same models; add ratio (fps / reference fps)."""
     import torch
 
@@ -287,7 +286,13 @@ def run_matrix(models, rows, base: dict, forced: dict, frames, count: int, fps: 
         if key not in flop_cache:
             flop_cache[key] = count_flops(models, config, frames)
         fl = flop_cache[key]
-        res = {"row": name, **run_row(models, config, frames, count, fps, warmup)}
+        try:
+            res = {"row": name, **run_row(models, config, frames, count, fps, warmup)}
+        except Exception as exc:  # one broken row must not cost the rest of a long GPU run
+            if len(rows) == 1:
+                raise
+            echo(f"  {name}: FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", err=True)
+            continue
         per_frame = (fl["total"] - fl["te"] * (1 - res["te_fraction"]) - fl["cond"] * (1 - res["cond_fraction"])) \
             / config.batch_size
         tflops = per_frame * res["fps"] / 1e12
@@ -299,90 +304,13 @@ def run_matrix(models, rows, base: dict, forced: dict, frames, count: int, fps: 
         if res["keeps_up"]:
             notes.append(f"keeps up with the {fps:g} fps source, so its fps is capped: use --source-fps 0 for ratios")
         results.append(res)
+        if on_row is not None:
+            on_row(res)
         echo(f"  {name}: {res['fps']:.1f} fps, latency p50 {res['latency_ms']['p50']:.0f} ms", err=True)
     ref = next((r for r in results if r["row"] == "reference"), None)
     for r in results:
         r["ratio"] = r["fps"] / ref["fps"] if ref else None
     return results
-
-
-# ------------------------------------------------------------------------------------------- output
-def _f(v, fmt="{:.1f}"):
-    return "—" if v is None else fmt.format(v)
-
-
-def format_table(results: list[dict]) -> str:
-    comps = [c for c in COMPONENTS if any(c in r["component_ms_mean"] for r in results)]
-    comps += sorted({c for r in results for c in r["component_ms_mean"]} - set(comps))
-    head = ["row", "B", "fps", "ratio", "wall p50", "p95", "max", "lat p50", "p95"] + comps + \
-           ["peak GiB", "TFLOP/s", "% peak"]
-    lines = []
-    for r in results:
-        w, lt, ms = r["batch_wall_ms"], r["latency_ms"], r["component_ms_mean"]
-        lines.append([r["row"], str(r["batch"]), _f(r["fps"]), _f(r["ratio"], "{:.2f}"), _f(w["p50"]), _f(w["p95"]),
-                      _f(w["max"]), _f(lt["p50"], "{:.0f}"), _f(lt["p95"], "{:.0f}")] +
-                     [_f(ms.get(c)) for c in comps] +
-                     [_f(r["peak_gpu_gib"], "{:.2f}"), _f(r["tflops"], "{:.3g}"), _f(r["pct_of_peak"])])
-    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
-    out = ["  ".join(x.ljust(n) if i == 0 else x.rjust(n) for i, (x, n) in enumerate(zip(row, widths)))
-           for row in [head] + lines]
-    out += [f"  [{r['row']}] {n}" for r in results for n in r["notes"]]
-    return "\n".join(out)
-
-
-def check_matplotlib():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise StreameditError("--plot needs matplotlib: pip install 'streamedit[eval]'") from None
-    return plt
-
-
-def save_plot(results: list[dict], path) -> None:
-    """Per-batch wall over time (warm-up batches included, hollow) and the latency CDF of counted frames."""
-    plt = check_matplotlib()
-    fig, (walls, cdf) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for r in results:
-        s, w, end = r["series"], r["warmup_batches"], r["frames_fed"] // r["batch"]
-        t, ms = s["t_done_s"], s["batch_wall_ms"]
-        line, = walls.plot(t[w:end], ms[w:end], ".-", label=r["row"])
-        walls.plot(t[:w], ms[:w], "o", mfc="none", color=line.get_color())
-        walls.plot(t[end:], ms[end:], "x", color=line.get_color())
-        lat = np.sort(s["latency_ms"])
-        cdf.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=r["row"])
-    walls.set(xlabel="time since first capture (s)", ylabel="batch wall (ms)", yscale="log",
-              title="per-batch wall (excluded: o warm-up, x partial tail)")
-    cdf.set(xlabel="end-to-end latency, capture -> out (ms)", ylabel="fraction of frames", title="latency CDF")
-    for ax in (walls, cdf):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def command_line(ctx) -> str:
-    """The invocation as a reproducible command (non-default options only)."""
-    parts = ["streamedit", ctx.info_name]
-    for p in ctx.command.params:
-        v = ctx.params.get(p.name)
-        if v == p.default or v in (None, False, ()):
-            continue
-        opt = max(p.opts, key=len)
-        parts += [opt] if getattr(p, "is_flag", False) else [x for item in (v if p.multiple else [v])
-                                                             for x in (opt, str(item))]
-    return shlex.join(parts)
 
 
 def select_rows(matrix: bool, rows: str | None, compile_: bool, lllite: str | None) -> list[tuple[str, dict]]:
@@ -453,10 +381,21 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
     click.echo(f"bench: {model} on {device_name(models.device)}, {torch_dtype}, {size}x{size}, {steps} step(s), "
                f"{count} frames, source {source_fps:g} fps" + (" (as fast as possible)" if not source_fps else ""),
                err=True)
-    results = run_matrix(models, selected, base, forced, frames, count, source_fps, warmup, echo=click.echo)
     meta = {"device": device_name(models.device), "torch": torch.__version__, "model": model, "dtype": str(torch_dtype),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": command_line(ctx), "argv": shlex.join(sys.argv), "source_fps": source_fps}
+
+    def save_row(res):  # rows land on disk as they finish; rewritten with ratios at the end
+        if json_path:
+            with open(json_path, "a") as fh:
+                fh.write(dumps({**meta, **res}) + "\n")
+
+    if json_path:
+        open(json_path, "w").close()
+    results = run_matrix(models, selected, base, forced, frames, count, source_fps, warmup, echo=click.echo,
+                         on_row=save_row)
+    if not results:
+        raise StreameditError("every benchmark row failed (see the messages above)")
     r0 = results[0]
     click.echo(f"warm-up: one untimed batch before the source starts, then the first {warmup} batch(es) "
                f"excluded and the partial tail batch dropped "

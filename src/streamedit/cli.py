@@ -1,4 +1,4 @@
-"""Command line: ``streamedit stylize | info`` (+ the commands other modules register).
+"""Command line: ``streamedit stylize | info | bench | eval | serve | live``.
 
 Every user mistake ends in one line on stderr and exit code 2; Ctrl-C / SIGTERM during
 ``stylize`` leave a finalized, playable file with every frame processed so far.
@@ -19,8 +19,24 @@ from .errors import StreameditError
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+# Commands that live with their mechanism, imported on first use (they import this module).
+LAZY_COMMANDS = {"bench": ("streamedit.bench", "bench_command"), "eval": ("streamedit.eval.run", "eval_command"),
+                 "serve": ("streamedit.serve", "serve_command"), "live": ("streamedit.serve", "live_command")}
+
+
 class _Group(click.Group):
-    """Turns StreameditError (and unexpected errors) into one line + exit 2 instead of a traceback."""
+    """Lazy subcommands; StreameditError (and unexpected errors) become one line + exit 2, no traceback."""
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx, name):
+        if name in LAZY_COMMANDS:
+            import importlib
+
+            module, attr = LAZY_COMMANDS[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx):
         try:
@@ -230,17 +246,6 @@ def _demo_or_tiny() -> str:
     from .models import demo_available
 
     return "demo" if demo_available() else "random:tiny"
-
-
-def _register_commands() -> None:
-    """Commands that live with their mechanism (imports inside them stay lazy)."""
-    from .serve import live_command, serve_command
-
-    cli.add_command(serve_command)
-    cli.add_command(live_command)
-
-
-_register_commands()
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ class EngineConfig:
     fixed_noise: bool = False  # every frame starts from the same noise (upstream's draw for `seed`)
     te_batch_one: bool = False  # approximation: encode one frame per batch, broadcast
     te_refresh_every: int = 1  # approximation: reuse the TE output for N batches
+    te_fast: bool = False  # static, sync-free TE (te_fast.py); compiled (+CUDA graph) with `compile`
     pipeline: bool = True  # overlap TE/VAE-encode of batch k+1 with denoise/decode of batch k
     compile: bool = False
     compile_mode: str = "reduce-overhead"
@@ -77,7 +78,14 @@ class StreamEngine:
         self.models, self.config = models, config
         self.device = models.device
         self.cuda = self.device.type == "cuda"
-        self.te = TextEncoderRunner(models)
+        if config.te_fast:
+            from .te_fast import FastTextEncoderRunner
+
+            self.te = FastTextEncoderRunner(models, config.batch_size)
+            if config.compile:
+                self.te.compile(config.compile_mode)
+        else:
+            self.te = TextEncoderRunner(models)
         self.adapter = _attach_adapter(models, config)
         self.temporal = None
         if self.adapter is not None or (config.cut_refresh and config.te_refresh_every > 1):
@@ -148,7 +156,8 @@ class StreamEngine:
         images = self.te.prepare_images(frames[:1] if self.config.te_batch_one else frames)
         if self.cuda:
             host = host.pin_memory()
-            images = {k: v.pin_memory() for k, v in images.items()}
+            if isinstance(images, dict):  # the fast TE returns one uint8 tensor, pinned already
+                images = {k: v.pin_memory() for k, v in images.items()}
         plan = self.temporal.plan(frames, count) if self.temporal is not None else None
         return _Batch(index, frames, count, host, images, plan)
 

@@ -84,7 +84,8 @@ def detect_cuts(frames) -> list[int]:
 def eval_clip(models, config, path: Path, opts: dict) -> dict:
     """One clip -> its JSONL record (raises StreameditError if it cannot be decoded)."""
     from ..engine import StreamEngine
-    from ..io import open_video, write_clip
+    from ..clips import write_clip
+    from ..io import open_video
     from .metrics import compute_all, compute_flows
 
     src = open_video(path, size=config.size)

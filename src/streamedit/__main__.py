@@ -1,0 +1,5 @@
+"""``python -m streamedit`` = the ``streamedit`` command."""
+
+from streamedit.cli import main
+
+main()

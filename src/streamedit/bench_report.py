@@ -1,0 +1,92 @@
+"""Output of ``streamedit bench``: the comparison table, the PNG and the run's identity."""
+
+from __future__ import annotations
+
+import platform
+import shlex
+
+import numpy as np
+
+from .errors import StreameditError
+
+COMPONENTS = ("te", "vae_encode", "cond", "unet", "vae_decode", "flow_wait", "flow_cpu")  # table order
+
+
+def _f(v, fmt="{:.1f}"):
+    return "—" if v is None else fmt.format(v)
+
+
+def format_table(results: list[dict]) -> str:
+    comps = [c for c in COMPONENTS if any(c in r["component_ms_mean"] for r in results)]
+    comps += sorted({c for r in results for c in r["component_ms_mean"]} - set(comps))
+    head = ["row", "B", "fps", "ratio", "wall p50", "p95", "max", "lat p50", "p95"] + comps + \
+           ["peak GiB", "TFLOP/s", "% peak"]
+    lines = []
+    for r in results:
+        w, lt, ms = r["batch_wall_ms"], r["latency_ms"], r["component_ms_mean"]
+        lines.append([r["row"], str(r["batch"]), _f(r["fps"]), _f(r["ratio"], "{:.2f}"), _f(w["p50"]), _f(w["p95"]),
+                      _f(w["max"]), _f(lt["p50"], "{:.0f}"), _f(lt["p95"], "{:.0f}")] +
+                     [_f(ms.get(c)) for c in comps] +
+                     [_f(r["peak_gpu_gib"], "{:.2f}"), _f(r["tflops"], "{:.3g}"), _f(r["pct_of_peak"])])
+    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+    out = ["  ".join(x.ljust(n) if i == 0 else x.rjust(n) for i, (x, n) in enumerate(zip(row, widths)))
+           for row in [head] + lines]
+    out += [f"  [{r['row']}] {n}" for r in results for n in r["notes"]]
+    return "\n".join(out)
+
+
+def check_matplotlib():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise StreameditError("--plot needs matplotlib: pip install 'streamedit[eval]'") from None
+    return plt
+
+
+def save_plot(results: list[dict], path) -> None:
+    """Per-batch wall over time (warm-up batches included, hollow) and the latency CDF of counted frames."""
+    plt = check_matplotlib()
+    fig, (walls, cdf) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for r in results:
+        s, w, end = r["series"], r["warmup_batches"], r["frames_fed"] // r["batch"]
+        t, ms = s["t_done_s"], s["batch_wall_ms"]
+        line, = walls.plot(t[w:end], ms[w:end], ".-", label=r["row"])
+        walls.plot(t[:w], ms[:w], "o", mfc="none", color=line.get_color())
+        walls.plot(t[end:], ms[end:], "x", color=line.get_color())
+        lat = np.sort(s["latency_ms"])
+        cdf.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=r["row"])
+    walls.set(xlabel="time since first capture (s)", ylabel="batch wall (ms)", yscale="log",
+              title="per-batch wall (excluded: o warm-up, x partial tail)")
+    cdf.set(xlabel="end-to-end latency, capture -> out (ms)", ylabel="fraction of frames", title="latency CDF")
+    for ax in (walls, cdf):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def command_line(ctx) -> str:
+    """The invocation as a reproducible command (non-default options only)."""
+    parts = ["streamedit", ctx.info_name]
+    for p in ctx.command.params:
+        v = ctx.params.get(p.name)
+        if v == p.default or v in (None, False, ()):
+            continue
+        opt = max(p.opts, key=len)
+        parts += [opt] if getattr(p, "is_flag", False) else [x for item in (v if p.multiple else [v])
+                                                             for x in (opt, str(item))]
+    return shlex.join(parts)
+
+

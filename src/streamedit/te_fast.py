@@ -1,0 +1,367 @@
+"""Static-shape, sync-free Qwen3-VL conditioning: :class:`TextEncoderRunner` for a fixed size and prompt.
+
+With a fixed TE image size (512) and prompt, every shape in the TE is static: each frame gives the
+same token ids and a 1x32x32 patch grid. Everything that depends only on (size, prompt) and the
+weights is computed once, on the device, with the model's own code:
+
+* per size: the uint8 -> pixel-value table (read off the image processor run on a probe image
+  holding every byte value), the interpolated learned position embeddings and the vision rotary
+  cos/sin (``vision_utils`` helpers + the modules, exactly as ``Qwen3VLVisionModel.forward`` does);
+* per prompt: the token embeddings, the M-RoPE ids (``get_rope_index``) -> text rotary cos/sin,
+  the image-token span, the causal mask for [prefix ; suffix] and the K/V of the 64-token system
+  prefix (``edit_prefix_len``) from the library's text model with a ``DynamicCache``.
+
+The per-batch forward (:meth:`FastTextEncoderRunner._forward`) then calls the model's submodules
+(patch_embed, block norms/MLPs/qkv/proj, mergers, decoder layers, norm) with no ``.tolist()`` /
+``.item()`` / ``nonzero`` and no data-dependent shape, so ``torch.compile(fullgraph=True)`` and
+CUDA graphs apply. The output equals ``model(...).last_hidden_state[:, edit_prefix_len:]`` up to
+float reassociation (tests: <= 1e-4 in fp32). Constants are snapshots: rebuild the runner if the
+TE weights change.
+
+``fp8=True`` (an approximation, off by default) runs the vision blocks' and decoder layers'
+Linears as per-tensor-scaled e4m3 ``torch._scaled_mm`` on a parameter-sharing copy of those
+modules; the shared model is not modified.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision, eager_attention_forward
+from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
+
+from .text_encoder import TextEncoderRunner
+
+CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+class _PrefixKV:
+    """Stand-in for a transformers ``Cache`` holding the prompt prefix's per-layer K/V.
+
+    ``Qwen3VLTextAttention`` only calls ``past_key_values.update(k, v, layer_idx)`` and attends to
+    what it returns. This returns ``[prefix ; new]`` (prefix broadcast over the batch) and stores
+    nothing, so the forward stays functional (traceable, graph-capturable, re-entrant).
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        b = key_states.shape[0]
+        k = torch.cat([self.keys[layer_idx].expand(b, -1, -1, -1), key_states], dim=2)
+        v = torch.cat([self.values[layer_idx].expand(b, -1, -1, -1), value_states], dim=2)
+        return k, v
+
+
+class Fp8Linear(nn.Module):
+    """``nn.Linear`` as an e4m3 ``torch._scaled_mm`` with per-tensor scales (Hopper FP8 tensor cores).
+
+    The weight is quantized once; the activation scale is an on-device amax per call (no host
+    sync). An approximation (3 mantissa bits); dims must be multiples of 16 (checked by the caller).
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        self.register_buffer("w_scale", w.abs().amax().float().clamp(min=1e-12) / 448)
+        self.register_buffer("weight", (w.float() / self.w_scale).to(torch.float8_e4m3fn))  # (out, in)
+        self.bias, self.out_dtype = linear.bias, w.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        scale = x2.abs().amax().float().clamp(min=1e-12) / 448
+        xq = (x2.float() / scale).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=scale, scale_b=self.w_scale, out_dtype=self.out_dtype)
+        out = out if self.bias is None else out + self.bias
+        return out.view(*x.shape[:-1], -1)
+
+
+def _with_fp8_linears(module: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter, its 16-aligned Linears as Fp8Linear.
+
+    The shared model (the reference runner, other engines) is left untouched.
+    """
+    if isinstance(module, nn.Linear):
+        aligned = module.in_features % 16 == 0 and module.out_features % 16 == 0
+        return Fp8Linear(module) if aligned else module
+    return _shallow(module, **{n: _with_fp8_linears(m) for n, m in module._modules.items() if m is not None})
+
+
+def _shallow(module: nn.Module, **children: nn.Module) -> nn.Module:
+    """A copy of ``module`` sharing parameters and buffers, with its own child table (``children`` swapped)."""
+    new = copy.copy(module)
+    new._modules = {**module._modules, **children}
+    return new
+
+
+def _hook_free(module: nn.Module) -> nn.Module:
+    """A copy of the module tree sharing every parameter, with empty forward-hook tables.
+
+    transformers installs output-capturing hooks on the decoder layers and vision blocks the first
+    time anything asks for ``output_hidden_states`` (diffusers' pipeline does); they are useless
+    here and split the compiled graph. Fresh tables also keep hooks added later off this copy.
+    """
+    new = _shallow(module, **{n: _hook_free(m) for n, m in module._modules.items() if m is not None})
+    for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                 "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+        if hasattr(module, name):
+            setattr(new, name, type(getattr(module, name))())
+    return new
+
+
+class FastTextEncoderRunner(TextEncoderRunner):
+    """Drop-in for :class:`TextEncoderRunner` (``prepare_images`` / ``text_inputs`` / ``encode``).
+
+    ``prepare_images`` only stacks the frames (uint8 (B,H,W,3), pinned on CUDA); resizing,
+    rescale/normalize and patchify run on the device inside ``encode``. Working sizes other than
+    ``te_image_size`` are resized with ``F.interpolate(bicubic, antialias=True)`` rounded to uint8,
+    which approximates (is not equal to) upstream's PIL LANCZOS; at the TE size it is the identity,
+    exactly like PIL's resize to the same size.
+    """
+
+    def __init__(self, models, batch_size: int = 8, fp8: bool = False):
+        super().__init__(models)  # model, image_processor, size, text_inputs() and its cache
+        self.batch_size = batch_size  # nominal; shapes come from each call (a new B: one more compile/graph)
+        self.visual, self.lm = _hook_free(self.model.visual), _hook_free(self.model.language_model)
+        if fp8:  # approximation: the vision blocks' and decoder layers' Linears in FP8 (mergers stay)
+            self.visual = _shallow(self.visual, blocks=_with_fp8_linears(self.visual.blocks))
+            self.lm = _shallow(self.lm, layers=_with_fp8_linears(self.lm.layers))
+        self.device = models.device
+        self.te_dtype = next(self.model.parameters()).dtype
+        ip = self.image_processor
+        self.patch, self.merge, self.tps = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+        factor = self.patch * self.merge
+        if smart_resize(self.size, self.size, factor, ip.size["shortest_edge"], ip.size["longest_edge"]) != (
+                self.size, self.size):
+            raise ValueError(f"the image processor would resize {self.size}x{self.size}: not supported")
+        self.grid = (1, self.size // self.patch, self.size // self.patch)  # image_grid_thw of every frame
+        self.n_patches = self.grid[1] * self.grid[2]
+        self.n_tokens = self.n_patches // self.merge**2  # <|image_pad|> tokens per frame
+        self.c: dict = {}  # device tensors read by _forward (updated in place when shapes allow)
+        self._layout = 0  # bumped whenever a constant is re-allocated (CUDA graphs must be re-captured)
+        self._prompt = None
+        self._fn = self._forward  # the static forward, or its torch.compile wrapper
+        self._graph_mode = False
+        self._graph = self._graph_key = self._pixels = self._out = None
+        self._vision_constants()
+
+    # ---- precomputation -----------------------------------------------------------------------
+    def _store(self, name: str, value):
+        """Keep a constant; same shape -> copy in place, so compiled code and CUDA graphs stay valid."""
+        old = self.c.get(name)
+        if isinstance(value, list):
+            same = isinstance(old, list) and len(old) == len(value) and all(
+                o.shape == v.shape and o.dtype == v.dtype for o, v in zip(old, value))
+            if same:
+                for o, v in zip(old, value):
+                    o.copy_(v)
+                return
+        elif isinstance(old, torch.Tensor) and old.shape == value.shape and old.dtype == value.dtype:
+            old.copy_(value)
+            return
+        self.c[name] = value
+        self._layout += 1
+
+    @torch.no_grad()
+    def _vision_constants(self):
+        v, dev = self.visual, self.device
+        grid = torch.tensor([self.grid], device=dev)
+        # Pixel values are an elementwise function of each uint8 value and channel (rescale, normalize;
+        # float64 then float32 in the PIL backend, fused in the torchvision one). Read the table off
+        # the processor itself on a probe holding all 256 values per channel: exact for either backend.
+        self.lut_offsets = (torch.arange(3, device=dev) * 256).view(3, 1, 1)
+        r, c = np.mgrid[:self.size, :self.size]  # every byte in every channel, varying along rows and columns
+        probe = np.stack([(7 * r + 3 * c + 85 * k) % 256 for k in range(3)], -1).astype(np.uint8)
+        ref = torch.as_tensor(self.image_processor(images=[probe], return_tensors="pt")["pixel_values"]).float()
+        where = self._pixel_values(torch.from_numpy(probe)[None].to(dev), torch.arange(768.0, device=dev)).long()
+        lut = torch.zeros(768, device=dev).index_put_((where.flatten(),), ref.flatten().to(dev))
+        if not torch.equal(lut[where], ref.to(dev)):  # one value per (channel, byte) and our patch layout
+            raise ValueError("the image processor is not an elementwise map of the pixels in the Qwen2-VL layout")
+        self.lut32 = lut
+        # the reference casts pixel_values to models.dtype (engine), then to the vision dtype
+        self._store("lut", self.lut32.to(self.models.dtype).to(v.dtype))
+        # Learned position embeddings resampled to the 32x32 grid: a function of the weights and the
+        # grid only; the same helper + expression as Qwen3VLVisionModel.forward, once per image.
+        idx, w = get_vision_interpolation_indices_and_weights(
+            grid, v.num_grid_per_side, mode=v.interpolation_mode, align_corners=v.interpolation_align_corners,
+            spatial_merge_size=v.config.spatial_merge_size)
+        self._store("pos_embeds", (v.pos_embed(idx) * w[:, :, None]).sum(1).to(self.te_dtype))
+        # 2-D rotary cos/sin of one image (N, head_dim) fp32; every image of the batch has the same grid,
+        # so per-image broadcasting equals the reference's concatenation over images.
+        cos, sin = v.rotary_pos_emb(self.c["pos_embeds"], get_vision_position_ids(grid, v.spatial_merge_size))
+        self._store("vis_cos", cos)
+        self._store("vis_sin", sin)
+        impl = v.config._attn_implementation
+        self._vision_attn_fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+
+    @torch.no_grad()
+    def set_prompt(self, prompt: str) -> None:
+        """Per-prompt constants (host syncs happen here, once per prompt, never per batch)."""
+        if prompt == self._prompt:
+            return
+        text = self.text_inputs(prompt)
+        ids = text["input_ids"].to(self.device)
+        grid = torch.tensor([self.grid], device=self.device)
+        prefix = self.models.edit_prefix_len
+        # M-RoPE ids (3, 1, L): what Qwen3VLModel.forward computes through compute_3d_position_ids for
+        # a batch of identical rows (all-ones mask). The 4-row variant (text row + 3) only feeds mask
+        # construction/packed-sequence detection, which is replaced by the explicit mask below.
+        pos, _ = self.model.get_rope_index(ids, text["mm_token_type_ids"].to(self.device), image_grid_thw=grid)
+        image = (ids[0] == self.model.config.image_token_id).nonzero().flatten().tolist()
+        start, end = image[0] - prefix, image[-1] + 1 - prefix  # span in the suffix
+        if len(image) != self.n_tokens or image[-1] + 1 - image[0] != len(image) or start < 0:
+            raise ValueError("expected one contiguous run of image tokens after the dropped prefix")
+        embeds = self.lm.embed_tokens(ids)
+        # Prefix K/V: the first `prefix` tokens are text only (no image, no deepstack) and, with causal
+        # attention, their hidden states and K/V never see later tokens; the library's text model on
+        # them alone (positions 0..prefix-1 as in the full sequence) yields the K/V the full pass uses.
+        cache = DynamicCache(config=self.lm.config)
+        self.lm(inputs_embeds=embeds[:, :prefix], position_ids=pos[:, :, :prefix], past_key_values=cache,
+                use_cache=True)
+        self._store("keys", [layer.keys.clone() for layer in cache.layers])
+        self._store("values", [layer.values.clone() for layer in cache.layers])
+        # Rotary cos/sin are per position, so those of the suffix positions (sliced from the full
+        # sequence's M-RoPE ids) are the full pass's cos/sin rows; (1, L-prefix, d), broadcast over B.
+        cos, sin = self.lm.rotary_emb(embeds, pos[:, :, prefix:])
+        self._store("cos", cos)
+        self._store("sin", sin)
+        self._store("text", embeds[:, prefix:].contiguous())  # image rows are overwritten per batch
+        # Suffix query i sits at absolute position prefix+i and may see keys 0..prefix+i: the library's
+        # mask builder for this attention implementation, with the query offset (no padding).
+        cfg = self.lm.config
+        self._store("mask", ALL_MASK_ATTENTION_FUNCTIONS[cfg._attn_implementation](
+            batch_size=1, q_length=ids.shape[1] - prefix, kv_length=ids.shape[1], q_offset=prefix, kv_offset=0,
+            mask_function=causal_mask_function, attention_mask=None, allow_is_causal_skip=False,
+            dtype=self.te_dtype, config=cfg, device=self.device))
+        self.span = (start, end)
+        self._prompt = prompt
+
+    # ---- per-batch, static ----------------------------------------------------------------------
+    def prepare_images(self, frames: list[np.ndarray]) -> torch.Tensor:
+        host = torch.from_numpy(np.stack(frames))
+        return host.pin_memory() if self.device.type == "cuda" else host
+
+    def resize(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B,H,W,3) uint8 -> (B,3,S,S) uint8 (approximates PIL LANCZOS; identity at the TE size)."""
+        x = frames.permute(0, 3, 1, 2)
+        if tuple(x.shape[-2:]) == (self.size, self.size):
+            return x
+        x = F.interpolate(x.float(), size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
+        return x.round().clamp(0, 255).to(torch.uint8)  # PIL resizes in 8 bit: keep a uint8 intermediate
+
+    def _pixel_values(self, frames: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+        """Resize, rescale/normalize (table) and Qwen2-VL patchify: (B*1024, C*T*P*P)."""
+        x = lut[self.resize(frames).long() + self.lut_offsets]  # (B, C, S, S)
+        b, c, p, m, t = x.shape[0], x.shape[1], self.patch, self.merge, self.tps
+        g = self.size // p // m
+        # processor: (C, gh/m, m, P, gw/m, m, P) -> (gh/m, gw/m, m, m, C, P, P), T copies after C
+        x = x.reshape(b, c, g, m, p, g, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
+        x = x.unsqueeze(6).expand(*x.shape[:6], t, p, p)
+        return x.reshape(b * self.n_patches, c * t * p * p)
+
+    def patchify(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The processor's ``pixel_values`` (fp32) and ``image_grid_thw`` for uint8 (B,H,W,3) frames."""
+        grid = torch.tensor([self.grid] * frames.shape[0])
+        return self._pixel_values(frames.to(self.lut32.device), self.lut32), grid
+
+    def _vision_attention(self, attn, x: torch.Tensor) -> torch.Tensor:
+        """``Qwen3VLVisionAttention.forward`` for B equal-size images laid out as (B, N, D).
+
+        The module takes packed (sum N, D) tokens and, outside flash attention, splits them per image
+        with ``cu_seqlens.tolist()`` (a host sync and data-dependent shapes). Images never attend to
+        each other, so one batched attention over (B, heads, N, d) is the same computation. This is
+        that call, with the module's own weights, rotary function and attention interface.
+        """
+        b, n, _ = x.shape
+        q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 1, 3, 4).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, self.c["vis_cos"], self.c["vis_sin"])  # (N, d) broadcasts over B
+        out, _ = self._vision_attn_fn(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                      attention_mask=None, scaling=attn.scaling, dropout=0.0, is_causal=False)
+        return attn.proj(out.reshape(b, n, -1))
+
+    def _forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B,H,W,3) uint8 on the device -> (B, L - prefix, hidden). No host syncs, static shapes."""
+        c, v, lm = self.c, self.visual, self.lm
+        b = frames.shape[0]
+        # vision tower: Qwen3VLVisionModel.forward with precomputed positions and batched attention
+        h = v.patch_embed(self._pixel_values(frames, c["lut"])).view(b, self.n_patches, -1)
+        h = h + c["pos_embeds"]
+        deepstack = []
+        for i, blk in enumerate(v.blocks):  # Qwen3VLVisionBlock.forward
+            h = h + self._vision_attention(blk.attn, blk.norm1(h))
+            h = h + blk.mlp(blk.norm2(h))
+            if i in v.deepstack_visual_indexes:  # mergers take 2x2 blocks of consecutive tokens per image
+                merger = v.deepstack_merger_list[v.deepstack_visual_indexes.index(i)]
+                deepstack.append(merger(h).view(b, self.n_tokens, -1))
+        image = v.merger(h).view(b, self.n_tokens, -1)
+        # text model on the suffix: image features replace the <|image_pad|> rows (masked_scatter on
+        # a static span), prefix K/V come from the cache, deepstack adds at the same image rows.
+        s, e = self.span
+        text = c["text"].expand(b, -1, -1)
+        h = torch.cat([text[:, :s], image.to(text.dtype), text[:, e:]], dim=1)
+        cache, rope = _PrefixKV(c["keys"], c["values"]), (c["cos"], c["sin"])
+        for i, layer in enumerate(lm.layers):
+            h = layer(h, position_embeddings=rope, attention_mask=c["mask"], past_key_values=cache)
+            if i < len(deepstack):  # Qwen3VLTextModel._deepstack_process: h[image] += deepstack[i]
+                h = torch.cat([h[:, :s], h[:, s:e] + deepstack[i].to(h.dtype), h[:, e:]], dim=1)
+        return lm.norm(h)
+
+    @torch.no_grad()
+    def encode(self, prompt: str, images: torch.Tensor, batch: int) -> torch.Tensor:
+        """(batch, tokens - prefix, hidden) prompt embeddings on the model's device/dtype."""
+        self.set_prompt(prompt)
+        frames = images[:batch]
+        if self._graph_mode:
+            return self._graph_call(frames)
+        return self._fn(frames.to(self.device, non_blocking=True)).to(self.models.dtype)
+
+    # ---- compilation -------------------------------------------------------------------------
+    def compile(self, mode: str | None = "max-autotune-no-cudagraphs", backend: str = "inductor", **options):
+        """Wrap the static forward in ``torch.compile(fullgraph=True, dynamic=False)``.
+
+        ``mode="reduce-overhead"`` / ``"max-autotune"`` on CUDA: inductor without its cudagraph trees
+        (``default`` / ``max-autotune-no-cudagraphs``) plus one CUDA graph captured here, with a
+        persistent input buffer (each batch's pixels are copied into it, then the graph replays) and
+        a static output that is cloned. cudagraph trees are avoided on purpose: they share one
+        memory pool and step counter per device with the compiled U-Net, assume a single stream, and
+        the engine runs the TE on a side stream concurrently with the U-Net.
+
+        Recompiles: none per batch. A new prompt with the same token count updates the constants in
+        place (no recompile, graph stays valid); a new token count, batch size or working size gives
+        one recompile (dynamo shape guards) and one new graph.
+        """
+        self._graph_mode = mode in CUDA_GRAPH_MODES and self.device.type == "cuda"
+        if backend == "inductor":
+            options.setdefault("mode", CUDA_GRAPH_MODES.get(mode, mode))
+        self._fn = torch.compile(self._forward, backend=backend, fullgraph=True, dynamic=False, **options)
+        return self
+
+    def _graph_call(self, frames: torch.Tensor) -> torch.Tensor:
+        key = (tuple(frames.shape), self._layout, self.span)  # everything the capture baked in
+        if self._graph_key != key:
+            self._graph = None
+            self._pixels = torch.empty(frames.shape, dtype=torch.uint8, device=self.device)
+            self._pixels.copy_(frames)
+            warm = torch.cuda.Stream(self.device)  # compile/autotune + allocator warm-up outside capture
+            warm.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(warm):
+                for _ in range(2):
+                    self._fn(self._pixels)
+            torch.cuda.current_stream(self.device).wait_stream(warm)
+            self._graph = torch.cuda.CUDAGraph()
+            # thread_local: the engine's prefetch thread may pin memory while this thread captures
+            with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
+                self._out = self._fn(self._pixels)
+            self._graph_key = key
+        else:
+            self._pixels.copy_(frames, non_blocking=True)
+        self._graph.replay()  # on the current (engine side) stream, after the copy
+        return self._out.to(self.models.dtype, copy=True)  # the next replay overwrites _out
