@@ -149,12 +149,13 @@ def load(model: str, revision, device, dtype):
 @click.option("--fixed-noise", is_flag=True, help="Start every frame from the same noise (less flicker).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the U-Net (first batch pays for it).")
 @click.option("--compile-mode", default="reduce-overhead", show_default=True)
+@click.option("--te-fast", is_flag=True, help="Static, sync-free text encoder (exact; compiled with --compile).")
 @click.option("--te-batch-one", is_flag=True, help="Approximation: one TE pass per batch.")
 @click.option("--te-refresh", default=1, show_default=True, help="Approximation: reuse the TE output N batches.")
 @click.option("--keep-size", is_flag=True, help="Write the working size instead of scaling back to the input's.")
 @lllite_options
 def stylize(input_path, output, prompt, model, revision, device, dtype, batch, steps, size, seed, fixed_noise,
-            compile_, compile_mode, te_batch_one, te_refresh, keep_size, **temporal):
+            compile_, compile_mode, te_fast, te_batch_one, te_refresh, keep_size, **temporal):
     """Stylize INPUT with an instruction and write OUTPUT (same fps, timestamps and audio)."""
     from tqdm import tqdm
 
@@ -162,7 +163,7 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
     from .io import VideoWriter, open_video
 
     config = EngineConfig(prompt=prompt, batch_size=batch, steps=steps, size=size, seed=seed, fixed_noise=fixed_noise,
-                          compile=compile_, compile_mode=compile_mode, te_batch_one=te_batch_one,
+                          compile=compile_, compile_mode=compile_mode, te_fast=te_fast, te_batch_one=te_batch_one,
                           te_refresh_every=te_refresh, **temporal_config(**temporal))
     from .engine import _clean_prompt
 
