@@ -121,3 +121,10 @@ def test_bad_config_and_prompt(tiny_models):
         _engine(tiny_models, size=70)
     engine = _engine(tiny_models, prompt="x" * 5000)
     assert len(engine.prompt) == 2000
+
+
+def test_batch_log_is_bounded(tiny_models, frames):
+    engine = _engine(tiny_models, batch_size=1, log_limit=3)
+    list(engine.run(frames))
+    assert [e["batch"] for e in engine.batch_log] == [7, 8, 9]  # newest entries kept
+    assert engine.stats["batches"] == 10

@@ -358,7 +358,7 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
     """Throughput and latency of the engine on a simulated real-time source."""
     import torch
 
-    from .engine import _clean_prompt
+    from .engine import clean_prompt
 
     ctx = click.get_current_context()
     forced = parse_sets(sets)
@@ -371,7 +371,7 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
             raise StreameditError(f"output folder does not exist: {Path(path).parent}")
     if plot_path:
         check_matplotlib()  # fail now, not after a long run
-    base = dict(prompt=_clean_prompt(prompt), batch_size=batch, steps=steps, size=size, seed=seed, profile=True,
+    base = dict(prompt=clean_prompt(prompt), batch_size=batch, steps=steps, size=size, seed=seed, profile=True,
                 **adapter)
     device, torch_dtype = resolve_device(device, dtype)
     if device == "cpu" and any({**o, **forced}.get("compile") for _, o in selected):

@@ -165,9 +165,9 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
     config = EngineConfig(prompt=prompt, batch_size=batch, steps=steps, size=size, seed=seed, fixed_noise=fixed_noise,
                           compile=compile_, compile_mode=compile_mode, te_fast=te_fast, te_batch_one=te_batch_one,
                           te_refresh_every=te_refresh, **temporal_config(**temporal))
-    from .engine import _clean_prompt
+    from .engine import clean_prompt
 
-    config.prompt = _clean_prompt(prompt)  # fail on a bad prompt before any slow loading
+    config.prompt = clean_prompt(prompt)  # fail on a bad prompt before any slow loading
     device, torch_dtype = resolve_device(device, dtype)
     source = open_video(input_path, size=size, keep_size=keep_size)
     written = 0

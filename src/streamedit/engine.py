@@ -50,6 +50,7 @@ class EngineConfig:
     compile_mode: str = "reduce-overhead"
     profile: bool = False  # per-component CUDA-event timings in `engine.batch_log`
     prefetch: int = 2  # batches prepared ahead on the host
+    log_limit: int = 4096  # batch_log keeps the newest entries only (live sessions run for hours)
     # temporal LLLite adapter (see temporal.py): an LLLiteAdapter, a checkpoint path, or "random"
     lllite: object = None
     hooks: str | list = "down"
@@ -99,7 +100,7 @@ class StreamEngine:
         self.side_stream = torch.cuda.Stream(self.device) if self.cuda and config.pipeline else self.main_stream
         self.batch_log: list[dict] = []
         self.stats = {"batches": 0, "frames": 0, "te_calls": 0, "te_frames": 0}
-        self._prompt = _clean_prompt(config.prompt)
+        self._prompt = clean_prompt(config.prompt)
         self._te_prompt = None  # prompt of the cached TE output
         self._te_cache = None
         self._te_age = 0
@@ -110,7 +111,7 @@ class StreamEngine:
     # ---- public API -------------------------------------------------------------------------
     def set_prompt(self, prompt: str) -> None:
         """Change the instruction; the next batch whose encoding has not started uses it."""
-        self._prompt = _clean_prompt(prompt)
+        self._prompt = clean_prompt(prompt)
 
     @property
     def prompt(self) -> str:
@@ -273,6 +274,8 @@ class StreamEngine:
                            "unet": ev["unet0"].elapsed_time(ev["unet1"]), "vae_decode": ev["unet1"].elapsed_time(ev["dec1"]),
                            "cond": ev["cond0"].elapsed_time(ev["unet0"])}
         self.batch_log.append(entry)
+        if len(self.batch_log) > self.config.log_limit:
+            del self.batch_log[: len(self.batch_log) - self.config.log_limit]
         self.stats["batches"] += 1
         self.stats["frames"] += batch.count
         batch.keep.clear()
@@ -311,7 +314,8 @@ def _attach_adapter(models, config: EngineConfig):
     return adapter
 
 
-def _clean_prompt(prompt: str) -> str:
+def clean_prompt(prompt: str) -> str:
+    """The prompt as the engine will use it; an empty one raises, an over-long one is truncated."""
     prompt = (prompt or "").strip()
     if not prompt:
         raise StreameditError("the prompt is empty: say what the edit should do, e.g. --prompt 'oil painting'")

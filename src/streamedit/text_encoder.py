@@ -37,6 +37,7 @@ class TextEncoderRunner:
         self.image_processor = models.processor.image_processor
         self.size = models.te_image_size
         self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._device_text: tuple[str, dict[str, torch.Tensor]] | None = None  # (prompt, ids on device)
 
     def prepare_images(self, frames: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """Frames (HxWx3 uint8) -> pixel_values / image_grid_thw, as the processor makes them."""
@@ -57,7 +58,9 @@ class TextEncoderRunner:
     def encode(self, prompt: str, images: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
         """(batch, tokens - prefix, hidden) prompt embeddings on the model's device/dtype."""
         device, dtype = self.models.device, self.models.dtype
-        text = {k: v.to(device, non_blocking=True).expand(batch, -1) for k, v in self.text_inputs(prompt).items()}
+        if self._device_text is None or self._device_text[0] != prompt:  # constant per prompt: copy once
+            self._device_text = (prompt, {k: v.to(device) for k, v in self.text_inputs(prompt).items()})
+        text = {k: v.expand(batch, -1) for k, v in self._device_text[1].items()}
         out = self.model(
             **text,
             pixel_values=images["pixel_values"].to(device, dtype, non_blocking=True),

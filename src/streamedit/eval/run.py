@@ -237,13 +237,13 @@ def eval_command(clips, prompt, out_dir, model, revision, device, dtype, baselin
     import torch
 
     from ..bench import build_config, command_line, device_name, dumps, parse_sets
-    from ..engine import _clean_prompt
+    from ..engine import clean_prompt
 
     paths = find_clips(clips)
     base_records = read_jsonl(baseline) if baseline else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base = dict(prompt=_clean_prompt(prompt), batch_size=batch, steps=steps, size=size, seed=seed,
+    base = dict(prompt=clean_prompt(prompt), batch_size=batch, steps=steps, size=size, seed=seed,
                 fixed_noise=fixed_noise, **temporal_config(**temporal))
     config, _ = build_config(base, {}, parse_sets(sets))
     device, torch_dtype = resolve_device(device, dtype)

@@ -99,9 +99,8 @@ class LiveEngine:
 
     def process(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         out = self.engine.process(frames)
-        log_ = self.engine.batch_log
+        log_ = self.engine.batch_log  # bounded by EngineConfig.log_limit
         self.last_prompt = log_[-1].get("prompt") if log_ else None
-        del log_[:-1]  # a live session runs for hours: keep only the latest entry
         return out
 
     def close(self) -> None:
