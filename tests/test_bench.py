@@ -59,7 +59,7 @@ def test_single_run_realtime_fields_and_plot(tmp_path):
     elapsed = time.perf_counter() - t0
     assert res.exit_code == 0, res.output
     assert elapsed >= 2.0  # 21 frames at 10 fps: the last one is captured 2 s after the first
-    assert "one untimed batch before the source starts, then the first 1 batch(es) excluded" in res.output
+    assert "3 untimed batches before the source starts, then the first 1 batch(es) excluded" in res.output
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     # 21 fed = 4 (warm-up batch) + 16 counted + 1 (partial tail, dropped)
     assert (row["frames_fed"], row["frames_out"], row["frames_counted"]) == (21, 21, 16)
@@ -138,3 +138,23 @@ def test_matrix_rows_are_named_overrides():
                                        {"warp_drive": True})
     assert config.batch_size == 1 and config.compile and config.compile_mode == "reduce-overhead"
     assert notes == ["engine has no 'warp_drive': runs without it"]
+
+
+def test_gpu_speed_script_commands_are_valid_bench_invocations(tmp_path):
+    """scripts/gpu_speed.py (run by hand on a GPU): every part is a bench command line that parses, with known rows."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "gpu_speed.py"
+    spec = importlib.util.spec_from_file_location("gpu_speed", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for part in script.PARTS:
+        cmd = script.command(part, 480, None, tmp_path / "x.jsonl")
+        args = cmd[cmd.index("bench") + 1:]
+        ctx = bench.bench_command.make_context("bench", list(args))
+        names = ctx.params["rows"].split(",")
+        assert [n for n, _ in bench.select_rows(True, ctx.params["rows"], False, "random")] == names  # known rows
+        assert ctx.params["lllite"] == "random" and ctx.params["source_fps"] == 0 and ctx.params["count"] == 480
+    assert {n for p in script.PARTS.values() for n in p[1].split(",")} >= {
+        "reference", "best", "approx", "fp8", "low-latency", "similar"}

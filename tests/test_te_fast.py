@@ -141,7 +141,7 @@ def test_compile_fullgraph_no_breaks_no_recompiles(tiny_models):
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     fast.compile("reduce-overhead", backend=counter)  # CPU: no CUDA graph, compiled forward only
-    assert not fast._graph_mode
+    assert fast._graph is None
     out_a = fast.encode("oil painting", a, 3)
     out_b = fast.encode("oil painting", b, 3)  # new frames: no recompile
     assert counter.frame_count == 1

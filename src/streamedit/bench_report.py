@@ -9,7 +9,8 @@ import numpy as np
 
 from .errors import StreameditError
 
-COMPONENTS = ("te", "vae_encode", "cond", "unet", "vae_decode", "flow_wait", "flow_cpu")  # table order
+# table order; unet_decode: U-Net + VAE decode as one compiled graph (not separable by events)
+COMPONENTS = ("te", "vae_encode", "cond", "unet", "vae_decode", "unet_decode", "flow_wait", "flow_cpu")
 
 
 def _f(v, fmt="{:.1f}"):
@@ -19,20 +20,37 @@ def _f(v, fmt="{:.1f}"):
 def format_table(results: list[dict]) -> str:
     comps = [c for c in COMPONENTS if any(c in r["component_ms_mean"] for r in results)]
     comps += sorted({c for r in results for c in r["component_ms_mean"]} - set(comps))
+    skips = any(r.get("config", {}).get("skip_similar") is not None for r in results)
     head = ["row", "B", "fps", "ratio", "wall p50", "p95", "max", "lat p50", "p95"] + comps + \
-           ["peak GiB", "TFLOP/s", "% peak"]
+           ["peak GiB", "TFLOP/s", "% peak"] + (["skipped fr", "skipped b"] if skips else [])
     lines = []
     for r in results:
         w, lt, ms = r["batch_wall_ms"], r["latency_ms"], r["component_ms_mean"]
         lines.append([r["row"], str(r["batch"]), _f(r["fps"]), _f(r["ratio"], "{:.2f}"), _f(w["p50"]), _f(w["p95"]),
                       _f(w["max"]), _f(lt["p50"], "{:.0f}"), _f(lt["p95"], "{:.0f}")] +
                      [_f(ms.get(c)) for c in comps] +
-                     [_f(r["peak_gpu_gib"], "{:.2f}"), _f(r["tflops"], "{:.3g}"), _f(r["pct_of_peak"])])
+                     [_f(r["peak_gpu_gib"], "{:.2f}"), _f(r["tflops"], "{:.3g}"), _f(r["pct_of_peak"])] +
+                     ([str(r.get("skipped_frames", 0)), str(r.get("skipped_batches", 0))] if skips else []))
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     out = ["  ".join(x.ljust(n) if i == 0 else x.rjust(n) for i, (x, n) in enumerate(zip(row, widths)))
            for row in [head] + lines]
     out += [f"  [{r['row']}] {n}" for r in results for n in r["notes"]]
+    out += [f"  [{r['row']}] TE fp8 vs bf16: cosine mean {a['cosine_mean']:.5f}, min {a['cosine_min']:.5f}, "
+            f"rel L2 {a['rel_l2']:.4f}" for r in results if (a := r.get("te_fp8_agreement"))]
     return "\n".join(out)
+
+
+def format_startup(res: dict) -> str:
+    """The --startup result: seconds since launch for each phase, cold and warm, and the cache hits."""
+    lines = ["launch  imports  models  engine  first frame  cache (FX graph / AOT autograd hits, misses)"]
+    for name in ("cold", "warm"):
+        r = res[name]
+        c = r["cache"]
+        lines.append(f"{name:<6}  {r['import_s']:7.1f}  {r['load_s']:6.1f}  {r['engine_s']:6.1f}  "
+                     f"{r['first_frame_s']:11.1f}  {c.get('fxgraph_cache_hit', 0)}/{c.get('autograd_cache_hit', 0)} "
+                     f"hits, {c.get('fxgraph_cache_miss', 0)}/{c.get('autograd_cache_miss', 0)} misses")
+    lines.append(f"  (seconds since the process was launched; compile cache after both: {res['cache_mib']:.1f} MiB)")
+    return "\n".join(lines)
 
 
 def check_matplotlib():

@@ -1,4 +1,4 @@
-"""Command line: ``streamedit stylize | info | bench | eval | serve | live``.
+"""Command line: ``streamedit stylize | info | bench | eval | serve | live | train``.
 
 Every user mistake ends in one line on stderr and exit code 2; Ctrl-C / SIGTERM during
 ``stylize`` leave a finalized, playable file with every frame processed so far.
@@ -21,20 +21,23 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 # Commands that live with their mechanism, imported on first use (they import this module).
 LAZY_COMMANDS = {"bench": ("streamedit.bench", "bench_command"), "eval": ("streamedit.eval.run", "eval_command"),
-                 "serve": ("streamedit.serve", "serve_command"), "live": ("streamedit.serve", "live_command")}
+                 "serve": ("streamedit.serve", "serve_command"), "live": ("streamedit.serve", "live_command"),
+                 "train": ("streamedit.train.cli", "train_command")}
 
 
 class _Group(click.Group):
     """Lazy subcommands; StreameditError (and unexpected errors) become one line + exit 2, no traceback."""
 
+    lazy = LAZY_COMMANDS
+
     def list_commands(self, ctx):
-        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+        return sorted({*super().list_commands(ctx), *self.lazy})
 
     def get_command(self, ctx, name):
-        if name in LAZY_COMMANDS:
+        if name in self.lazy:
             import importlib
 
-            module, attr = LAZY_COMMANDS[name]
+            module, attr = self.lazy[name]
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
 
@@ -101,6 +104,41 @@ def temporal_config(lllite, hooks, cond_refresh, lllite_multiplier, cut_refresh,
                 cut_refresh=cut_refresh, motion_refresh=motion_refresh)
 
 
+def speed_options(fn):
+    """--te-fp8 / --skip-similar / --low-latency (EngineConfig te_fp8, skip_similar, the LOW_LATENCY preset)."""
+    opts = [
+        click.option("--te-fp8", is_flag=True,
+                     help="Approximation: FP8 text-encoder Linears (needs --te-fast and an FP8 GPU: Hopper/Ada)."),
+        click.option("--skip-similar", type=click.FloatRange(0), default=None, metavar="T",
+                     help="Re-emit the last output for frames whose 64x64 gray thumbnail differs from the last "
+                          "stylized one by at most T levels (mean abs, 0-255); ~1 skips a static camera."),
+        click.option("--low-latency", is_flag=True,
+                     help="Batch 1, fast TE, compiled, 1 batch prefetched, each frame handed out as soon as done."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def low_latency_fields(ctx, batch: int) -> dict:
+    """The --low-latency preset (engine_config.LOW_LATENCY); an explicit --batch other than 1 conflicts."""
+    from click.core import ParameterSource
+
+    from .engine_config import LOW_LATENCY
+
+    if ctx.get_parameter_source("batch") is ParameterSource.COMMANDLINE and batch != 1:
+        raise StreameditError(f"--low-latency runs batch 1; drop --batch {batch} or --low-latency")
+    return dict(LOW_LATENCY)
+
+
+def check_speed_flags(config, device: str) -> None:
+    """Errors the engine would raise only after loading the model (minutes for the real one)."""
+    if config.te_fp8 and not config.te_fast:
+        raise StreameditError("--te-fp8 needs --te-fast (FP8 runs inside the fast text encoder)")
+    if config.te_fp8 and not device.startswith("cuda"):
+        raise StreameditError("--te-fp8 needs a CUDA GPU with FP8 tensor cores (device is cpu)")
+
+
 def model_options(fn):
     """--model/--revision/--device/--dtype, shared by every command that loads a model."""
     fn = click.option("--dtype", type=click.Choice(DTYPES), default=None,
@@ -147,28 +185,35 @@ def load(model: str, revision, device, dtype):
 @click.option("--size", default=512, show_default=True, help="Working resolution (square).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--fixed-noise", is_flag=True, help="Start every frame from the same noise (less flicker).")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the U-Net (first batch pays for it).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile U-Net, VAE and (with --te-fast) TE into CUDA graphs (first batches pay for it).")
 @click.option("--compile-mode", default="reduce-overhead", show_default=True)
 @click.option("--te-fast", is_flag=True, help="Static, sync-free text encoder (exact; compiled with --compile).")
 @click.option("--te-batch-one", is_flag=True, help="Approximation: one TE pass per batch.")
 @click.option("--te-refresh", default=1, show_default=True, help="Approximation: reuse the TE output N batches.")
 @click.option("--keep-size", is_flag=True, help="Write the working size instead of scaling back to the input's.")
+@speed_options
 @lllite_options
 def stylize(input_path, output, prompt, model, revision, device, dtype, batch, steps, size, seed, fixed_noise,
-            compile_, compile_mode, te_fast, te_batch_one, te_refresh, keep_size, **temporal):
+            compile_, compile_mode, te_fast, te_batch_one, te_refresh, keep_size, te_fp8, skip_similar, low_latency,
+            **temporal):
     """Stylize INPUT with an instruction and write OUTPUT (same fps, timestamps and audio)."""
     from tqdm import tqdm
 
     from .engine import EngineConfig, StreamEngine
     from .io import VideoWriter, open_video
 
-    config = EngineConfig(prompt=prompt, batch_size=batch, steps=steps, size=size, seed=seed, fixed_noise=fixed_noise,
-                          compile=compile_, compile_mode=compile_mode, te_fast=te_fast, te_batch_one=te_batch_one,
-                          te_refresh_every=te_refresh, **temporal_config(**temporal))
+    fields = dict(batch_size=batch, compile=compile_, te_fast=te_fast, te_fp8=te_fp8, skip_similar=skip_similar)
+    if low_latency:
+        fields.update(low_latency_fields(click.get_current_context(), batch))
+    config = EngineConfig(prompt=prompt, steps=steps, size=size, seed=seed, fixed_noise=fixed_noise,
+                          compile_mode=compile_mode, te_batch_one=te_batch_one, te_refresh_every=te_refresh,
+                          **fields, **temporal_config(**temporal))
     from .engine import clean_prompt
 
     config.prompt = clean_prompt(prompt)  # fail on a bad prompt before any slow loading
     device, torch_dtype = resolve_device(device, dtype)
+    check_speed_flags(config, device)
     source = open_video(input_path, size=size, keep_size=keep_size)
     written = 0
     t0 = time.perf_counter()

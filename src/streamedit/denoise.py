@@ -6,6 +6,16 @@ in float32 (the scheduler's own ``step`` upcasts the sample, not the prediction)
 from the model's own scheduler (``linspace(1, 1/steps, steps)`` with dynamic shift ``mu``), so the
 schedule is the same as upstream; the step itself is written out because the scheduler's
 ``step`` keeps a Python step counter, which would break CUDA-graph replay.
+
+:meth:`Denoiser.compile` (engine ``compile``/``compile_vae``): the main stream's whole work for a
+batch, U-Net x steps + VAE decode + uint8 conversion, becomes ONE compiled function
+(:meth:`Denoiser.generate`; ``mode="reduce-overhead"``: one cudagraph-trees CUDA graph), and the
+side stream's VAE encode (uint8 -> [-1, 1] -> encoder) is compiled without cudagraph trees and
+captured by :class:`streamedit.graphs.StaticGraph`, which replays on the side stream. The VAE
+runs as a channels_last copy (shared per model, so the eager path and other engines keep the
+original): TAESD is all convolutions, and the decoder's NHWC output is the uint8 frame layout.
+The LLLite adapter's cond buffers are module buffers updated in place, so the compiled U-Net
+reads their current contents at every call.
 """
 
 from __future__ import annotations
@@ -16,11 +26,18 @@ import numpy as np
 import torch
 from diffusers.pipelines.dreamlite.pipeline_dreamlite_mobile import calculate_shift
 
+from .graphs import StaticGraph, compile_fn, inductor_mode, wants_graph
+
 
 class Denoiser:
-    def __init__(self, models, steps: int, size: int, unet=None):
+    def __init__(self, models, steps: int, size: int, unet=None, vae=None):
         self.models = models
         self.unet = unet if unet is not None else models.unet
+        self.vae = vae if vae is not None else models.vae
+        self.fused = None  # compiled generate(): the engine calls it instead of denoise + decode
+        self.decode_fn = None  # compiled decode (VAE compiled, U-Net not); None: decode()
+        self._encode_fn = self.encode_source
+        self._encode_graph = None
         self.steps = steps
         self.size = size
         self.latent_size = size // models.vae_scale_factor
@@ -35,7 +52,7 @@ class Denoiser:
         # 0-dim float32 step sizes: dt * v then promotes like scheduler.step does.
         self.dts = [scheduler.sigmas[i + 1] - scheduler.sigmas[i] for i in range(steps)]
         self.time_ids = torch.tensor([[size, size]], device=device, dtype=dtype)
-        vae = models.vae.config
+        vae = self.vae.config
         self.scaling, self.shift = vae.scaling_factor, getattr(vae, "shift_factor", 0.0) or 0.0
 
     @torch.no_grad()
@@ -43,7 +60,7 @@ class Denoiser:
         """(B,H,W,3) uint8 on device -> source latents, as upstream's VaeImageProcessor + vae.encode."""
         x = frames_u8.permute(0, 3, 1, 2).float() / 255.0
         x = (2.0 * x - 1.0).to(self.models.dtype)
-        return self.models.vae.encode(x).latents
+        return self.vae.encode(x).latents
 
     @torch.no_grad()
     def denoise(self, noise: torch.Tensor, source_latents: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
@@ -64,6 +81,55 @@ class Denoiser:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> (B,H,W,3) uint8 on device (upstream's postprocess, then rounding to 8 bits)."""
-        images = self.models.vae.decode(latents / self.scaling + self.shift, return_dict=False)[0]
+        images = self.vae.decode(latents / self.scaling + self.shift, return_dict=False)[0]
         images = (images / 2 + 0.5).clamp(0, 1)
         return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+    # The two compile targets hold their own no_grad block instead of the decorator: a decorated
+    # method's compiled code object would be the shared decorator wrapper's.
+    def generate(self, noise: torch.Tensor, source_latents: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """denoise + decode -> contiguous (B,H,W,3) uint8: the function compiled as one graph."""
+        with torch.no_grad():
+            return self.decode(self.denoise(noise, source_latents, embeds)).contiguous()
+
+    def _decode_target(self, latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.decode(latents).contiguous()
+
+    def _encode_target(self, frames_u8: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.encode_source(frames_u8)
+
+    def encode(self, frames_u8: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode_source`, compiled/graphed after :meth:`compile`; safe to keep (a copy)."""
+        if self._encode_graph is not None:
+            return self._encode_graph(frames_u8).clone()  # the next replay overwrites the graph output
+        return self._encode_fn(frames_u8)
+
+    def compile(self, mode: str | None, backend: str = "inductor", unet: bool = True, vae: bool = True,
+                channels_last: bool = True) -> "Denoiser":
+        """Compile the U-Net and/or the VAE (see the module docstring). Both: one fused function."""
+        if vae and channels_last:
+            self.vae = channels_last_vae(self.models)
+        for t in (self.timesteps, self.time_ids, *self.dts):  # constant inputs: no copy into the graph
+            torch._dynamo.mark_static_address(t)
+        if unet and vae:
+            self.fused = compile_fn(self.generate, mode, backend)
+        elif unet:
+            self.unet = compile_fn(self.unet, mode, backend)
+        elif vae:
+            self.decode_fn = compile_fn(self._decode_target, mode, backend)
+        if vae:
+            graph = wants_graph(mode, self.models.device)
+            self._encode_fn = compile_fn(self._encode_target, inductor_mode(mode) if graph else mode, backend)
+            if graph:
+                self._encode_graph = StaticGraph(self._encode_fn, self.models.device)
+        return self
+
+
+def channels_last_vae(models):
+    """A channels_last copy of the VAE, made once per model (TAESD: a few MB of weights)."""
+    key = ("vae_channels_last", id(models.vae))
+    if key not in models.extras:
+        models.extras[key] = copy.deepcopy(models.vae).to(memory_format=torch.channels_last)
+    return models.extras[key]

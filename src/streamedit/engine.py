@@ -10,7 +10,22 @@ Schedule for batch k (CUDA, ``pipeline=True``)::
 
 The only join between the streams is one CUDA event per batch; tensors made on the side stream
 and read on the main stream are ``record_stream``-ed so the caching allocator cannot reuse them
-early. On CPU (or ``pipeline=False``) the same steps run in order on one stream.
+early. On CPU (or ``pipeline=False``) the same steps run in order on one stream. With ``compile``
+the main stream's U-Net + decode is one compiled graph and the side stream's TE and VAE encode are
+CUDA graphs of their own (denoise.py, te_fast.py, graphs.py).
+
+Two host schedules (:meth:`StreamEngine.run`):
+
+* default (throughput): before it hands out batch k the host pulls batch k+1 from the source, so
+  that its side-stream work is queued beside batch k's denoise. At B=1 with a camera this holds
+  frame k until frame k+1 arrives (one frame period), plus ``prefetch`` batches pulled ahead.
+* ``low_latency``: a reader thread pulls and prepares batches; the host launches each batch as soon
+  as it is ready, and hands batch k out as soon as it is done unless batch k+1 is *already*
+  waiting, in which case k+1 is launched first (both streams stay busy). It never waits for an
+  input that has not arrived.
+
+``skip_similar`` (similarity.py): frames judged unchanged re-emit the last stylized output; a
+batch of only such frames launches nothing on the GPU (no TE, VAE or U-Net).
 """
 
 from __future__ import annotations
@@ -18,47 +33,26 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-import cv2
 import numpy as np
 import torch
 
 from .denoise import Denoiser
-from .errors import StreameditError
-from .text_encoder import MAX_PROMPT_CHARS, TextEncoderRunner
+from .engine_config import LOW_LATENCY, EngineConfig, attach_adapter, clean_prompt, start_reader, to_working, validate
+from .models import warn_unknown_instruction
+from .text_encoder import TextEncoderRunner
 
+__all__ = ["EngineConfig", "StreamEngine", "clean_prompt", "LOW_LATENCY"]
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class EngineConfig:
-    prompt: str
-    batch_size: int = 8
-    steps: int = 1  # distilled operating point; 1-4
-    size: int = 512
-    seed: int = 0
-    fixed_noise: bool = False  # every frame starts from the same noise (upstream's draw for `seed`)
-    te_batch_one: bool = False  # approximation: encode one frame per batch, broadcast
-    te_refresh_every: int = 1  # approximation: reuse the TE output for N batches
-    te_fast: bool = False  # static, sync-free TE (te_fast.py); compiled (+CUDA graph) with `compile`
-    pipeline: bool = True  # overlap TE/VAE-encode of batch k+1 with denoise/decode of batch k
-    compile: bool = False
-    compile_mode: str = "reduce-overhead"
-    profile: bool = False  # per-component CUDA-event timings in `engine.batch_log`
-    prefetch: int = 2  # batches prepared ahead on the host
-    log_limit: int = 4096  # batch_log keeps the newest entries only (live sessions run for hours)
-    # temporal LLLite adapter (see temporal.py): an LLLiteAdapter, a checkpoint path, or "random"
-    lllite: object = None
-    hooks: str | list = "down"
-    lllite_multiplier: float = 1.0
-    cond_refresh_every: int = 8  # rebuild the cond embedding every N batches, reuse it in between
-    cut_refresh: bool = True  # a scene cut forces a cond (and TE) refresh on its batch
-    motion_refresh: float | None = None  # refresh early when mean flow (px) since the last refresh exceeds this
-    flow_size: int | None = None  # compute Farnebäck at this resolution (None: working size)
+# (name, start event, end event) of the per-batch CUDA-event timings; unet_decode: the fused graph
+SPANS = (("te", "te0", "te1"), ("vae_encode", "te1", "enc1"), ("cond", "cond0", "unet0"),
+         ("unet", "unet0", "unet1"), ("vae_decode", "unet1", "dec1"), ("unet_decode", "unet0", "dec1"))
 
 
 @dataclass
@@ -66,52 +60,80 @@ class _Batch:
     index: int
     frames: list  # HxWx3 uint8, padded to batch_size
     count: int  # real frames (the rest is padding)
-    host_frames: torch.Tensor  # (B,H,W,3) uint8, pinned on CUDA
-    images: dict  # processor outputs for the TE
+    host_frames: torch.Tensor | None = None  # (B,H,W,3) uint8, pinned on CUDA; None: not prepared
+    images: object = None  # processor outputs for the TE
     plan: object = None  # temporal.CondPlan
+    thumbs: list | None = None  # similarity thumbnails of the real frames (skip_similar)
+    skip: list | None = None  # per real frame: re-emit the last output instead
     entry: dict = field(default_factory=dict)  # this batch's line in batch_log
     keep: list = field(default_factory=list)  # host tensors that must outlive async copies
+    tensors: tuple | None = None  # device tensors between _encode and _generate; None: skipped batch
+    output: torch.Tensor | None = None
+    ready: object = None
 
 
 class StreamEngine:
     def __init__(self, models, config: EngineConfig):
-        _validate(models, config)
+        validate(models, config)
         self.models, self.config = models, config
         self.device = models.device
         self.cuda = self.device.type == "cuda"
+        self._cache_key = None
+        if config.compile or config.vae_compiled:
+            from . import compile_cache
+
+            compile_cache.setup()
+            key = compile_cache.artifact_key(models, config)
+            self._cache_key = None if compile_cache.load_artifacts(key) else key  # saved after batch 1
         if config.te_fast:
             from .te_fast import FastTextEncoderRunner
 
-            self.te = FastTextEncoderRunner(models, config.batch_size)
+            self.te = FastTextEncoderRunner(models, config.batch_size, fp8=config.te_fp8)
             if config.compile:
-                self.te.compile(config.compile_mode)
+                self.te.compile(config.compile_mode, backend=config.compile_backend)
         else:
             self.te = TextEncoderRunner(models)
-        self.adapter = _attach_adapter(models, config)
+        self.adapter = attach_adapter(models, config)  # patches the U-Net: before compiling it
         self.temporal = None
         if self.adapter is not None or (config.cut_refresh and config.te_refresh_every > 1):
             from .temporal import TemporalConditioner
 
             self.temporal = TemporalConditioner(self.adapter, config.cond_refresh_every, config.cut_refresh,
                                                 config.motion_refresh, config.flow_size)
-        unet = torch.compile(models.unet, mode=config.compile_mode) if config.compile else models.unet
-        self.denoiser = Denoiser(models, config.steps, config.size, unet=unet)
+        self.denoiser = Denoiser(models, config.steps, config.size)
+        if config.compile or config.vae_compiled:
+            self.denoiser.compile(config.compile_mode, config.compile_backend, unet=config.compile,
+                                  vae=config.vae_compiled, channels_last=config.channels_last)
         self.main_stream = torch.cuda.current_stream(self.device) if self.cuda else None
         self.side_stream = torch.cuda.Stream(self.device) if self.cuda and config.pipeline else self.main_stream
         self.batch_log: list[dict] = []
-        self.stats = {"batches": 0, "frames": 0, "te_calls": 0, "te_frames": 0}
+        self.stats = {"batches": 0, "frames": 0, "te_calls": 0, "te_frames": 0, "skipped_frames": 0,
+                      "skipped_batches": 0}
         self._prompt = clean_prompt(config.prompt)
+        warn_unknown_instruction(models, self._prompt)
         self._te_prompt = None  # prompt of the cached TE output
         self._te_cache = None
         self._te_age = 0
         self._noise_gen = torch.Generator("cpu").manual_seed(config.seed)
         self._fixed_noise = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="streamedit-prefetch")
+        self._similar = self._pre_similar = None
+        if config.skip_similar is not None:
+            from .similarity import SimilarityFilter
+
+            # prefetch thread: provisional decision (skip preparing batches that will be skipped);
+            # main thread: the decision, against what was really stylized with the current prompt
+            self._pre_similar = SimilarityFilter(config.skip_similar)
+            self._similar = SimilarityFilter(config.skip_similar)
+        self._encoded_prompt = None  # prompt of the last batch sent to the GPU
+        self._last_out = None  # last stylized frame handed out (re-emitted for skipped frames)
+        self._inflight = 0  # batches encoded but not handed out yet
 
     # ---- public API -------------------------------------------------------------------------
     def set_prompt(self, prompt: str) -> None:
         """Change the instruction; the next batch whose encoding has not started uses it."""
         self._prompt = clean_prompt(prompt)
+        warn_unknown_instruction(self.models, self._prompt)
 
     @property
     def prompt(self) -> str:
@@ -119,23 +141,56 @@ class StreamEngine:
 
     def run(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Stylize a stream of HxWx3 uint8 RGB frames; yields the same number, in order."""
-        batches = self._prefetched(self._batches(frames))
-        if not self.config.pipeline:
-            for batch in batches:
-                yield from self._finish(self._generate(self._encode(batch)))
-            return
-        current = next(batches, None)
-        if current is None:
-            return
-        encoded = self._encode(current)
-        for upcoming in itertools.chain(batches, [None]):
-            generated = self._generate(encoded)  # main stream: batch k
-            encoded = self._encode(upcoming) if upcoming is not None else None  # side stream: k+1
-            yield from self._finish(generated)
+        try:
+            if self.config.low_latency:
+                yield from self._run_latency_first(frames)
+            elif not self.config.pipeline:
+                for batch in self._prefetched(self._batches(frames)):
+                    yield from self._finish(self._generate(self._encode(batch)))
+            else:
+                yield from self._run_pipelined(self._prefetched(self._batches(frames)))
+        finally:
+            if self._inflight:  # stopped early: encoded outputs were never handed out
+                self._inflight = 0
+                if self._similar is not None:
+                    self._similar.reset()
 
     def process(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         """Synchronous form of :meth:`run` for callers that hold a batch already (live serving)."""
         return list(self.run(frames))
+
+    def _run_pipelined(self, batches: Iterator[_Batch]) -> Iterator[np.ndarray]:
+        current = next(batches, None)
+        if current is None:
+            return
+        encoded = self._encode(current)
+        for upcoming in itertools.chain(batches, [None]):  # blocks until batch k+1 is there
+            generated = self._generate(encoded)  # main stream: batch k
+            encoded = self._encode(upcoming) if upcoming is not None else None  # side stream: k+1
+            yield from self._finish(generated)
+
+    def _run_latency_first(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """The low_latency schedule (module docstring): never wait for an input to hand out an output."""
+        ready, stop, end = start_reader(self._batches(frames), self._prepare, max(1, self.config.prefetch))
+        pending = None  # launched on the GPU, not handed out yet
+        try:
+            while True:
+                try:
+                    item = ready.get(block=pending is None)
+                except queue.Empty:
+                    item = None  # nothing arrived: hand out what is done, do not wait
+                if isinstance(item, BaseException):
+                    raise item
+                if item is end:
+                    break
+                launched = self._generate(self._encode(item)) if item is not None else None
+                if pending is not None:
+                    yield from self._finish(pending)
+                pending = launched
+            if pending is not None:
+                yield from self._finish(pending)
+        finally:
+            stop.set()
 
     # ---- host side ------------------------------------------------------------------------
     def _batches(self, frames: Iterable[np.ndarray]) -> Iterator[tuple[int, list, int]]:
@@ -143,7 +198,7 @@ class StreamEngine:
         chunk: list[np.ndarray] = []
         index = 0
         for frame in frames:
-            chunk.append(_to_working(frame, size))
+            chunk.append(to_working(frame, size))
             if len(chunk) == bsz:
                 yield index, chunk, bsz
                 index, chunk = index + 1, []
@@ -153,14 +208,28 @@ class StreamEngine:
 
     def _prepare(self, item) -> _Batch:
         index, frames, count = item
+        batch = _Batch(index, frames, count)
+        if self._pre_similar is not None:
+            from .similarity import thumbnail
+
+            batch.thumbs = [thumbnail(f) for f in frames[:count]]
+            if all(self._pre_similar.mark(batch.thumbs)):
+                return batch  # most likely skipped: prepared late (_fill) if it is not
+        self._fill(batch)
+        if self.temporal is not None:
+            batch.plan = self.temporal.plan(frames, count)
+        return batch
+
+    def _fill(self, batch: _Batch) -> None:
+        """Host tensors of a batch (prefetch thread; main thread for a batch deferred by the filter)."""
+        frames = batch.frames
         host = torch.from_numpy(np.stack(frames))
         images = self.te.prepare_images(frames[:1] if self.config.te_batch_one else frames)
         if self.cuda:
             host = host.pin_memory()
             if isinstance(images, dict):  # the fast TE returns one uint8 tensor, pinned already
                 images = {k: v.pin_memory() for k, v in images.items()}
-        plan = self.temporal.plan(frames, count) if self.temporal is not None else None
-        return _Batch(index, frames, count, host, images, plan)
+        batch.host_frames, batch.images = host, images
 
     def _prefetched(self, items: Iterator) -> Iterator[_Batch]:
         """Prepare up to `prefetch` batches ahead in a worker thread (PIL and numpy release the GIL)."""
@@ -183,6 +252,18 @@ class StreamEngine:
         # one draw per frame, so the noise of frame i does not depend on the batch size
         return torch.cat([torch.randn(shape, generator=self._noise_gen, dtype=dtype) for _ in range(batch)])
 
+    def _decide_skips(self, batch: _Batch, prompt: str) -> None:
+        """The filter's decision for this batch, in stream order, against what was really stylized."""
+        if prompt != self._encoded_prompt:  # outputs of an older prompt must not be re-emitted
+            self._similar.reset()
+        batch.skip = self._similar.mark(batch.thumbs)
+        if not all(batch.skip) and batch.host_frames is None:
+            self._fill(batch)  # the prefetch thread guessed "skipped" (prompt change, drift): prepare now
+            if self.temporal is not None:
+                from .temporal import CondPlan
+
+                batch.plan = CondPlan(False)  # keep the current cond embedding
+
     # ---- device side --------------------------------------------------------------------------
     def _stream(self, stream):
         return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
@@ -198,12 +279,22 @@ class StreamEngine:
         """Side stream: TE (unless its output is reused) and VAE encode of the source frames."""
         cfg, bsz = self.config, self.config.batch_size
         prompt = self._prompt
+        self._inflight += 1
+        if self._similar is not None:
+            self._decide_skips(batch, prompt)
+        skipped = sum(batch.skip) if batch.skip else 0
+        entry = {"batch": batch.index, "frames": batch.count, "prompt": prompt, "t_launch": time.perf_counter(),
+                 "skipped": skipped}
+        batch.entry = entry
+        if skipped == batch.count:  # every frame re-emits the last output: nothing to launch
+            entry["te"] = "skipped"
+            return batch
+        self._encoded_prompt = prompt
         forced = batch.plan is not None and batch.plan.force_te
         reuse = (self._te_cache is not None and prompt == self._te_prompt and self._te_age < cfg.te_refresh_every
                  and not forced)
         noise = self._noise(bsz)
-        entry = {"batch": batch.index, "frames": batch.count, "prompt": prompt, "te": "reused" if reuse else "computed",
-                 "t_launch": time.perf_counter()}
+        entry["te"] = "reused" if reuse else "computed"
         if batch.plan is not None:
             entry["cond"] = batch.plan.reason if batch.plan.refresh else "reuse"
             entry["cut_at"] = batch.plan.cut_at
@@ -219,7 +310,7 @@ class StreamEngine:
             embeds = self._te_cache.expand(bsz, -1, -1)
             ev["te1"] = self._event(self.side_stream)
             frames = batch.host_frames.to(self.device, non_blocking=True)
-            source = self.denoiser.encode_source(frames)
+            source = self.denoiser.encode(frames)
             noise = noise.to(self.device, non_blocking=True)
             ev["enc1"] = self._event(self.side_stream)
             done = torch.cuda.Event() if self.cuda and cfg.pipeline else None
@@ -228,13 +319,14 @@ class StreamEngine:
                 for t in (embeds, source, noise, frames):
                     t.record_stream(self.main_stream)
         batch.keep = [batch.host_frames, batch.images]
-        batch.entry = entry
         batch.device_frames = frames
         batch.tensors = (noise, source, embeds, done, ev)
         return batch
 
     def _generate(self, batch: _Batch) -> _Batch:
         """Main stream: wait for the side stream's event, denoise, decode, copy to the host."""
+        if batch.tensors is None:  # skipped batch
+            return batch
         noise, source, embeds, done, ev = batch.tensors
         if done is not None:
             self.main_stream.wait_event(done)
@@ -243,9 +335,14 @@ class StreamEngine:
         if self.temporal is not None and self.adapter is not None:
             self.temporal.apply(batch.plan, batch.device_frames, timings)
         ev["unet0"] = self._event(self.main_stream)
-        latents = self.denoiser.denoise(noise, source, embeds)
-        ev["unet1"] = self._event(self.main_stream)
-        images = self.denoiser.decode(latents)
+        if self.denoiser.fused is not None:  # U-Net x steps + decode + uint8: one compiled graph
+            if self.cuda and self.config.compile_backend == "inductor":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous batch's outputs are done with
+            images = self.denoiser.fused(noise, source, embeds)
+        else:
+            latents = self.denoiser.denoise(noise, source, embeds)
+            ev["unet1"] = self._event(self.main_stream)
+            images = (self.denoiser.decode_fn or self.denoiser.decode)(latents)
         ev["dec1"] = self._event(self.main_stream)
         if self.temporal is not None:
             self.temporal.remember(images, batch.count)
@@ -265,22 +362,34 @@ class StreamEngine:
     def _finish(self, batch: _Batch) -> Iterator[np.ndarray]:
         if batch.ready is not None:
             batch.ready.synchronize()
-        out = batch.output.numpy()
+        out = batch.output.numpy() if batch.output is not None else None
         entry = batch.entry
         entry["t_done"] = time.perf_counter()
-        ev = batch.tensors[-1]
-        if all(v is not None for v in ev.values()):
-            entry["ms"] = {"te": ev["te0"].elapsed_time(ev["te1"]), "vae_encode": ev["te1"].elapsed_time(ev["enc1"]),
-                           "unet": ev["unet0"].elapsed_time(ev["unet1"]), "vae_decode": ev["unet1"].elapsed_time(ev["dec1"]),
-                           "cond": ev["cond0"].elapsed_time(ev["unet0"])}
+        ev = batch.tensors[-1] if batch.tensors is not None else {}
+        if ev and all(v is not None for v in ev.values()):
+            entry["ms"] = {name: ev[a].elapsed_time(ev[b]) for name, a, b in SPANS
+                           if a in ev and b in ev and (name != "unet_decode" or "unet1" not in ev)}
         self.batch_log.append(entry)
         if len(self.batch_log) > self.config.log_limit:
             del self.batch_log[: len(self.batch_log) - self.config.log_limit]
         self.stats["batches"] += 1
         self.stats["frames"] += batch.count
+        self.stats["skipped_frames"] += entry["skipped"]
+        self.stats["skipped_batches"] += out is None
+        self._inflight -= 1
         batch.keep.clear()
+        skip = batch.skip or [False] * batch.count
         for i in range(batch.count):
-            yield out[i]
+            if out is None or skip[i]:
+                yield self._last_out.copy()  # a copy: the consumer may keep or modify what it gets
+            else:
+                self._last_out = out[i]
+                yield out[i]
+        if self._cache_key is not None:  # first compiled batch done: keep its compile artifacts
+            from . import compile_cache
+
+            compile_cache.save_artifacts(self._cache_key)
+            self._cache_key = None
 
     def close(self) -> None:
         """Stop the worker threads and detach the adapter from the (shared) U-Net."""
@@ -291,58 +400,3 @@ class StreamEngine:
             from .lllite import remove_lllite
 
             remove_lllite(self.models.unet)
-
-
-def _attach_adapter(models, config: EngineConfig):
-    """Load/build the LLLite adapter, patch it into the U-Net and size its buffers (before compile)."""
-    if config.lllite is None:
-        return None
-    from .lllite import LLLiteAdapter, apply_lllite
-
-    if isinstance(config.lllite, LLLiteAdapter):
-        adapter = config.lllite
-    elif config.lllite == "random":  # speed work: real shapes, small random weights
-        adapter = LLLiteAdapter.for_unet(models.unet, hooks=config.hooks, cond_size=config.size)
-        with torch.no_grad():
-            for _, module in adapter.items():
-                module.up[0].weight.normal_(0, 1e-3)
-    else:
-        adapter = LLLiteAdapter.load(config.lllite, models.unet, hooks=config.hooks)
-    apply_lllite(models.unet, adapter, inference_mode=True)
-    adapter.allocate(config.batch_size, config.size, config.size)
-    adapter.set_multiplier(config.lllite_multiplier)
-    return adapter
-
-
-def clean_prompt(prompt: str) -> str:
-    """The prompt as the engine will use it; an empty one raises, an over-long one is truncated."""
-    prompt = (prompt or "").strip()
-    if not prompt:
-        raise StreameditError("the prompt is empty: say what the edit should do, e.g. --prompt 'oil painting'")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        log.warning("prompt is %d characters; truncated to %d", len(prompt), MAX_PROMPT_CHARS)
-        prompt = prompt[:MAX_PROMPT_CHARS]
-    return prompt
-
-
-def _to_working(frame: np.ndarray, size: int) -> np.ndarray:
-    frame = np.asarray(frame)
-    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-        raise StreameditError(f"frames must be HxWx3 uint8 RGB arrays, got shape {frame.shape} dtype {frame.dtype}")
-    if frame.shape[:2] != (size, size):
-        frame = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(frame)
-
-
-def _validate(models, config: EngineConfig) -> None:
-    if not 1 <= config.steps <= 4:
-        raise StreameditError(f"--steps must be 1..4 for the distilled model, got {config.steps}")
-    if config.batch_size < 1:
-        raise StreameditError(f"--batch must be >= 1, got {config.batch_size}")
-    if config.cond_refresh_every < 1:
-        raise StreameditError(f"--cond-refresh must be >= 1, got {config.cond_refresh_every}")
-    if config.te_refresh_every < 1:
-        raise StreameditError(f"te_refresh_every must be >= 1, got {config.te_refresh_every}")
-    step = models.vae_scale_factor * 4  # the U-Net downsamples the latent twice
-    if config.size < step or config.size % step:
-        raise StreameditError(f"--size must be a multiple of {step}, got {config.size}")

@@ -7,7 +7,7 @@ Sources:
 * a hub id (``carlofkl/DreamLite-mobile``, revision ``diffusers``) or a local diffusers folder:
   loaded through ``DreamLiteMobilePipeline.from_pretrained``, the path every real user takes;
 * ``random:real``: the published architectures with random weights, for speed work;
-* ``random:tiny``: the same classes at toy sizes, for tests.
+* ``random:tiny``: the same classes at toy sizes, for tests; ``random:demo``: the demo model's architecture.
 """
 
 from __future__ import annotations
@@ -66,6 +66,23 @@ TINY_TE_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2
                       num_position_embeddings=64, in_channels=3)
 TINY_VAE = dict(encoder_block_out_channels=(16, 16, 16, 16), decoder_block_out_channels=(16, 16, 16, 16),
                 num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+# The bundled demo model (train/base.py trains it): small enough for >= 4 fps at 256x256 on 2 CPU cores.
+DEMO_UNET = dict(_UNET_BLOCKS, sample_size=32, block_out_channels=(64, 128, 192), attention_head_dim=(1, 2, 3),
+                 transformer_layers_per_block=(1, 1, 2), cross_attention_dim=192, encoder_hid_dim=128,
+                 addition_time_embed_dim=32, projection_class_embeddings_input_dim=64, ff_mult=2, in_channels=8,
+                 out_channels=8)
+DEMO_TE_TEXT = dict(TINY_TE_TEXT, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                    intermediate_size=256,
+                    rope_scaling={"rope_type": "default", "mrope_section": [4, 6, 6], "mrope_interleaved": True})
+DEMO_TE_VISION = dict(TINY_TE_VISION, hidden_size=64, intermediate_size=128, out_hidden_size=128,
+                      num_position_embeddings=1024)
+# No full-resolution blocks: the 256x256 stages are one conv each (the CPU cost of TAESD is there);
+# 8 latent channels instead of 4 buy back the reconstruction quality that costs.
+DEMO_VAE = dict(encoder_block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 32, 32),
+                num_encoder_blocks=(0, 2, 2, 2), num_decoder_blocks=(2, 2, 2, 0), latent_channels=8)
+ARCHITECTURES = {"real": (REAL_UNET, REAL_TE_TEXT, REAL_TE_VISION, {}),
+                 "tiny": (TINY_UNET, TINY_TE_TEXT, TINY_TE_VISION, TINY_VAE),
+                 "demo": (DEMO_UNET, DEMO_TE_TEXT, DEMO_TE_VISION, DEMO_VAE)}
 
 
 @dataclass
@@ -128,32 +145,34 @@ def load_models(source: str = "random:tiny", device: str | torch.device = "cpu",
                 revision: str | None = None) -> Models:
     """Load or build the model components on ``device`` in ``dtype`` (see module docstring)."""
     device = torch.device(device)
-    if source in ("random:real", "random:tiny"):
-        models = build_random(source.split(":")[1], device=device, dtype=dtype)
+    if source.startswith("random:") and source[7:] in ARCHITECTURES:
+        models = build_random(source[7:], device=device, dtype=dtype)
     elif source == "demo":
         if not demo_available():
             raise StreameditError("the bundled demo model is not installed in this copy of streamedit")
         models = _from_pretrained(str(DEMO_PATH), device, dtype, None)
     elif source.startswith("random:"):
-        raise StreameditError(f"unknown model source {source!r}: random builds are 'random:real' and 'random:tiny'")
+        raise StreameditError(f"unknown model source {source!r}: random builds are "
+                              + ", ".join(f"'random:{a}'" for a in ARCHITECTURES))
     else:
         models = _from_pretrained(source, device, dtype, revision)
     models.source = source
     return models
 
 
-def build_random(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Models:
-    """Random weights in the exact published architecture (``real``) or a toy one (``tiny``)."""
-    real = size == "real"
+def build_random(arch: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Models:
+    """Random weights in the exact published architecture (``real``), the demo one or a toy one (``tiny``)."""
+    unet_cfg, text_cfg, vision_cfg, vae_cfg = ARCHITECTURES[arch]
     tokenizer = proc.build_offline_tokenizer()
-    te_config = _te_config(tokenizer, REAL_TE_TEXT if real else dict(TINY_TE_TEXT, vocab_size=len(tokenizer)),
-                           REAL_TE_VISION if real else TINY_TE_VISION)
+    if arch != "real":  # the real vocabulary is Qwen's; small builds use the offline tokenizer's
+        text_cfg = dict(text_cfg, vocab_size=len(tokenizer))
+    te_config = _te_config(tokenizer, text_cfg, vision_cfg)
     torch.manual_seed(seed)
     # Built directly in the target dtype on the target device: no fp32 copy of 2.5 B parameters.
     with torch.device(device), _default_dtype(dtype):
         text_encoder = Qwen3VLForConditionalGeneration(te_config)
-        unet = DreamLiteUNetModel(**(REAL_UNET if real else TINY_UNET))
-        vae = AutoencoderTiny(**({} if real else TINY_VAE))
+        unet = DreamLiteUNetModel(**unet_cfg)
+        vae = AutoencoderTiny(**vae_cfg)
     vision = te_config.vision_config
     models = Models(
         text_encoder=text_encoder.to(dtype).eval(), tokenizer=tokenizer,
@@ -188,7 +207,7 @@ def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, revi
     if not local.exists():
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
             raise StreameditError(f"unknown model source {source!r}: not a folder, not a hub id (owner/name), "
-                                  "not 'random:real' / 'random:tiny' / 'demo'")
+                                  "not 'random:real' / 'random:tiny' / 'random:demo' / 'demo'")
         if revision is None and source == DREAMLITE_HUB_ID:
             revision = DREAMLITE_REVISION
         local = Path(_hub_snapshot(source, revision))
@@ -209,7 +228,23 @@ def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, revi
     tok = pipe.tokenizer
     # Upstream's 64 is exact for the Qwen tokenizer; other tokenizers are measured.
     prefix = proc.QWEN_EDIT_PREFIX_LEN if len(tok) > 150_000 else proc.edit_prefix_len(tok)
-    return Models(**{c: getattr(pipe, c) for c in COMPONENTS}, source=source, edit_prefix_len=prefix)
+    extras = {}
+    meta = local / "streamedit.json"  # written by `streamedit train base`: instructions the model knows
+    if meta.is_file():
+        try:
+            extras = json.loads(meta.read_text())
+        except ValueError:
+            log.warning("ignoring unreadable %s", meta)
+    return Models(**{c: getattr(pipe, c) for c in COMPONENTS}, source=source, edit_prefix_len=prefix, extras=extras)
+
+
+def warn_unknown_instruction(models: Models, prompt: str) -> bool:
+    """Warn (once per call) when a model that lists its instructions gets another one; True if warned."""
+    known = models.extras.get("instructions") if models.extras else None
+    if not known or prompt.strip().lower() in {k.lower() for k in known}:
+        return False
+    log.warning("this model was trained on these instructions only: %s (got %r)", ", ".join(known), prompt)
+    return True
 
 
 def _hub_snapshot(repo: str, revision: str | None) -> str:

@@ -18,9 +18,9 @@ CUDA graphs apply. The output equals ``model(...).last_hidden_state[:, edit_pref
 float reassociation (tests: <= 1e-4 in fp32). Constants are snapshots: rebuild the runner if the
 TE weights change.
 
-``fp8=True`` (an approximation, off by default) runs the vision blocks' and decoder layers'
-Linears as per-tensor-scaled e4m3 ``torch._scaled_mm`` on a parameter-sharing copy of those
-modules; the shared model is not modified.
+``fp8=True`` (an approximation, off by default; engine ``te_fp8``) runs the vision blocks' and
+decoder layers' Linears as e4m3 matmuls (:mod:`streamedit.fp8`) on a parameter-sharing copy of
+those modules; the shared model is not modified.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision, eager_attention_forward
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
+from .fp8 import Fp8Linear, with_fp8_linears  # noqa: F401  (Fp8Linear: public name kept here)
+from .graphs import StaticGraph, compile_fn, inductor_mode, wants_graph
 from .text_encoder import TextEncoderRunner
-
-CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 class _PrefixKV:
@@ -59,40 +59,6 @@ class _PrefixKV:
         k = torch.cat([self.keys[layer_idx].expand(b, -1, -1, -1), key_states], dim=2)
         v = torch.cat([self.values[layer_idx].expand(b, -1, -1, -1), value_states], dim=2)
         return k, v
-
-
-class Fp8Linear(nn.Module):
-    """``nn.Linear`` as an e4m3 ``torch._scaled_mm`` with per-tensor scales (Hopper FP8 tensor cores).
-
-    The weight is quantized once; the activation scale is an on-device amax per call (no host
-    sync). An approximation (3 mantissa bits); dims must be multiples of 16 (checked by the caller).
-    """
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        w = linear.weight.detach()
-        self.register_buffer("w_scale", w.abs().amax().float().clamp(min=1e-12) / 448)
-        self.register_buffer("weight", (w.float() / self.w_scale).to(torch.float8_e4m3fn))  # (out, in)
-        self.bias, self.out_dtype = linear.bias, w.dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        scale = x2.abs().amax().float().clamp(min=1e-12) / 448
-        xq = (x2.float() / scale).to(torch.float8_e4m3fn)
-        out = torch._scaled_mm(xq, self.weight.t(), scale_a=scale, scale_b=self.w_scale, out_dtype=self.out_dtype)
-        out = out if self.bias is None else out + self.bias
-        return out.view(*x.shape[:-1], -1)
-
-
-def _with_fp8_linears(module: nn.Module) -> nn.Module:
-    """A copy of the module tree that shares every parameter, its 16-aligned Linears as Fp8Linear.
-
-    The shared model (the reference runner, other engines) is left untouched.
-    """
-    if isinstance(module, nn.Linear):
-        aligned = module.in_features % 16 == 0 and module.out_features % 16 == 0
-        return Fp8Linear(module) if aligned else module
-    return _shallow(module, **{n: _with_fp8_linears(m) for n, m in module._modules.items() if m is not None})
 
 
 def _shallow(module: nn.Module, **children: nn.Module) -> nn.Module:
@@ -132,8 +98,8 @@ class FastTextEncoderRunner(TextEncoderRunner):
         self.batch_size = batch_size  # nominal; shapes come from each call (a new B: one more compile/graph)
         self.visual, self.lm = _hook_free(self.model.visual), _hook_free(self.model.language_model)
         if fp8:  # approximation: the vision blocks' and decoder layers' Linears in FP8 (mergers stay)
-            self.visual = _shallow(self.visual, blocks=_with_fp8_linears(self.visual.blocks))
-            self.lm = _shallow(self.lm, layers=_with_fp8_linears(self.lm.layers))
+            self.visual = _shallow(self.visual, blocks=with_fp8_linears(self.visual.blocks))
+            self.lm = _shallow(self.lm, layers=with_fp8_linears(self.lm.layers))
         self.device = models.device
         self.te_dtype = next(self.model.parameters()).dtype
         ip = self.image_processor
@@ -149,8 +115,7 @@ class FastTextEncoderRunner(TextEncoderRunner):
         self._layout = 0  # bumped whenever a constant is re-allocated (CUDA graphs must be re-captured)
         self._prompt = None
         self._fn = self._forward  # the static forward, or its torch.compile wrapper
-        self._graph_mode = False
-        self._graph = self._graph_key = self._pixels = self._out = None
+        self._graph = None  # graphs.StaticGraph of _fn when compiled with a CUDA-graph mode
         self._vision_constants()
 
     # ---- precomputation -----------------------------------------------------------------------
@@ -319,8 +284,9 @@ class FastTextEncoderRunner(TextEncoderRunner):
         """(batch, tokens - prefix, hidden) prompt embeddings on the model's device/dtype."""
         self.set_prompt(prompt)
         frames = images[:batch]
-        if self._graph_mode:
-            return self._graph_call(frames)
+        if self._graph is not None:  # the key: everything the capture baked in besides the input shape
+            out = self._graph(frames, key=(self._layout, self.span))
+            return out.to(self.models.dtype, copy=True)  # the next replay overwrites the graph's output
         return self._fn(frames.to(self.device, non_blocking=True)).to(self.models.dtype)
 
     # ---- compilation -------------------------------------------------------------------------
@@ -328,40 +294,20 @@ class FastTextEncoderRunner(TextEncoderRunner):
         """Wrap the static forward in ``torch.compile(fullgraph=True, dynamic=False)``.
 
         ``mode="reduce-overhead"`` / ``"max-autotune"`` on CUDA: inductor without its cudagraph trees
-        (``default`` / ``max-autotune-no-cudagraphs``) plus one CUDA graph captured here, with a
-        persistent input buffer (each batch's pixels are copied into it, then the graph replays) and
-        a static output that is cloned. cudagraph trees are avoided on purpose: they share one
-        memory pool and step counter per device with the compiled U-Net, assume a single stream, and
-        the engine runs the TE on a side stream concurrently with the U-Net.
+        (``default`` / ``max-autotune-no-cudagraphs``) plus one CUDA graph captured by
+        :class:`streamedit.graphs.StaticGraph`, with a persistent input buffer (each batch's pixels
+        are copied into it, then the graph replays on the current stream) and a static output that
+        is cloned. cudagraph trees are avoided on purpose: they share one memory pool and step
+        counter per device with the compiled U-Net, assume a single stream, and the engine runs the
+        TE on a side stream concurrently with the U-Net.
 
         Recompiles: none per batch. A new prompt with the same token count updates the constants in
         place (no recompile, graph stays valid); a new token count, batch size or working size gives
         one recompile (dynamo shape guards) and one new graph.
         """
-        self._graph_mode = mode in CUDA_GRAPH_MODES and self.device.type == "cuda"
+        graph = wants_graph(mode, self.device)
         if backend == "inductor":
-            options.setdefault("mode", CUDA_GRAPH_MODES.get(mode, mode))
-        self._fn = torch.compile(self._forward, backend=backend, fullgraph=True, dynamic=False, **options)
+            mode = options.pop("mode", inductor_mode(mode))
+        self._fn = compile_fn(self._forward, mode, backend, fullgraph=True, dynamic=False, **options)
+        self._graph = StaticGraph(self._fn, self.device) if graph else None
         return self
-
-    def _graph_call(self, frames: torch.Tensor) -> torch.Tensor:
-        key = (tuple(frames.shape), self._layout, self.span)  # everything the capture baked in
-        if self._graph_key != key:
-            self._graph = None
-            self._pixels = torch.empty(frames.shape, dtype=torch.uint8, device=self.device)
-            self._pixels.copy_(frames)
-            warm = torch.cuda.Stream(self.device)  # compile/autotune + allocator warm-up outside capture
-            warm.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(warm):
-                for _ in range(2):
-                    self._fn(self._pixels)
-            torch.cuda.current_stream(self.device).wait_stream(warm)
-            self._graph = torch.cuda.CUDAGraph()
-            # thread_local: the engine's prefetch thread may pin memory while this thread captures
-            with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
-                self._out = self._fn(self._pixels)
-            self._graph_key = key
-        else:
-            self._pixels.copy_(frames, non_blocking=True)
-        self._graph.replay()  # on the current (engine side) stream, after the copy
-        return self._out.to(self.models.dtype, copy=True)  # the next replay overwrites _out

@@ -9,6 +9,7 @@ from .metrics import (
     compute_all,
     compute_flows,
     hf_fft_energy,
+    psnr_per_frame,
     sobel_sharpness,
     valid_mask,
     warp,
@@ -19,6 +20,6 @@ from .optional import available_metrics, clip_metrics, lpips_metrics
 
 __all__ = [
     "FARNEBACK", "HF_RADIUS", "Flows", "as_frames", "available_metrics", "clip_metrics", "compute_all",
-    "compute_flows", "hf_fft_energy", "lpips_metrics", "sobel_sharpness", "valid_mask", "warp", "warp_error",
+    "compute_flows", "hf_fft_energy", "lpips_metrics", "psnr_per_frame", "sobel_sharpness", "valid_mask", "warp", "warp_error",
     "windowed",
 ]

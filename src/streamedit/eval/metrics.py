@@ -278,6 +278,16 @@ def _hf_fraction(x: torch.Tensor, radius: float) -> torch.Tensor:
     return torch.where(flat, torch.zeros_like(total), (p * high).sum((-2, -1)) / total.clamp_min(1e-30))
 
 
+def psnr_per_frame(outputs, references) -> np.ndarray:
+    """PSNR (dB) of each uint8 output frame against its reference frame (identical frames: inf)."""
+    a, b = (np.asarray(x, dtype=np.float64) for x in (outputs, references))
+    if a.shape != b.shape:
+        raise StreameditError(f"PSNR needs frames of the same shape, got {a.shape} and {b.shape}")
+    mse = ((a - b) ** 2).reshape(len(a), -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return 10 * np.log10(255.0**2 / mse)
+
+
 def hf_fft_energy(frames, radius: float = HF_RADIUS, *, device=None, return_per_frame: bool = False):
     """Fraction of the luma's 2-D FFT power (mean removed) above ``radius`` x Nyquist, per frame, averaged.
 

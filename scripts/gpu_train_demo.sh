@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Train the bundled demo model and its temporal adapter on the GPU machine (see docs/demo-model.md).
+# Usage: scripts/gpu_train_demo.sh base|adapter CLIPS_DIR OUT_DIR
+# `base` trains the edit model into OUT_DIR/demo-model (and /tmp/demo-model); `adapter` makes teacher pairs
+# from $MODEL (default /tmp/demo-model) and trains the LLLite adapter into OUT_DIR/demo-lllite.safetensors.
+# The held-out clip is blackswan.
+set -euo pipefail
+stage=$1 clips=$2 out=$3
+se() { python3 -m streamedit "$@"; }
+mkdir -p "$out"
+case $stage in
+base)
+  se train base --clips "$clips" --holdout blackswan -o "$out/demo-model" --device cuda \
+    --vae-steps 3000 --crops 6 --unet-steps 20000 --unet-minutes "${UNET_MINUTES:-4}" 2> "$out/base.log"
+  tail -c 600 "$out/base.log" | tr '\r' '\n' | tail -3
+  rm -rf /tmp/demo-model && cp -r "$out/demo-model" /tmp/demo-model  # for `adapter` on the same (warm) machine
+  # files come back in pieces of at most 16 MiB
+  tar czf - -C "$out" demo-model | split -b 15M - "$out/demo-model.tgz.part-"
+  rm -rf "$out/demo-model/unet" "$out/demo-model/vae" "$out/demo-model/text_encoder" "$out/demo-model/tokenizer" ;;
+adapter)
+  styles=(-p "oil painting" -p watercolor -p "pencil sketch" -p cartoon)
+  model=${MODEL:-/tmp/demo-model}
+  se train pairs --model "$model" --clips "$clips" --exclude blackswan "${styles[@]}" -o /tmp/pairs \
+     --size 256 --dtype float32 2> "$out/pairs.log"
+  se train lllite --model "$model" --pairs /tmp/pairs -o "$out/demo-lllite.safetensors" --dtype float32 \
+     --steps "${LLLITE_STEPS:-1500}" --batch 16 --lr 5e-4 --warmup 100 --fixed-noise --save-every 500 \
+     --log "$out/lllite_log.jsonl" 2> "$out/lllite.log"
+  tail -c 600 "$out/lllite.log" | tr '\r' '\n' | tail -3 ;;
+esac

@@ -1,0 +1,94 @@
+"""``streamedit bench --startup``: seconds from process launch to the first output frame.
+
+Two fresh Python processes run the same config one after the other on one new, empty
+``STREAMEDIT_CACHE_DIR`` (compile_cache.py; ``TORCHINDUCTOR_CACHE_DIR`` and ``TRITON_CACHE_DIR``
+are removed from their environment so every cache lands there): **cold** compiles everything,
+**warm** finds the first one's caches. Each child reports, in seconds since the parent launched
+it (interpreter start included): imports done, models loaded, engine built, first output frame;
+plus inductor's FX-graph / AOT-autograd cache hits and misses, so the warm launch is shown to be
+served from the cache. The folder is deleted afterwards; its size is reported.
+
+Child: ``python -m streamedit.bench_startup SPEC_JSON`` prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import StreameditError
+
+LAUNCH_TIMEOUT_S = 1800
+
+
+def measure_startup(model: str, revision, device: str, dtype: str, config, launches=("cold", "warm")) -> dict:
+    """Launch the probe once per name in ``launches`` on one fresh cache folder; their reports."""
+    spec = {"model": model, "revision": revision, "device": device, "dtype": dtype,
+            "config": {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}}
+    root = tempfile.mkdtemp(prefix="streamedit-startup-")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    env["STREAMEDIT_CACHE_DIR"] = root
+    out: dict = {}
+    try:
+        for name in launches:
+            t0 = time.time()
+            proc = subprocess.run([sys.executable, "-m", "streamedit.bench_startup",
+                                   json.dumps({**spec, "t_launch": t0}, default=str)],
+                                  env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+            lines = proc.stdout.strip().splitlines()
+            if proc.returncode or not lines:
+                err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise StreameditError(f"startup probe ({name} launch) failed: {err}")
+            out[name] = json.loads(lines[-1])
+            out[f"{name}_s"] = out[name]["first_frame_s"]
+        out["cache_mib"] = sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file()) / 2**20
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def _probe(spec: dict) -> dict:
+    t0 = spec["t_launch"]
+    import torch  # noqa: F401  (import time is part of the startup)
+
+    from . import compile_cache
+    from .bench_run import bench_frames
+    from .cli import load
+    from .engine import EngineConfig, StreamEngine
+
+    t_import = time.time() - t0
+    models = load(spec["model"], spec["revision"], spec["device"], getattr(torch, spec["dtype"]))
+    t_load = time.time() - t0
+    config = EngineConfig(**spec["config"])
+    engine = StreamEngine(models, config)
+    t_engine = time.time() - t0
+    frames = bench_frames(None, config.size, config.batch_size)
+    outputs = engine.run(frames)
+    next(outputs)
+    t_first = time.time() - t0
+    for _ in outputs:  # the rest of the batch (and the engine's save of the compile artifacts)
+        pass
+    engine.close()
+    return {"import_s": t_import, "load_s": t_load, "engine_s": t_engine, "first_frame_s": t_first,
+            "total_s": time.time() - t0, "cache": compile_cache.cache_stats(),
+            "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "device": _device_name(models.device)}
+
+
+def _device_name(device) -> str:
+    from .bench_report import device_name
+
+    return device_name(device)
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    print(json.dumps(_probe(json.loads(sys.argv[1]))), flush=True)

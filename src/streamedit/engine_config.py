@@ -1,0 +1,158 @@
+"""``EngineConfig``, its presets and checks, and the small host-side helpers of the engine."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from .errors import StreameditError
+from .text_encoder import MAX_PROMPT_CHARS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    prompt: str
+    batch_size: int = 8
+    steps: int = 1  # distilled operating point; 1-4
+    size: int = 512
+    seed: int = 0
+    fixed_noise: bool = False  # every frame starts from the same noise (upstream's draw for `seed`)
+    te_batch_one: bool = False  # approximation: encode one frame per batch, broadcast
+    te_refresh_every: int = 1  # approximation: reuse the TE output for N batches
+    te_fast: bool = False  # static, sync-free TE (te_fast.py); compiled (+CUDA graph) with `compile`
+    te_fp8: bool = False  # approximation: the fast TE's Linears in FP8 (fp8.py); needs te_fast + an FP8 GPU
+    pipeline: bool = True  # overlap TE/VAE-encode of batch k+1 with denoise/decode of batch k
+    compile: bool = False  # U-Net (and the fast TE); with compile_vae: U-Net + decode as one graph
+    compile_vae: bool | None = None  # VAE encode/decode compiled; None: same as `compile`
+    compile_mode: str = "reduce-overhead"
+    compile_backend: str = "inductor"  # e.g. "aot_eager" to trace without code generation (tests)
+    channels_last: bool = True  # the compiled VAE runs a channels_last copy
+    profile: bool = False  # per-component CUDA-event timings in `engine.batch_log`
+    prefetch: int = 2  # batches prepared ahead on the host
+    low_latency: bool = False  # schedule: hand a batch out as soon as it is done (engine.run)
+    skip_similar: float | None = None  # re-emit the last output for frames this close (similarity.py)
+    log_limit: int = 4096  # batch_log keeps the newest entries only (live sessions run for hours)
+    # temporal LLLite adapter (see temporal.py): an LLLiteAdapter, a checkpoint path, or "random"
+    lllite: object = None
+    hooks: str | list = "down"
+    lllite_multiplier: float = 1.0
+    cond_refresh_every: int = 8  # rebuild the cond embedding every N batches, reuse it in between
+    cut_refresh: bool = True  # a scene cut forces a cond (and TE) refresh on its batch
+    motion_refresh: float | None = None  # refresh early when mean flow (px) since the last refresh exceeds this
+    flow_size: int | None = None  # compute Farnebäck at this resolution (None: working size)
+
+    @property
+    def vae_compiled(self) -> bool:
+        return self.compile if self.compile_vae is None else self.compile_vae
+
+
+# `--low-latency`: one frame per batch, everything compiled, one batch prepared ahead, and the
+# latency-first schedule (engine.run: never waits for the next frame to hand out the current one).
+LOW_LATENCY = dict(batch_size=1, te_fast=True, compile=True, prefetch=1, pipeline=True, low_latency=True)
+
+
+def clean_prompt(prompt: str) -> str:
+    """The prompt as the engine will use it; an empty one raises, an over-long one is truncated."""
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise StreameditError("the prompt is empty: say what the edit should do, e.g. --prompt 'oil painting'")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        log.warning("prompt is %d characters; truncated to %d", len(prompt), MAX_PROMPT_CHARS)
+        prompt = prompt[:MAX_PROMPT_CHARS]
+    return prompt
+
+
+def to_working(frame: np.ndarray, size: int) -> np.ndarray:
+    frame = np.asarray(frame)
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        raise StreameditError(f"frames must be HxWx3 uint8 RGB arrays, got shape {frame.shape} dtype {frame.dtype}")
+    if frame.shape[:2] != (size, size):
+        frame = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(frame)
+
+
+def validate(models, config: EngineConfig) -> None:
+    if not 1 <= config.steps <= 4:
+        raise StreameditError(f"--steps must be 1..4 for the distilled model, got {config.steps}")
+    if config.batch_size < 1:
+        raise StreameditError(f"--batch must be >= 1, got {config.batch_size}")
+    if config.cond_refresh_every < 1:
+        raise StreameditError(f"--cond-refresh must be >= 1, got {config.cond_refresh_every}")
+    if config.te_refresh_every < 1:
+        raise StreameditError(f"te_refresh_every must be >= 1, got {config.te_refresh_every}")
+    if config.skip_similar is not None and not config.skip_similar >= 0:
+        raise StreameditError(f"--skip-similar must be >= 0 (gray levels), got {config.skip_similar}")
+    if config.te_fp8:
+        from .fp8 import check_fp8_device
+
+        if not config.te_fast:
+            raise StreameditError("--te-fp8 needs --te-fast (FP8 runs inside the fast text encoder)")
+        reason = check_fp8_device(models.device)
+        if reason:
+            raise StreameditError(reason)
+    step = models.vae_scale_factor * 4  # the U-Net downsamples the latent twice
+    if config.size < step or config.size % step:
+        raise StreameditError(f"--size must be a multiple of {step}, got {config.size}")
+
+
+def attach_adapter(models, config: EngineConfig):
+    """Load/build the LLLite adapter, patch it into the U-Net and size its buffers (before compile)."""
+    if config.lllite is None:
+        return None
+    from .lllite import LLLiteAdapter, apply_lllite
+
+    if isinstance(config.lllite, LLLiteAdapter):
+        adapter = config.lllite
+    elif config.lllite == "random":  # speed work: real shapes, small random weights
+        adapter = LLLiteAdapter.for_unet(models.unet, hooks=config.hooks, cond_size=config.size)
+        with torch.no_grad():
+            for _, module in adapter.items():
+                module.up[0].weight.normal_(0, 1e-3)
+    else:
+        adapter = LLLiteAdapter.load(config.lllite, models.unet, hooks=config.hooks)
+    apply_lllite(models.unet, adapter, inference_mode=True)
+    adapter.allocate(config.batch_size, config.size, config.size)
+    adapter.set_multiplier(config.lllite_multiplier)
+    return adapter
+
+
+def start_reader(items, prepare, maxsize: int):
+    """A daemon thread putting ``prepare(item)`` for each item on a bounded queue, then ``end``.
+
+    Returns (queue, stop event, end marker). An exception (source or preparation) is put on the
+    queue for the consumer to raise; setting ``stop`` ends the thread at its next put and closes
+    ``items`` (so a generator source runs its cleanup).
+    """
+    ready: queue.Queue = queue.Queue(maxsize=maxsize)
+    stop, end = threading.Event(), object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def read():
+        try:
+            for item in items:
+                if not put(prepare(item)):
+                    return
+            put(end)
+        except BaseException as exc:  # re-raised by the consumer
+            put(exc)
+        finally:
+            items.close()
+
+    threading.Thread(target=read, daemon=True, name="streamedit-reader").start()
+    return ready, stop, end

@@ -1,0 +1,87 @@
+"""Compile helpers shared by the TE, the VAE and the denoiser: modes, and CUDA graphs on any stream.
+
+torch.compile's own CUDA graphs (``mode="reduce-overhead"``, cudagraph trees) keep one memory pool
+and one generation counter per device and assume the graphs replay on one stream. The engine's main
+stream uses them (U-Net + VAE decode); work on the side stream (the fast TE, the VAE encode) is
+compiled *without* them (:func:`inductor_mode`) and captured here instead, by :class:`StaticGraph`,
+into a plain ``torch.cuda.CUDAGraph`` that replays on whatever stream is current at the call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# torch.compile modes that include cudagraph trees -> the same inductor mode without them
+CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def inductor_mode(mode: str | None) -> str | None:
+    """The inductor mode to use when the CUDA graph is captured by :class:`StaticGraph`."""
+    return CUDA_GRAPH_MODES.get(mode, mode)
+
+
+def wants_graph(mode: str | None, device: torch.device) -> bool:
+    """True when ``mode`` asks for CUDA graphs and there is a CUDA device to capture on."""
+    return mode in CUDA_GRAPH_MODES and torch.device(device).type == "cuda"
+
+
+def compile_fn(fn, mode: str | None, backend: str = "inductor", **kwargs):
+    """``torch.compile`` with ``mode`` passed only to inductor (other backends have no modes)."""
+    if backend == "inductor" and mode is not None:
+        kwargs["mode"] = mode
+    return torch.compile(fn, backend=backend, **kwargs)
+
+
+class StaticGraph:
+    """``fn(*inputs)`` replayed from one CUDA graph per input signature (shapes, dtypes, ``key``).
+
+    Each call copies the inputs into persistent buffers (host pinned or device tensors; the copy is
+    queued on the current stream), replays the graph on the current stream and returns the graph's
+    static outputs. The next call overwrites them: callers copy what they keep beyond it. A new
+    signature (or ``key``: anything else the capture baked in) drops the old graph and captures a
+    new one: two warm-up runs on a fresh stream (compilation, autotuning, allocator), then capture
+    in ``thread_local`` mode (the engine's prefetch thread may pin memory meanwhile).
+
+    Off CUDA there is nothing to capture: ``fn`` runs on the same static buffers, so the call
+    semantics (buffers, overwritten outputs, re-captures counted in ``captures``) are the same.
+    """
+
+    def __init__(self, fn, device, warmup: int = 2):
+        self.fn, self.device, self.warmup = fn, torch.device(device), warmup
+        self.captures = 0
+        self._sig = self._graph = self._out = None
+        self._inputs: list[torch.Tensor] = []
+
+    def __call__(self, *inputs: torch.Tensor, key=()):
+        sig = (tuple((tuple(x.shape), x.dtype) for x in inputs), key)
+        if sig != self._sig:
+            self._capture(inputs, sig)
+        else:
+            for buf, x in zip(self._inputs, inputs):
+                buf.copy_(x, non_blocking=True)
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._out = self.fn(*self._inputs)
+        return self._out
+
+    def _capture(self, inputs, sig) -> None:
+        self._graph = self._out = None  # release the previous graph (and its pool) first
+        self._inputs = [torch.empty(x.shape, dtype=x.dtype, device=self.device) for x in inputs]
+        for buf, x in zip(self._inputs, inputs):
+            buf.copy_(x, non_blocking=True)
+        self._sig = sig
+        self.captures += 1
+        if self.device.type != "cuda":
+            return
+        current = torch.cuda.current_stream(self.device)
+        warm = torch.cuda.Stream(self.device)
+        warm.wait_stream(current)
+        with torch.cuda.stream(warm):
+            for _ in range(self.warmup):
+                self.fn(*self._inputs)
+        current.wait_stream(warm)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._out = self.fn(*self._inputs)
+        self._graph = graph

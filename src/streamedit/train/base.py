@@ -1,0 +1,326 @@
+"""``streamedit train base``: the bundled demo edit model, trained to imitate classic filters.
+
+Architecture: the runtime's own classes at small sizes (``models.DEMO_*``): ``DreamLiteUNetModel``,
+an ``AutoencoderTiny`` and a ``Qwen3VLForConditionalGeneration`` with the offline BPE tokenizer.
+The TE stays frozen at its random initialisation: it is a fixed, deterministic feature map of
+(frame, instruction) and the U-Net's cross-attention learns to read the instruction from it, which
+is all four styles need.
+
+Recipe (GPU minutes, see docs/demo-model.md):
+
+1. data: augmented crops of every training frame and their filtered targets (``data.py``);
+2. VAE: encoder + decoder on sources and targets alike (L1 + MSE + Sobel-gradient loss; a small
+   latent L2 keeps the latents bounded). Its ``scaling_factor`` is then set so the model-space latents
+   have std ``latent_std`` (2): the 1-step output is ``noise - v``, and any noise the U-Net fails to
+   reproduce in ``v`` lands in the image divided by that scale;
+3. latents and TE embeddings of every crop are computed once (both frozen from here on);
+4. U-Net: flow matching with the runtime's edit conditioning, ``unet(cat([x_sigma, z_source], W))``,
+   velocity target ``noise - z_target``. Three quarters of each batch sits at sigma = 1, the 1-step operating
+   point the runtime uses, where the sample is pure noise and ``x0 = noise - v``; the rest is
+   logit-normal sigma. Part of the sigma = 1 share also gets a pixel loss through the frozen decoder;
+5. an EMA of the U-Net weights is what is saved, in float16, as a diffusers folder plus
+   ``streamedit.json`` naming the instructions the model knows.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import STYLE_NAMES, build_examples, split_clips, validation_frames, with_targets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BaseTrainConfig:
+    size: int = 256
+    crops_per_frame: int = 8
+    max_frames: int | None = None  # per clip (None: all)
+    vae_steps: int = 4000
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    unet_steps: int = 6000
+    # ~20k kernel launches per step: the step time hardly depends on the batch, so make it large
+    unet_batch: int = 512
+    unet_lr: float = 6e-4
+    one_step_fraction: float = 0.75  # share of each batch at sigma = 1
+    pixel_batch: int = 32  # samples of each batch that also get the decoder's pixel loss
+    latent_std: float = 2.0  # target std of the model-space latents (see _set_latent_scale)
+    unet_minutes: float | None = None  # wall-clock budget: the step count is cut to fit after 50 steps
+    pixel_weight: float = 0.5
+    ema: float = 0.999
+    seed: int = 0
+    workers: int | None = None
+
+
+def _to_pm1(images_u8: torch.Tensor) -> torch.Tensor:
+    """(N,H,W,3) uint8 -> (N,3,H,W) float in [-1, 1] (the runtime's VAE input)."""
+    return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _sobel(x: torch.Tensor) -> torch.Tensor:
+    k = torch.tensor([[1.0, 0, -1], [2, 0, -2], [1, 0, -1]], device=x.device)
+    k = torch.stack([k, k.T]).unsqueeze(1).repeat(x.shape[1], 1, 1, 1)
+    return F.conv2d(x, k.to(x.dtype), padding=1, groups=x.shape[1])
+
+
+def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+
+
+def train_vae(vae, images: torch.Tensor, cfg: BaseTrainConfig, log_rows: list, bar=None) -> None:
+    """``images``: (N,S,S,3) uint8 on the training device (sources and targets together)."""
+    device = images.device
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=1e-4)
+    vae.train()
+    for step in range(cfg.vae_steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr)
+        x = _to_pm1(images[torch.randint(len(images), (cfg.vae_batch,), device=device, generator=gen)])
+        with _autocast(device):
+            z = vae.encode(x).latents
+            rec = vae.decode(z).sample
+        rec = rec.float()
+        loss = (F.l1_loss(rec, x) + F.mse_loss(rec, x) + 0.5 * F.l1_loss(_sobel(rec), _sobel(x))
+                + 1e-3 * z.float().pow(2).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == cfg.vae_steps - 1:
+            log_rows.append({"phase": "vae", "step": step, "loss": loss.item()})
+            if bar is not None:
+                bar.set_postfix(phase="vae", loss=f"{log_rows[-1]['loss']:.4f}", refresh=False)
+        if bar is not None:
+            bar.update(1)
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _encode_all(vae, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), chunk):
+        with _autocast(images.device):
+            out.append(vae.encode(_to_pm1(images[i:i + chunk])).latents.float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _embed_all(models, sources: np.ndarray, chunk: int = 32) -> list[torch.Tensor]:
+    """Per style, (N, tokens, hidden) TE embeddings through the runtime's own TextEncoderRunner.
+
+    Instructions tokenize to different lengths, so each style keeps its own tensor.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..text_encoder import TextEncoderRunner
+
+    te = TextEncoderRunner(models)
+    chunks = [list(sources[i:i + chunk]) for i in range(0, len(sources), chunk)]
+    rows = {name: [] for name in STYLE_NAMES}
+    with ThreadPoolExecutor(8) as pool:  # PIL resize + image processor on the CPU, ahead of the GPU
+        for images, frames in zip(pool.map(te.prepare_images, chunks), chunks):
+            for name in STYLE_NAMES:
+                emb = te.encode(name, images, len(frames))
+                rows[name].append(emb.to(torch.bfloat16) if emb.is_cuda else emb)  # autocast reads bf16
+    return [torch.cat(rows[name]) for name in STYLE_NAMES]
+
+
+def train_unet(models, data: dict, cfg: BaseTrainConfig, log_rows: list, bar=None):
+    """Flow matching on precomputed latents/embeddings; returns the EMA U-Net."""
+    unet, vae, device = models.unet, models.vae, models.device
+    z_src, z_tgt, emb, tgt_u8 = data["z_src"], data["z_tgt"], data["emb"], data["targets"]
+    scale = vae.config.scaling_factor  # model-space latents = VAE latents * scale (source latents stay raw)
+    n, n_styles = z_tgt.shape[:2]
+    gen = torch.Generator(device).manual_seed(cfg.seed + 1)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
+    time_ids = torch.tensor([[cfg.size, cfg.size]], device=device, dtype=torch.float32)
+    ones = int(cfg.unet_batch * cfg.one_step_fraction)
+    npix = min(cfg.pixel_batch, ones)
+    total, step, t0 = cfg.unet_steps, 0, time.perf_counter()
+    while step < total:
+        if step == 50:
+            t50 = time.perf_counter()
+        if cfg.unet_minutes and step == 100:  # fit the budget (rate from steps 50-100: warm)
+            per_step = (time.perf_counter() - t50) / 50
+            left = cfg.unet_minutes * 60 - (time.perf_counter() - t0)
+            total = max(101, min(total, 100 + int(left / per_step)))
+            if bar is not None:
+                bar.total = bar.n + total - step
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, total, cfg.unet_lr)
+        idx = torch.randint(n, (cfg.unet_batch,), device=device, generator=gen)
+        style = step % n_styles  # one instruction per batch: their embeddings differ in length
+        z0, zs, cond = z_tgt[idx, style] * scale, z_src[idx], emb[style][idx]
+        noise = torch.randn(z0.shape, device=device, generator=gen)
+        sigma = torch.sigmoid(torch.randn(cfg.unet_batch, device=device, generator=gen))
+        sigma[:ones] = 1.0  # the 1-step operating point
+        s = sigma.view(-1, 1, 1, 1)
+        x = (1 - s) * z0 + s * noise
+        inputs = dict(sample=torch.cat([x, zs], dim=3), timestep=sigma * 1000, encoder_hidden_states=cond,
+                      added_cond_kwargs={"time_ids": time_ids.expand(len(idx), -1)}, return_dict=False)
+        with _autocast(device):
+            pred = unet(**inputs)[0][..., :x.shape[-1]]
+        pred = pred.float()
+        loss = F.mse_loss(pred, noise - z0)
+        if cfg.pixel_weight:
+            x0 = (x - s * pred)[:npix]
+            with _autocast(device):
+                img = vae.decode(x0 / scale).sample.float()
+            loss = loss + cfg.pixel_weight * F.l1_loss(img, _to_pm1(tgt_u8[idx[:npix], style]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
+        if step % 100 == 0 or step == total - 1:  # .item() syncs: only now and then
+            log_rows.append({"phase": "unet", "step": step, "loss": loss.item()})
+            if bar is not None:
+                bar.set_postfix(phase="unet", loss=f"{log_rows[-1]['loss']:.4f}", refresh=False)
+        if bar is not None:
+            bar.update(1)
+        step += 1
+    unet.eval().requires_grad_(False)
+    return ema.eval()
+
+
+@torch.no_grad()
+def validate(models, frames: np.ndarray, targets: np.ndarray, size: int, batch: int = 16) -> dict:
+    """PSNR (dB, mean over frames) of the 1-step model output and of the VAE round trip, per style."""
+    from ..engine import EngineConfig, StreamEngine
+    from ..eval.metrics import psnr_per_frame
+
+    report = {}
+    for k, name in enumerate(STYLE_NAMES):
+        engine = StreamEngine(models, EngineConfig(prompt=name, batch_size=batch, size=size, pipeline=False))
+        outputs = np.stack(list(engine.run(list(frames))))
+        engine.close()
+        report[name] = {"psnr": float(np.mean(psnr_per_frame(outputs, targets[:, k])))}
+    recon = _roundtrip(models, targets.reshape(-1, *targets.shape[2:]))
+    flat = targets.reshape(-1, *targets.shape[2:])
+    report["vae_roundtrip_psnr"] = float(np.mean(psnr_per_frame(recon, flat)))
+    report["mean_psnr"] = float(np.mean([report[n]["psnr"] for n in STYLE_NAMES]))
+    return report
+
+
+def _roundtrip(models, images: np.ndarray, chunk: int = 64) -> np.ndarray:
+    from ..denoise import Denoiser
+
+    den = Denoiser(models, 1, images.shape[1])
+    out = []
+    for i in range(0, len(images), chunk):
+        x = torch.from_numpy(images[i:i + chunk]).to(models.device)
+        out.append(den.decode(den.encode_source(x) * den.scaling).cpu().numpy())  # raw -> model-space latents
+    return np.concatenate(out)
+
+
+def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, device: str = "cpu",
+               progress: bool = True) -> dict:
+    """Train the demo model on a folder of clips and save it to ``out``; returns the report."""
+    from tqdm import tqdm
+
+    from ..models import build_random
+
+    t_start = time.perf_counter()
+    device = torch.device(device)
+    train_clips, val_clips = split_clips(clips, holdout)
+    sources, targets = build_examples(train_clips, cfg.size, cfg.crops_per_frame, cfg.seed, cfg.max_frames,
+                                      cfg.workers)
+    t_data = time.perf_counter() - t_start
+    models = build_random("demo", device=device, dtype=torch.float32, seed=cfg.seed)
+    src_t = torch.from_numpy(sources).to(device)
+    tgt_t = torch.from_numpy(targets).to(device)
+    rows: list[dict] = []
+    bar = tqdm(total=cfg.vae_steps + cfg.unet_steps, unit="step", desc="train base", disable=not progress)
+    t0 = time.perf_counter()
+    train_vae(models.vae, torch.cat([src_t, tgt_t.flatten(0, 1)]), cfg, rows, bar)
+    t_vae = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    data = {"z_src": _encode_all(models.vae, src_t), "targets": tgt_t,
+            "z_tgt": _encode_all(models.vae, tgt_t.flatten(0, 1)).unflatten(0, tgt_t.shape[:2]),
+            "emb": _embed_all(models, sources)}
+    models.vae.register_to_config(scaling_factor=cfg.latent_std / float(data["z_src"].std()))
+    t_pre = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    models.unet = train_unet(models, data, cfg, rows, bar)
+    t_unet = time.perf_counter() - t0
+    bar.close()
+    latent_std = float(data["z_src"].std())
+    del data, src_t, tgt_t
+    report = {"config": asdict(cfg), "train_clips": [p.name for p in train_clips], "holdout": [p.name for p in val_clips],
+              "examples": len(sources), "latent_std": latent_std,
+              "scaling_factor": models.vae.config.scaling_factor,
+              "seconds": {"data": t_data, "vae": t_vae, "precompute": t_pre, "unet": t_unet}, "log": rows}
+    save_demo(models, out, cfg.size)
+    if val_clips:
+        frames = validation_frames(val_clips, cfg.size, cfg.max_frames)
+        report["validation"] = validate(models, frames, with_targets(frames, cfg.workers), cfg.size)
+    report["seconds"]["total"] = time.perf_counter() - t_start
+    Path(out, "train_report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def save_demo(models, out: str, size: int) -> None:
+    """float16 diffusers folder + ``streamedit.json`` (known instructions, native size)."""
+    half = copy.copy(models)
+    for name in ("unet", "vae", "text_encoder"):
+        setattr(half, name, copy.deepcopy(getattr(models, name)).to("cpu", torch.float16))
+    half.save_pretrained(out)
+    meta = {"instructions": STYLE_NAMES, "size": size,
+            "about": "streamedit demo model: imitates OpenCV filters (see docs/demo-model.md)"}
+    Path(out, "streamedit.json").write_text(json.dumps(meta, indent=2))
+
+
+@click.command("base")
+@click.option("--clips", required=True, help="Folder of video clips to train on.")
+@click.option("-o", "--output", required=True, help="Output folder (a diffusers pipeline folder).")
+@click.option("--holdout", multiple=True, help="Clip name (file stem) kept out for validation; repeatable.")
+@click.option("--size", default=256, show_default=True)
+@click.option("--crops", default=8, show_default=True, help="Augmented crops per training frame.")
+@click.option("--max-frames", type=int, default=None, help="Frames per clip (default: all).")
+@click.option("--vae-steps", default=4000, show_default=True)
+@click.option("--unet-steps", default=6000, show_default=True)
+@click.option("--batch", default=512, show_default=True, help="U-Net batch size.")
+@click.option("--vae-batch", default=64, show_default=True)
+@click.option("--lr", default=6e-4, show_default=True, help="U-Net learning rate.")
+@click.option("--unet-minutes", type=float, default=None, help="Cut the U-Net steps to fit this wall-clock budget.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default=None, help="cuda (default when available) or cpu.")
+def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, unet_steps, batch, vae_batch, lr, unet_minutes,
+                 seed, device):
+    """Train the small demo edit model to imitate the built-in filters; writes a model folder."""
+    from ..cli import resolve_device
+
+    device, _ = resolve_device(device, None)
+    cfg = BaseTrainConfig(size=size, crops_per_frame=crops, max_frames=max_frames, vae_steps=vae_steps,
+                          unet_steps=unet_steps, unet_batch=batch, vae_batch=vae_batch, unet_lr=lr,
+                          unet_minutes=unet_minutes, seed=seed)
+    report = train_base(clips, output, list(holdout), cfg, device)
+    secs = report["seconds"]
+    click.echo(f"trained on {report['examples']} crops in {secs['total']:.0f} s -> {output}")
+    for name, row in report.get("validation", {}).items():
+        if isinstance(row, dict):
+            click.echo(f"  {name:<14} PSNR {row['psnr']:.2f} dB (held-out)")
