@@ -1,7 +1,8 @@
-"""Whole clips: write a list of frames to a file, and synthetic test clips (moving, static, noise, cut).
+"""Whole clips: find video files, read a clip's frames, write a list of frames to a file, and synthetic
+test clips (moving, static, noise, cut).
 
-Used by the tests, ``streamedit bench`` (generated frames), ``streamedit eval`` (saved videos) and
-``scripts/make_example_clip.py``. Streaming read/write for real runs lives in :mod:`streamedit.io`.
+Used by the tests, ``streamedit bench`` (generated frames), ``streamedit eval`` (saved videos),
+``streamedit train`` (clip folders) and ``scripts/make_example_clip.py``. Streaming read/write for real runs lives in :mod:`streamedit.io`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,41 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .io import _add_video_stream, _open_output, _to_av_frame
+from .errors import StreameditError
+from .io import _add_video_stream, _open_output, _to_av_frame, open_video
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts")
+
+
+def find_clips(entries, exclude=()) -> list[Path]:
+    """Video files from files and folders (a folder contributes its video files, sorted), minus ``exclude``
+    (matched against a file's name or stem)."""
+    clips: list[Path] = []
+    for entry in entries:
+        p = Path(entry).expanduser()
+        if p.is_dir():
+            clips += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES)
+        elif p.is_file():
+            clips.append(p)
+        else:
+            raise StreameditError(f"--clips {str(entry)!r}: no such file or folder")
+    skip = set(exclude)
+    clips = [c for c in clips if c.name not in skip and c.stem not in skip]
+    if not clips:
+        raise StreameditError(f"no video clips ({', '.join(VIDEO_SUFFIXES)}) to use: --clips gave none, "
+                              "or --exclude removed them all")
+    return clips
+
+
+def read_frames(path, size: int | None = None, max_frames: int | None = None) -> list[np.ndarray]:
+    """A clip's frames (RGB uint8): resized to ``size x size`` as the engine sees them, or as stored (None)."""
+    frames = []
+    with open_video(path, size=size or 512, keep_size=size is None) as video:
+        for frame in video.frames():
+            frames.append(frame)
+            if max_frames and len(frames) >= max_frames:
+                break
+    return frames
 
 
 def write_clip(path, frames, fps=24, *, pix_fmt="yuv420p", audio=None, sample_rate=48000, crf=18) -> Path:

@@ -29,6 +29,18 @@ from diffusers.pipelines.dreamlite.pipeline_dreamlite_mobile import calculate_sh
 from .graphs import StaticGraph, compile_fn, inductor_mode, wants_graph
 
 
+def sigma_schedule(models, size: int, sigmas, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(shifted sigmas with the terminal 0, timesteps) that the model's own scheduler makes from ``sigmas``
+    at working size ``size``, with upstream's resolution-dependent shift ``mu``."""
+    scheduler = copy.deepcopy(models.scheduler)  # set_timesteps mutates it
+    cfg = scheduler.config
+    latent = size // models.vae_scale_factor
+    mu = calculate_shift(latent * latent // 4, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
+    scheduler.set_timesteps(sigmas=np.asarray(sigmas, dtype=np.float64), device=device, mu=mu)
+    return scheduler.sigmas, scheduler.timesteps
+
+
 class Denoiser:
     def __init__(self, models, steps: int, size: int, unet=None, vae=None):
         self.models = models
@@ -42,15 +54,10 @@ class Denoiser:
         self.size = size
         self.latent_size = size // models.vae_scale_factor
         device, dtype = models.device, models.dtype
-        scheduler = copy.deepcopy(models.scheduler)  # set_timesteps mutates it
-        cfg = scheduler.config
-        mu = calculate_shift(self.latent_size * self.latent_size // 4, cfg.get("base_image_seq_len", 256),
-                             cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
-        sigmas = np.linspace(1.0, 1 / steps, steps)
-        scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
-        self.timesteps = scheduler.timesteps.to(dtype)  # upstream feeds t.to(latents.dtype)
+        sigmas, timesteps = sigma_schedule(models, size, np.linspace(1.0, 1 / steps, steps), device)
+        self.timesteps = timesteps.to(dtype)  # upstream feeds t.to(latents.dtype)
         # 0-dim float32 step sizes: dt * v then promotes like scheduler.step does.
-        self.dts = [scheduler.sigmas[i + 1] - scheduler.sigmas[i] for i in range(steps)]
+        self.dts = [sigmas[i + 1] - sigmas[i] for i in range(steps)]
         self.time_ids = torch.tensor([[size, size]], device=device, dtype=dtype)
         vae = self.vae.config
         self.scaling, self.shift = vae.scaling_factor, getattr(vae, "shift_factor", 0.0) or 0.0

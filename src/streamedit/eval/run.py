@@ -25,22 +25,10 @@ import click
 import numpy as np
 
 from ..cli import lllite_options, load, model_options, resolve_device, temporal_config
+from ..clips import find_clips
 from ..errors import StreameditError
 
-VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi"}
 WINDOW_METRICS = ("warp_error", "sobel", "hf_fft")  # cheap enough to run per window
-
-
-def find_clips(path) -> list[Path]:
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if not p.is_dir():
-        raise StreameditError(f"--clips {path}: no such file or folder")
-    clips = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTS)
-    if not clips:
-        raise StreameditError(f"--clips {path}: no video files ({', '.join(sorted(VIDEO_EXTS))})")
-    return clips
 
 
 def ping_pong(frames: list, n: int) -> list:
@@ -239,7 +227,7 @@ def eval_command(clips, prompt, out_dir, model, revision, device, dtype, baselin
     from ..bench import build_config, command_line, device_name, dumps, parse_sets
     from ..engine import clean_prompt
 
-    paths = find_clips(clips)
+    paths = find_clips([clips])
     base_records = read_jsonl(baseline) if baseline else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..clips import find_clips, read_frames
 from ..errors import StreameditError
 from .filters import STYLES, apply_style
-
-VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v"}
 
 
 def split_clips(folder: str | os.PathLike, holdout: list[str]) -> tuple[list[Path], list[Path]]:
@@ -29,9 +28,7 @@ def split_clips(folder: str | os.PathLike, holdout: list[str]) -> tuple[list[Pat
     root = Path(folder)
     if not root.is_dir():
         raise StreameditError(f"clip folder {str(root)!r} does not exist")
-    clips = sorted(p for p in root.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
-    if not clips:
-        raise StreameditError(f"no video clips ({', '.join(sorted(VIDEO_SUFFIXES))}) in {str(root)!r}")
+    clips = find_clips([root])
     unknown = set(holdout) - {p.stem for p in clips}
     if unknown:
         raise StreameditError(f"held-out clip(s) not in {str(root)!r}: {', '.join(sorted(unknown))}")
@@ -39,19 +36,6 @@ def split_clips(folder: str | os.PathLike, holdout: list[str]) -> tuple[list[Pat
     if not train:
         raise StreameditError("every clip is held out: nothing left to train on")
     return train, [p for p in clips if p.stem in holdout]
-
-
-def read_frames(path: Path, max_frames: int | None = None) -> list[np.ndarray]:
-    """All frames of a clip at its own size (RGB uint8)."""
-    from ..io import open_video
-
-    frames = []
-    with open_video(path, keep_size=True) as video:
-        for frame in video.frames():
-            frames.append(frame)
-            if max_frames and len(frames) >= max_frames:
-                break
-    return frames
 
 
 def random_crop(frame: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -86,7 +70,7 @@ def build_examples(clips: list[Path], size: int, crops_per_frame: int, seed: int
                    max_frames: int | None = None, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Augmented training crops of every frame of ``clips`` and their filtered targets."""
     rng = np.random.default_rng(seed)
-    sources = [random_crop(f, size, rng) for clip in clips for f in read_frames(clip, max_frames)
+    sources = [random_crop(f, size, rng) for clip in clips for f in read_frames(clip, None, max_frames)
                for _ in range(crops_per_frame)]
     sources = np.stack(sources)
     return sources, with_targets(sources, workers)
@@ -94,8 +78,7 @@ def build_examples(clips: list[Path], size: int, crops_per_frame: int, seed: int
 
 def validation_frames(clips: list[Path], size: int, max_frames: int | None = None) -> np.ndarray:
     """Whole held-out frames at the working size (how the runtime sees them)."""
-    return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA)
-                     for clip in clips for f in read_frames(clip, max_frames)])
+    return np.stack([f for clip in clips for f in read_frames(clip, size, max_frames)])
 
 
 STYLE_NAMES = list(STYLES)

@@ -23,7 +23,6 @@ prompt (the embeddings of one prompt share a length), sampled in proportion to i
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import time
@@ -86,15 +85,10 @@ def load_pairs(pairs_dir) -> PairSet:
 def sigma_schedule(models, size: int, sigmas) -> tuple[torch.Tensor, torch.Tensor]:
     """(shifted sigmas, timesteps) the model's scheduler makes from ``sigmas`` at ``size``, with the
     runtime's dynamic shift; ``Denoiser(models, n, size)`` uses ``sigmas = linspace(1, 1/n, n)``."""
-    from diffusers.pipelines.dreamlite.pipeline_dreamlite_mobile import calculate_shift
+    from ..denoise import sigma_schedule as schedule
 
-    scheduler = copy.deepcopy(models.scheduler)  # set_timesteps mutates it
-    cfg = scheduler.config
-    latent = size // models.vae_scale_factor
-    mu = calculate_shift(latent * latent // 4, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
-    scheduler.set_timesteps(sigmas=np.asarray(sigmas, dtype=np.float64), device="cpu", mu=mu)
-    return scheduler.sigmas[:-1].float(), scheduler.timesteps.float()
+    shifted, timesteps = schedule(models, size, sigmas)
+    return shifted[:-1].float(), timesteps.float()
 
 
 @torch.no_grad()

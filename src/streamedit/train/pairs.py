@@ -22,7 +22,6 @@ so an interrupted run keeps what it finished).
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import time
@@ -34,31 +33,12 @@ import numpy as np
 import torch
 
 from ..cli import load, model_options, resolve_device
+from ..clips import find_clips, read_frames
 from ..errors import StreameditError
 
 FORMAT = "streamedit-pairs"
 MANIFEST = "manifest.json"
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts")
 ARRAYS = ("source", "cond", "target", "teacher")
-
-
-def find_clips(entries, exclude=()) -> list[Path]:
-    """Video files from files and folders (a folder contributes its video files, sorted), minus ``exclude``
-    (matched against a file's name or stem)."""
-    clips: list[Path] = []
-    for entry in entries:
-        p = Path(entry).expanduser()
-        if p.is_dir():
-            clips += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES)
-        elif p.is_file():
-            clips.append(p)
-        else:
-            raise StreameditError(f"--clips {str(entry)!r}: no such file or folder")
-    skip = set(exclude)
-    clips = [c for c in clips if c.name not in skip and c.stem not in skip]
-    if not clips:
-        raise StreameditError("no video clips to use (--clips gave none, or --exclude removed them all)")
-    return clips
 
 
 def blend_clip(frames: np.ndarray, teacher: np.ndarray, alpha: float, cut_detect: bool = True,
@@ -88,15 +68,6 @@ def blend_clip(frames: np.ndarray, teacher: np.ndarray, alpha: float, cut_detect
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")[:40] or "clip"
-
-
-def _read(clip: Path, size: int, max_frames: int | None) -> np.ndarray:
-    from ..io import open_video
-
-    source = open_video(clip, size=size)
-    frames = list(itertools.islice(source.frames(), max_frames))
-    source.close()
-    return np.stack(frames)
 
 
 def _expected_frames(clips: list[Path], size: int, max_frames: int | None) -> int:
@@ -140,7 +111,7 @@ def make_pairs(models, clips: list[Path], prompts: list[str], out_dir, size: int
     total = 0
     try:
         for i, clip in enumerate(clips):
-            frames = _read(clip, size, max_frames)
+            frames = np.stack(read_frames(clip, size, max_frames))
             for j, prompt in enumerate(prompts):
                 engine.set_prompt(prompt)
                 teacher = []
