@@ -17,7 +17,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	mkdir -p out
 	$(VENV)/bin/streamedit stylize src/streamedit/assets/example.mp4 -o out/demo.mp4 \
-		--prompt "oil painting" --model demo --size 256 --batch 4 --fixed-noise
+		--prompt "oil painting" --model demo --size 256 --batch 4 --fixed-noise --lllite demo
 
 test: $(STAMP)
 	$(PY) -m pytest

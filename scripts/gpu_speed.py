@@ -39,8 +39,11 @@ COMMON = ["--model", "random:real", "--device", "cuda", "--dtype", "bfloat16", "
           "--lllite", "random", "--hooks", "down", "--cond-refresh", "8", "--source-fps", "0"]
 
 
-def command(part: str, frames: int, clip: str | None, json_path: Path, startup_row: str = "best") -> list[str]:
+def command(part: str, frames: int, clip: str | None, json_path: Path, startup_row: str = "best",
+            rows_override: str | None = None) -> list[str]:
     rows = PARTS[part] if part != "S" else ["--rows", startup_row, *PARTS[part][2:]]
+    if rows_override:
+        rows = ["--rows", rows_override, *rows[2:]]
     cmd = [sys.executable, "-m", "streamedit", "bench", *COMMON, "--frames", str(frames), *rows,
            "--json", str(json_path)]
     return cmd + (["--clip", clip] if clip else [])
@@ -53,6 +56,7 @@ def main() -> int:
     ap.add_argument("--clip", default=None, help="video to loop (default: the generated moving scene)")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"), help="output folder (default: $OUT)")
     ap.add_argument("--startup-row", default="best", help="matrix row whose config part S launches")
+    ap.add_argument("--rows", default=None, help="matrix rows to run instead of the part's own")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = ap.parse_args()
     out = Path(args.out)
@@ -61,7 +65,7 @@ def main() -> int:
     env.setdefault("STREAMEDIT_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "streamedit"))
     status = 0
     for part in args.part:
-        cmd = command(part, args.frames, args.clip, out / f"speed-{part}.jsonl", args.startup_row)
+        cmd = command(part, args.frames, args.clip, out / f"speed-{part}.jsonl", args.startup_row, args.rows)
         print("$ " + " ".join(cmd), flush=True)
         if args.dry_run:
             continue

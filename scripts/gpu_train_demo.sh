@@ -2,8 +2,8 @@
 # Train the bundled demo model and its temporal adapter on the GPU machine (see docs/demo-model.md).
 # Usage: scripts/gpu_train_demo.sh base|adapter CLIPS_DIR OUT_DIR
 # `base` trains the edit model into OUT_DIR/demo-model (and /tmp/demo-model); `adapter` makes teacher pairs
-# from $MODEL (default /tmp/demo-model) and trains the LLLite adapter into OUT_DIR/demo-lllite.safetensors.
-# The held-out clip is blackswan.
+# from $MODEL (default /tmp/demo-model), trains the LLLite adapter into OUT_DIR/demo-lllite.safetensors and
+# runs `streamedit eval` on the held-out clip (blackswan) per style, without and with it (eval.tgz).
 set -euo pipefail
 stage=$1 clips=$2 out=$3
 se() { python3 -m streamedit "$@"; }
@@ -11,7 +11,8 @@ mkdir -p "$out"
 case $stage in
 base)
   se train base --clips "$clips" --holdout blackswan -o "$out/demo-model" --device cuda \
-    --vae-steps 3000 --crops 6 --unet-steps 20000 --unet-minutes "${UNET_MINUTES:-4}" 2> "$out/base.log"
+    --vae-steps "${VAE_STEPS:-4000}" --crops "${CROPS:-6}" --unet-steps 20000 --unet-minutes "${UNET_MINUTES:-4}" \
+    --strength "${STRENGTH:-0.25}" 2> "$out/base.log"
   tail -c 600 "$out/base.log" | tr '\r' '\n' | tail -3
   rm -rf /tmp/demo-model && cp -r "$out/demo-model" /tmp/demo-model  # for `adapter` on the same (warm) machine
   # files come back in pieces of at most 16 MiB
@@ -25,5 +26,17 @@ adapter)
   se train lllite --model "$model" --pairs /tmp/pairs -o "$out/demo-lllite.safetensors" --dtype float32 \
      --steps "${LLLITE_STEPS:-1500}" --batch 16 --lr 5e-4 --warmup 100 --fixed-noise --save-every 500 \
      --log "$out/lllite_log.jsonl" 2> "$out/lllite.log"
-  tail -c 600 "$out/lllite.log" | tr '\r' '\n' | tail -3 ;;
+  tail -c 600 "$out/lllite.log" | tr '\r' '\n' | tail -3
+  ev=/tmp/eval && rm -rf $ev && mkdir -p $ev
+  for i in 1 3 5 7; do
+    style=${styles[$i]} slug=${styles[$i]// /-}
+    for run in none lllite; do
+      extra=() && [ $run = lllite ] && extra=(--lllite "$out/demo-lllite.safetensors" --cond-refresh 1)
+      se eval --clips "$clips/blackswan.mp4" -p "$style" --out "$ev/$slug-$run" --model "$model" --device cuda \
+         --dtype float32 --size 256 --batch 4 --fixed-noise --save-videos "${extra[@]}" > "$ev/$slug-$run.txt" 2>&1 || echo "eval $slug-$run failed"
+    done
+  done
+  cp "$out"/*.log "$out/lllite_log.jsonl" $ev/ && rm -f "$out"/*.log "$out/lllite_log.jsonl"
+  tar czf "$out/eval.tgz" -C /tmp eval
+  for f in $ev/*-none.txt $ev/*-lllite.txt; do echo "== $f"; tail -4 "$f"; done ;;
 esac

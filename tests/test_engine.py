@@ -128,3 +128,54 @@ def test_batch_log_is_bounded(tiny_models, frames):
     list(engine.run(frames))
     assert [e["batch"] for e in engine.batch_log] == [7, 8, 9]  # newest entries kept
     assert engine.stats["batches"] == 10
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_strength_start_matches_the_schedulers_own_noising_and_steps(tiny_models, frames, steps):
+    """strength < 1: the scheduler's scale_noise of the source latent, then its own Euler steps."""
+    import copy
+
+    from streamedit.denoise import Denoiser, sigma_schedule
+
+    den = Denoiser(tiny_models, steps, 64, strength=0.5)
+    src = den.encode_source(torch.from_numpy(np.stack(frames[:2])))
+    gen = torch.Generator("cpu").manual_seed(0)
+    noise = torch.randn(src.shape, generator=gen)
+    cfg = tiny_models.unet.config
+    embeds = torch.randn(2, 7, cfg.get("encoder_hid_dim") or cfg.cross_attention_dim, generator=gen)
+    out = den.denoise(noise, src, embeds)
+
+    sched = copy.deepcopy(tiny_models.scheduler)
+    shifted, _ = sigma_schedule(tiny_models, 64, np.linspace(0.5, 0.5 / steps, steps))
+    sched.set_timesteps(sigmas=np.linspace(0.5, 0.5 / steps, steps), mu=_mu(tiny_models, 64))
+    assert torch.allclose(sched.sigmas, shifted)
+    x = sched.scale_noise((src - den.shift) * den.scaling, sched.timesteps[:1], noise)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            v = tiny_models.unet(torch.cat([x, src], dim=3), timestep=t.expand(2), encoder_hidden_states=embeds,
+                                 added_cond_kwargs={"time_ids": den.time_ids.expand(2, -1)},
+                                 return_dict=False)[0][..., :src.shape[-1]]
+            x = sched.step(v, t, x).prev_sample
+    assert (out - x).abs().max() < 1e-4
+    # strength matters: the pure-noise start lands elsewhere
+    assert (Denoiser(tiny_models, steps, 64).denoise(noise, src, embeds) - x).abs().max() > 1e-2
+
+
+def _mu(models, size):
+    from diffusers.pipelines.dreamlite.pipeline_dreamlite_mobile import calculate_shift
+
+    cfg, latent = models.scheduler.config, size // models.vae_scale_factor
+    return calculate_shift(latent * latent // 4, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                           cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
+
+
+def test_strength_default_comes_from_the_model_folder(tiny_models, frames):
+    tiny_models.extras["strength"] = 0.4
+    try:
+        assert _engine(tiny_models).denoiser.strength == 0.4
+        assert _engine(tiny_models, strength=1.0).denoiser.strength == 1.0
+        with pytest.raises(StreameditError, match="strength"):
+            _engine(tiny_models, strength=1.5)
+    finally:
+        del tiny_models.extras["strength"]
+    assert _engine(tiny_models).denoiser.strength == 1.0

@@ -296,3 +296,11 @@ def test_second_ctrl_c_waits_for_finalization():
             done.append(True)  # still runs: the signal is held back ...
     assert done  # ... and re-raised afterwards
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_read_frames_none_keeps_the_stored_size(tmp_path):
+    from streamedit.clips import make_test_clip, read_frames
+
+    clip = make_test_clip(tmp_path / "c.mp4", frames=3, width=96, height=64)
+    assert read_frames(clip)[0].shape == (64, 96, 3)
+    assert read_frames(clip, size=32)[0].shape == (32, 32, 3)

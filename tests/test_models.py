@@ -88,3 +88,15 @@ def test_random_real_architecture_on_meta():
     assert models.edit_prefix_len == 64
     text = models.text_encoder.config.text_config
     assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads, text.vocab_size) == (2048, 28, 8, 151936)
+
+
+def test_folder_without_video_processor_loads_where_torchvision_exists(tmp_path, monkeypatch):
+    """The stock Qwen3VLProcessor (chosen when torchvision is installed) needs a video processor
+    config that streamedit's own folders do not carry: loading falls back to the image-only one."""
+    from streamedit import processor as proc
+
+    models = load_models("random:tiny", device="cpu", dtype=torch.float32)
+    models.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(proc, "has_torchvision", lambda: True)
+    loaded = load_models(str(tmp_path / "m"), device="cpu", dtype=torch.float32)
+    assert isinstance(loaded.processor, proc.ImageOnlyQwen3VLProcessor)

@@ -133,3 +133,56 @@ def test_scene_cut_detector():
     clip = _clip_with_cut()
     cuts = [i for i, f in enumerate(clip) if det.update(f)]
     assert cuts == [20]
+
+
+@pytest.mark.parametrize("graph", [False, True])  # graph: StaticGraph's CPU path (same buffers, no capture)
+def test_staggered_refresh_rebuilds_each_slot_every_n_batches(tiny_models, monkeypatch, graph):
+    frames = [np.roll(_textured(6), 3 * i, axis=1) for i in range(4 * 9)]
+    engine = _engine(tiny_models, cond_refresh_every=4, cond_stagger=True)
+    engine.temporal._graphs = {} if graph else None
+    adapter, writes, snapshots = engine.adapter, [], []
+    real_rows = adapter.set_cond_rows
+
+    def spy(images, rows):
+        writes.append((images.clone(), rows.tolist()))
+        snapshots.append([m.cond_emb.clone() for _, m in adapter.items()])
+        real_rows(images, rows)
+
+    monkeypatch.setattr(adapter, "set_cond_rows", spy)
+    import streamedit.temporal as temporal
+
+    flows = []
+    real_fb = temporal.farneback
+    monkeypatch.setattr(temporal, "farneback", lambda *a: (flows.append(1), real_fb(*a))[1])
+    list(engine.run(frames))
+    engine.close()
+    log = engine.batch_log
+    assert log[0]["cond"] == "start" and all(e["cond"] == "stagger" for e in log[1:])
+    stagger_rows = [rows for _, rows in writes if len(rows) == 1]
+    # batch k refreshes slot j with (k - j) % 4 == 0: slots 1, 2, 3, 0, 1, ... one per batch
+    assert [r[0] for r in stagger_rows] == [k % 4 for k in range(1, 9)]
+    assert len(flows) == 8  # one flow per staggered slot, none for the start batch
+    # each write changes exactly its own row of every hook's buffer, to the embedding of its image
+    images, rows = writes[-1]
+    after = [m.cond_emb for _, m in adapter.items()]
+    for (_, m), before, now in zip(adapter.items(), snapshots[-1], after):
+        others = [i for i in range(4) if i not in rows]
+        assert torch.equal(now[others], before[others])
+        with torch.no_grad():
+            expect = m.embed(images.float() / 127.5 - 1.0)
+        assert torch.allclose(now[rows], expect, atol=1e-6)
+    assert not torch.equal(after[0][rows], snapshots[-1][0][rows])
+
+
+def test_set_cond_rows_equals_full_set_cond_image(tiny_models):
+    adapter = LLLiteAdapter.for_unet(tiny_models.unet, hooks="all", cond_size=64)
+    adapter.inference_mode = True
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 255, (4, 3, 64, 64), dtype=np.uint8))
+    adapter.set_cond_image(images)
+    full = [m.cond_emb.clone() for _, m in adapter.items()]
+    adapter.set_cond_image(torch.zeros_like(images))
+    adapter.set_cond_rows(images[[2, 0]], torch.tensor([2, 0]))
+    for (_, m), ref in zip(adapter.items(), full):
+        assert torch.allclose(m.cond_emb[[0, 2]], ref[[0, 2]], atol=1e-6)
+        assert not torch.allclose(m.cond_emb[[1, 3]], ref[[1, 3]])  # untouched rows kept the zero image's

@@ -56,7 +56,8 @@ def test_train_base_saves_a_loadable_demo_folder(clip_dir, tmp_path, caplog):
                           pixel_batch=2, workers=1)
     out = tmp_path / "demo"
     report = train_base(str(clip_dir), str(out), ["held"], cfg, "cpu", progress=False)
-    assert (out / "unet").is_dir() and json.loads((out / "streamedit.json").read_text())["instructions"] == list(STYLES)
+    meta = json.loads((out / "streamedit.json").read_text())
+    assert (out / "unet").is_dir() and meta["instructions"] == list(STYLES) and meta["strength"] == cfg.strength
     assert set(report["validation"]) >= set(STYLES) | {"vae_roundtrip_psnr", "mean_psnr"}
     losses = [r["loss"] for r in report["log"] if r["phase"] == "unet"]
     assert losses and all(np.isfinite(losses))

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 # Rows may also set the bench's own BENCH_KEYS: source_fps (the row's camera rate) and hold (each
 # source frame repeated N times: a low-motion source for the similarity filter).
 PAPER = dict(pipeline=True, compile=True, compile_mode="reduce-overhead", lllite="random", compile_vae=False)
-BEST = dict(PAPER, te_fast=True, compile_vae=True)
+# + the cond refresh spread over batches (one slot per batch at B=8, N=8) and Farnebäck at 256 px
+BEST = dict(PAPER, te_fast=True, compile_vae=True, cond_stagger=True, flow_size=256)
 MATRIX = [
     ("reference", PAPER),  # the paper's recipe (U-Net compiled, VAE eager); every ratio is against this row
     # exact speed-ups: static, sync-free, compiled/graphed TE; U-Net + VAE decode one graph, graphed VAE encode

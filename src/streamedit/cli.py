@@ -79,7 +79,8 @@ def setup_logging(verbose: bool = False) -> None:
 def lllite_options(fn):
     """The temporal-adapter flags shared by stylize, bench and eval."""
     opts = [
-        click.option("--lllite", default=None, help="Temporal LLLite adapter (.safetensors), or 'random'."),
+        click.option("--lllite", default=None,
+                     help="Temporal LLLite adapter (.safetensors), 'demo' (the demo model's), or 'random'."),
         click.option("--hooks", default="down", show_default=True, help="down | mid | up | all | name,name,..."),
         click.option("--cond-refresh", default=8, show_default=True, help="Rebuild the cond embedding every N batches."),
         click.option("--lllite-multiplier", default=1.0, show_default=True, help="Adapter strength."),
@@ -87,21 +88,26 @@ def lllite_options(fn):
                      help="Refresh cond (and TE) on the batch holding a scene cut."),
         click.option("--motion-refresh", type=float, default=None,
                      help="Refresh early when mean flow (px) since the last refresh exceeds this."),
+        click.option("--cond-stagger", is_flag=True,
+                     help="Spread the cond refresh: B/N batch slots every batch instead of all B every N batches."),
+        click.option("--flow-size", type=int, default=None,
+                     help="Compute the optical flow at this resolution (default: the working size)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
 
 
-def temporal_config(lllite, hooks, cond_refresh, lllite_multiplier, cut_refresh, motion_refresh) -> dict:
-    if lllite not in (None, "random"):
+def temporal_config(lllite, hooks, cond_refresh, lllite_multiplier, cut_refresh, motion_refresh, cond_stagger=False,
+                    flow_size=None) -> dict:
+    if lllite not in (None, "random", "demo"):
         from pathlib import Path
 
         if not Path(lllite).is_file():
             raise StreameditError(f"LLLite adapter file {lllite!r} does not exist")
     hooks = hooks.split(",") if "," in hooks else hooks
     return dict(lllite=lllite, hooks=hooks, cond_refresh_every=cond_refresh, lllite_multiplier=lllite_multiplier,
-                cut_refresh=cut_refresh, motion_refresh=motion_refresh)
+                cut_refresh=cut_refresh, motion_refresh=motion_refresh, cond_stagger=cond_stagger, flow_size=flow_size)
 
 
 def speed_options(fn):
@@ -182,7 +188,11 @@ def load(model: str, revision, device, dtype):
 @model_options
 @click.option("--batch", default=8, show_default=True, help="Frames per batch.")
 @click.option("--steps", default=1, show_default=True, help="Denoising steps (1-4).")
-@click.option("--size", default=512, show_default=True, help="Working resolution (square).")
+@click.option("--strength", type=float, default=None,
+              help="Start sigma in (0, 1]: 1 starts from pure noise; lower starts from the noised source "
+                   "(default: the model's own, 1 unless its streamedit.json says otherwise).")
+@click.option("--size", type=int, default=None,
+              help="Working resolution (square). Default: the model's own (256 for demo), else 512.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--fixed-noise", is_flag=True, help="Start every frame from the same noise (less flicker).")
 @click.option("--compile", "compile_", is_flag=True,
@@ -194,7 +204,7 @@ def load(model: str, revision, device, dtype):
 @click.option("--keep-size", is_flag=True, help="Write the working size instead of scaling back to the input's.")
 @speed_options
 @lllite_options
-def stylize(input_path, output, prompt, model, revision, device, dtype, batch, steps, size, seed, fixed_noise,
+def stylize(input_path, output, prompt, model, revision, device, dtype, batch, steps, strength, size, seed, fixed_noise,
             compile_, compile_mode, te_fast, te_batch_one, te_refresh, keep_size, te_fp8, skip_similar, low_latency,
             **temporal):
     """Stylize INPUT with an instruction and write OUTPUT (same fps, timestamps and audio)."""
@@ -203,10 +213,16 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
     from .engine import EngineConfig, StreamEngine
     from .io import VideoWriter, open_video
 
+    if size is None:
+        from .models import native_size
+
+        size = native_size(model) or 512
     fields = dict(batch_size=batch, compile=compile_, te_fast=te_fast, te_fp8=te_fp8, skip_similar=skip_similar)
     if low_latency:
         fields.update(low_latency_fields(click.get_current_context(), batch))
-    config = EngineConfig(prompt=prompt, steps=steps, size=size, seed=seed, fixed_noise=fixed_noise,
+    if strength is not None and not 0.0 < strength <= 1.0:
+        raise StreameditError(f"--strength must be in (0, 1], got {strength}")
+    config = EngineConfig(prompt=prompt, steps=steps, strength=strength, size=size, seed=seed, fixed_noise=fixed_noise,
                           compile_mode=compile_mode, te_batch_one=te_batch_one, te_refresh_every=te_refresh,
                           **fields, **temporal_config(**temporal))
     from .engine import clean_prompt
@@ -274,7 +290,10 @@ def info(model, revision, device, dtype, lllite, hooks):
 
         if models.device.type == "meta":  # adapter weights need real storage
             models = load(model, revision, "cpu", __import__("torch").float32)
-        adapter = LLLiteAdapter.load(lllite, models.unet, hooks=hooks.split(",") if hooks and "," in hooks else hooks)
+        from .engine_config import demo_adapter_path
+
+        path = demo_adapter_path() if lllite == "demo" else lllite
+        adapter = LLLiteAdapter.load(path, models.unet, hooks=hooks.split(",") if hooks and "," in hooks else hooks)
         cfg = adapter.config
         parts = {p: sum(h.startswith(p) for h in adapter.hooks) for p in ("down", "mid", "up")}
         click.echo(f"lllite: {lllite}: {len(adapter.hooks)} hooks (down {parts['down']} / mid {parts['mid']} / "

@@ -42,7 +42,7 @@ def find_clips(entries, exclude=()) -> list[Path]:
 def read_frames(path, size: int | None = None, max_frames: int | None = None) -> list[np.ndarray]:
     """A clip's frames (RGB uint8): resized to ``size x size`` as the engine sees them, or as stored (None)."""
     frames = []
-    with open_video(path, size=size or 512, keep_size=size is None) as video:
+    with open_video(path, size=size) as video:
         for frame in video.frames():
             frames.append(frame)
             if max_frames and len(frames) >= max_frames:

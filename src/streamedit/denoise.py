@@ -7,6 +7,10 @@ from the model's own scheduler (``linspace(1, 1/steps, steps)`` with dynamic shi
 schedule is the same as upstream; the step itself is written out because the scheduler's
 ``step`` keeps a Python step counter, which would break CUDA-graph replay.
 
+``strength < 1`` (SDEdit-style start, our extension; upstream is ``strength = 1``): the schedule is
+``linspace(strength, strength/steps, steps)`` through the same shift, and the first sample is the
+source latent noised to the first sigma, :func:`start_sample`, instead of pure noise.
+
 :meth:`Denoiser.compile` (engine ``compile``/``compile_vae``): the main stream's whole work for a
 batch, U-Net x steps + VAE decode + uint8 conversion, becomes ONE compiled function
 (:meth:`Denoiser.generate`; ``mode="reduce-overhead"``: one cudagraph-trees CUDA graph), and the
@@ -41,8 +45,18 @@ def sigma_schedule(models, size: int, sigmas, device="cpu") -> tuple[torch.Tenso
     return scheduler.sigmas, scheduler.timesteps
 
 
+def start_sample(noise: torch.Tensor, source_latents: torch.Tensor, sigma: float, scaling: float,
+                 shift: float = 0.0) -> torch.Tensor:
+    """The first sample at start sigma ``sigma``: pure noise at 1, else the flow-matching interpolation
+    of the (model-space) source latent and the noise, ``(1 - sigma) * z_source + sigma * noise``."""
+    if sigma >= 1.0:
+        return noise
+    clean = (source_latents.float() - shift) * scaling
+    return ((1.0 - sigma) * clean + sigma * noise.float()).to(noise.dtype)
+
+
 class Denoiser:
-    def __init__(self, models, steps: int, size: int, unet=None, vae=None):
+    def __init__(self, models, steps: int, size: int, unet=None, vae=None, strength: float = 1.0):
         self.models = models
         self.unet = unet if unet is not None else models.unet
         self.vae = vae if vae is not None else models.vae
@@ -54,7 +68,9 @@ class Denoiser:
         self.size = size
         self.latent_size = size // models.vae_scale_factor
         device, dtype = models.device, models.dtype
-        sigmas, timesteps = sigma_schedule(models, size, np.linspace(1.0, 1 / steps, steps), device)
+        self.strength = strength
+        sigmas, timesteps = sigma_schedule(models, size, np.linspace(strength, strength / steps, steps), device)
+        self.start_sigma = float(sigmas[0])
         self.timesteps = timesteps.to(dtype)  # upstream feeds t.to(latents.dtype)
         # 0-dim float32 step sizes: dt * v then promotes like scheduler.step does.
         self.dts = [sigmas[i + 1] - sigmas[i] for i in range(steps)]
@@ -72,7 +88,7 @@ class Denoiser:
     @torch.no_grad()
     def denoise(self, noise: torch.Tensor, source_latents: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         batch, width = noise.shape[0], noise.shape[-1]
-        latents = noise
+        latents = start_sample(noise, source_latents, self.start_sigma, self.scaling, self.shift)
         time_ids = self.time_ids.expand(batch, -1)
         for i in range(self.steps):
             pred = self.unet(

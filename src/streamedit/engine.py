@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from .denoise import Denoiser
-from .engine_config import LOW_LATENCY, EngineConfig, attach_adapter, clean_prompt, start_reader, to_working, validate
+from .engine_config import (LOW_LATENCY, EngineConfig, attach_adapter, clean_prompt, model_strength, start_reader,
+                            to_working, validate)
 from .models import warn_unknown_instruction
 from .text_encoder import TextEncoderRunner
 
@@ -98,9 +99,10 @@ class StreamEngine:
         if self.adapter is not None or (config.cut_refresh and config.te_refresh_every > 1):
             from .temporal import TemporalConditioner
 
-            self.temporal = TemporalConditioner(self.adapter, config.cond_refresh_every, config.cut_refresh,
-                                                config.motion_refresh, config.flow_size)
-        self.denoiser = Denoiser(models, config.steps, config.size)
+            self.temporal = TemporalConditioner(
+                self.adapter, config.cond_refresh_every, config.cut_refresh, config.motion_refresh, config.flow_size,
+                stagger=config.cond_stagger, graph=self.cuda and config.compile and self.adapter is not None)
+        self.denoiser = Denoiser(models, config.steps, config.size, strength=model_strength(models, config))
         if config.compile or config.vae_compiled:
             self.denoiser.compile(config.compile_mode, config.compile_backend, unet=config.compile,
                                   vae=config.vae_compiled, channels_last=config.channels_last)

@@ -22,6 +22,7 @@ class EngineConfig:
     prompt: str
     batch_size: int = 8
     steps: int = 1  # distilled operating point; 1-4
+    strength: float | None = None  # start sigma (denoise.py): 1 = pure noise; None: the model's default
     size: int = 512
     seed: int = 0
     fixed_noise: bool = False  # every frame starts from the same noise (upstream's draw for `seed`)
@@ -40,7 +41,8 @@ class EngineConfig:
     low_latency: bool = False  # schedule: hand a batch out as soon as it is done (engine.run)
     skip_similar: float | None = None  # re-emit the last output for frames this close (similarity.py)
     log_limit: int = 4096  # batch_log keeps the newest entries only (live sessions run for hours)
-    # temporal LLLite adapter (see temporal.py): an LLLiteAdapter, a checkpoint path, or "random"
+    # temporal LLLite adapter (see temporal.py): an LLLiteAdapter, a checkpoint path, "demo" (the bundled
+    # adapter of the demo model) or "random"
     lllite: object = None
     hooks: str | list = "down"
     lllite_multiplier: float = 1.0
@@ -48,6 +50,7 @@ class EngineConfig:
     cut_refresh: bool = True  # a scene cut forces a cond (and TE) refresh on its batch
     motion_refresh: float | None = None  # refresh early when mean flow (px) since the last refresh exceeds this
     flow_size: int | None = None  # compute Farnebäck at this resolution (None: working size)
+    cond_stagger: bool = False  # refresh B/N batch slots every batch instead of all B every N (temporal.py)
 
     @property
     def vae_compiled(self) -> bool:
@@ -79,7 +82,16 @@ def to_working(frame: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(frame)
 
 
+def model_strength(models, config: EngineConfig) -> float:
+    """``config.strength``, else the default a model folder's ``streamedit.json`` names, else 1."""
+    if config.strength is not None:
+        return float(config.strength)
+    return float((models.extras or {}).get("strength", 1.0))
+
+
 def validate(models, config: EngineConfig) -> None:
+    if not 0.0 < model_strength(models, config) <= 1.0:
+        raise StreameditError(f"--strength must be in (0, 1], got {config.strength}")
     if not 1 <= config.steps <= 4:
         raise StreameditError(f"--steps must be 1..4 for the distilled model, got {config.steps}")
     if config.batch_size < 1:
@@ -117,11 +129,21 @@ def attach_adapter(models, config: EngineConfig):
             for _, module in adapter.items():
                 module.up[0].weight.normal_(0, 1e-3)
     else:
-        adapter = LLLiteAdapter.load(config.lllite, models.unet, hooks=config.hooks)
+        adapter = LLLiteAdapter.load(demo_adapter_path() if config.lllite == "demo" else config.lllite, models.unet,
+                                     hooks=config.hooks)
     apply_lllite(models.unet, adapter, inference_mode=True)
     adapter.allocate(config.batch_size, config.size, config.size)
     adapter.set_multiplier(config.lllite_multiplier)
     return adapter
+
+
+def demo_adapter_path():
+    from .models import DEMO_LLLITE
+
+    if not DEMO_LLLITE.is_file():
+        raise StreameditError("--lllite demo: the bundled demo adapter is not installed "
+                              f"(expected {DEMO_LLLITE})")
+    return DEMO_LLLITE
 
 
 def start_reader(items, prepare, maxsize: int):

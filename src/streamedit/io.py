@@ -67,7 +67,8 @@ class VideoSource:
     """An opened input video. Use :func:`open_video`."""
 
     def __init__(self, path: str | os.PathLike, size: int = 512, keep_size: bool = False):
-        self.path, self.size, self.keep_size = Path(path), int(size), keep_size
+        self.path, self.keep_size = Path(path), keep_size
+        self.size = int(size) if size else None  # None: frames as stored (clips.read_frames)
         self._container = None
         first = self._start()  # fail here, before any processing, on unreadable input
         rot = int(round((first.rotation or 0) / 90)) % 4 * 90
@@ -150,7 +151,8 @@ class VideoSource:
         log.warning("%s: %s", self.path, msg)
 
     def frames(self):
-        """Yield HxWx3 uint8 RGB frames at ``size x size``. A second call starts over."""
+        """Yield HxWx3 uint8 RGB frames at ``size x size`` (as stored if ``size`` is None). A second call
+        starts over."""
         if self._raw is None:
             self._start()
         raw, self._raw = self._raw, None
@@ -161,7 +163,7 @@ class VideoSource:
             rgb = frame.to_ndarray(format="rgb24", **kw)
             if self.info.rotation:
                 rgb = np.rot90(rgb, self.info.rotation // 90)
-            yield np.ascontiguousarray(resize(rgb, self.size, self.size))
+            yield np.ascontiguousarray(rgb if self.size is None else resize(rgb, self.size, self.size))
         self.exhausted = True
         self.close()
 

@@ -188,7 +188,8 @@ def _forward_training(module: LLLiteModule, previous, x: torch.Tensor) -> torch.
 class LLLiteAdapter(nn.Module):
     """All LLLite modules for one U-Net and hook subset.
 
-    Engine-facing API: ``set_cond_image(images)``, ``set_multiplier(x)``, ``hooks``, ``config``,
+    Engine-facing API: ``set_cond_image(images)``, ``set_cond_rows(images, rows)``, ``set_multiplier(x)``,
+    ``hooks``, ``config``,
     ``allocate(batch, height, width)``, ``save(path)`` / ``LLLiteAdapter.load(path, unet, hooks)``.
     ``inference_mode`` is set by :func:`apply_lllite` and decides what ``set_cond_image`` writes.
     """
@@ -247,12 +248,8 @@ class LLLiteAdapter(nn.Module):
         Inference mode: no grad, results ``copy_``'d into the fixed buffers (allocated on first use).
         Training mode: graph-connected embeddings kept for the next U-Net forwards.
         """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise StreameditError(f"LLLite cond image must be (B,3,H,W), got {tuple(images.shape)}")
+        images = self._as_input(images)
         param = next(self.parameters())
-        if images.dtype == torch.uint8:
-            images = images.to(param.device, torch.float32) / 127.5 - 1.0
-        images = images.to(param.device, param.dtype)
         if not self.inference_mode:
             for _, m in self.items():
                 m.live_cond = m.embed(images)
@@ -268,6 +265,24 @@ class LLLiteAdapter(nn.Module):
             for _, m in self.items():
                 emb = m.embed(images)
                 m.cond_emb.copy_(emb if b == self._alloc[0] else emb[rows])
+
+    def _as_input(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise StreameditError(f"LLLite cond image must be (B,3,H,W), got {tuple(images.shape)}")
+        param = next(self.parameters())
+        if images.dtype == torch.uint8:
+            images = images.to(param.device, torch.float32) / 127.5 - 1.0
+        return images.to(param.device, param.dtype)
+
+    def set_cond_rows(self, images: torch.Tensor, rows: torch.Tensor) -> None:
+        """Inference: embed ``images`` (n,3,H,W) into buffer rows ``rows`` ((n,) long, on the device), in
+        place, leaving the other rows as they are (the staggered refresh; capturable in a CUDA graph)."""
+        if self._alloc is None or tuple(images.shape[2:]) != self._alloc[1:]:
+            raise StreameditError("LLLite: set_cond_rows needs buffers of the image size (allocate() first)")
+        images = self._as_input(images)
+        with torch.no_grad():
+            for _, m in self.items():
+                m.cond_emb.index_copy_(0, rows, m.embed(images))
 
     def set_multiplier(self, value: float | torch.Tensor) -> None:
         """Strength of the adapter (0 = off), written in place into every module's buffer."""

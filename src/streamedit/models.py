@@ -33,6 +33,7 @@ COMPONENTS = ("text_encoder", "tokenizer", "processor", "vae", "unet", "schedule
 DREAMLITE_HUB_ID = "carlofkl/DreamLite-mobile"
 DREAMLITE_REVISION = "diffusers"
 DEMO_PATH = Path(__file__).parent / "assets" / "demo-model"
+DEMO_LLLITE = Path(__file__).parent / "assets" / "demo-lllite.safetensors"  # the demo model's temporal adapter
 HOOK_RE = re.compile(r"transformer_blocks\.\d+\.(attn1\.to_[qkv]|attn2\.to_q)$")
 
 _UNET_BLOCKS = dict(
@@ -217,7 +218,7 @@ def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, revi
     try:
         # Loaded separately so that machines without torchvision get the image-only processor;
         # with torchvision this is the stock Qwen3VLProcessor of the checkpoint.
-        processor = proc.processor_class().from_pretrained(source, subfolder="processor")
+        processor = _load_processor(source)
         pipe = DreamLiteMobilePipeline.from_pretrained(source, dtype=dtype, processor=processor)
     except StreameditError:
         raise
@@ -236,6 +237,29 @@ def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, revi
         except ValueError:
             log.warning("ignoring unreadable %s", meta)
     return Models(**{c: getattr(pipe, c) for c in COMPONENTS}, source=source, edit_prefix_len=prefix, extras=extras)
+
+
+def native_size(source: str) -> int | None:
+    """The working size a model folder's ``streamedit.json`` names (the demo model: 256), read without
+    loading the model; None for hub ids, ``random:*`` and folders without one."""
+    folder = DEMO_PATH if source == "demo" else Path(source).expanduser()
+    meta = folder / "streamedit.json"
+    try:
+        size = json.loads(meta.read_text()).get("size") if meta.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return int(size) if isinstance(size, int) else None
+
+
+def _load_processor(source: str):
+    """The checkpoint's processor; folders saved without a video processor (streamedit's own, on any
+    machine) load as the image-only one even where torchvision would allow the stock class."""
+    try:
+        return proc.processor_class().from_pretrained(source, subfolder="processor")
+    except Exception:  # e.g. OSError: no video_preprocessor_config.json
+        if proc.processor_class() is proc.ImageOnlyQwen3VLProcessor:
+            raise
+        return proc.ImageOnlyQwen3VLProcessor.from_pretrained(source, subfolder="processor")
 
 
 def warn_unknown_instruction(models: Models, prompt: str) -> bool:

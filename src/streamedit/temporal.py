@@ -15,6 +15,13 @@ Work split, so nothing here sits on the main stream's critical path:
 * :meth:`TemporalConditioner.apply` runs on the main stream before the U-Net of the batch: on
   refresh batches it waits for the (long finished) flows, warps on the GPU with ``grid_sample`` and
   writes the adapter's cond buffers in place; on reuse batches it does nothing at all.
+
+``stagger`` spreads the refresh evenly instead: batch k refreshes only the batch slots j with
+``(k - j) % refresh_every == 0``, so every slot is still rebuilt every ``refresh_every`` batches
+but each batch pays for ``B / refresh_every`` flows and cond CNNs (one at B = 8, N = 8) rather than
+every N-th batch paying for B of them (the p95 spike of the full refresh). The start and scene cuts
+still refresh every slot. With ``graph`` (CUDA), the cond CNNs + in-place row writes replay from one
+CUDA graph per row count.
 """
 
 from __future__ import annotations
@@ -88,13 +95,19 @@ class CondPlan:
     cut_at: int | None = None  # index in the batch of the first frame of a new shot
     flows: list[Future] = field(default_factory=list)  # one per frame before the cut (refresh only)
     force_te: bool = False
+    slots: tuple[int, ...] | None = None  # staggered refresh: only these batch rows (flows: one per slot)
 
 
 class TemporalConditioner:
     def __init__(self, adapter, refresh_every: int = 8, cut_refresh: bool = True,
-                 motion_threshold: float | None = None, flow_size: int | None = None, workers: int = 4):
+                 motion_threshold: float | None = None, flow_size: int | None = None, workers: int = 4,
+                 stagger: bool = False, graph: bool = False):
         self.adapter = adapter
         self.refresh_every = refresh_every
+        self.stagger = stagger
+        self._graphs = {} if graph else None  # row count -> StaticGraph of adapter.set_cond_rows
+        self._rows = {}  # slots -> device index tensor (made once per pattern)
+        self._batch = -1
         self.cuts = SceneCutDetector() if cut_refresh else None
         self.motion_threshold = motion_threshold
         self.flow_size = flow_size
@@ -114,17 +127,24 @@ class TemporalConditioner:
         if self.motion_threshold is not None and self._prev_last is not None:
             flow = farneback(frames[count - 1], self._prev_last, size=64)
             self._motion += float(np.linalg.norm(flow, axis=-1).mean())
+        self._batch += 1
         if self._prev_last is None:
             plan = CondPlan(True, "start")
         elif cut_at is not None:
             plan = CondPlan(True, "cut", cut_at=cut_at, force_te=True)
-        elif self._since_refresh + 1 >= self.refresh_every:
+        elif not self.stagger and self._since_refresh + 1 >= self.refresh_every:
             plan = CondPlan(True, "schedule")
         elif self.motion_threshold is not None and self._motion > self.motion_threshold:
             plan = CondPlan(True, "motion")
+        elif self.stagger:
+            slots = tuple(j for j in range(len(frames)) if (self._batch - j) % self.refresh_every == 0)
+            plan = CondPlan(True, "stagger", slots=slots) if slots else CondPlan(False)
         else:
             plan = CondPlan(False)
-        if plan.refresh:
+        if plan.slots is not None:
+            plan.flows = [self._pool.submit(_timed, farneback, frames[j], self._prev_last, self.flow_size)
+                          for j in plan.slots]
+        elif plan.refresh:
             self._since_refresh, self._motion = 0, 0.0
             if self._prev_last is not None:
                 stop = len(frames) if plan.cut_at is None else plan.cut_at
@@ -140,17 +160,43 @@ class TemporalConditioner:
         """Write the cond embedding for this batch; ``inputs`` are the (B,H,W,3) uint8 source frames."""
         if not plan.refresh:
             return
+        if plan.slots is not None:  # staggered: the previous output warped onto the slots' frames
+            self._write(self._warped(plan, timings), plan.slots)
+            return
         cond = inputs.permute(0, 3, 1, 2)
         if plan.flows and self._prev_output is not None:
-            t0 = time.perf_counter()
-            results = [f.result() for f in plan.flows]
-            timings["flow_wait_ms"] = 1e3 * (time.perf_counter() - t0)
-            timings["flow_cpu_ms"] = sum(ms for _, ms in results)
-            flows = torch.from_numpy(np.stack([flow for flow, _ in results])).to(inputs.device, non_blocking=True)
-            prev = self._prev_output.float().unsqueeze(0).expand(len(results), -1, -1, -1)
-            warped = warp(prev, flows).round().clamp(0, 255).to(torch.uint8)
-            cond = torch.cat([warped, cond[len(results):]]) if len(results) < len(cond) else warped
-        self.adapter.set_cond_image(cond)
+            warped = self._warped(plan, timings)
+            cond = torch.cat([warped, cond[len(warped):]]) if len(warped) < len(cond) else warped
+        if self._graphs is not None and len(cond) == self.adapter._alloc[0]:
+            self._write(cond, tuple(range(len(cond))))
+        else:
+            self.adapter.set_cond_image(cond)
+
+    def _warped(self, plan: CondPlan, timings: dict) -> torch.Tensor:
+        """(n,3,H,W) uint8: the last output warped by the plan's flows (waited for here)."""
+        t0 = time.perf_counter()
+        results = [f.result() for f in plan.flows]
+        timings["flow_wait_ms"] = 1e3 * (time.perf_counter() - t0)
+        timings["flow_cpu_ms"] = sum(ms for _, ms in results)
+        device = self._prev_output.device
+        flows = torch.from_numpy(np.stack([flow for flow, _ in results]))
+        if device.type == "cuda":
+            flows = flows.pin_memory()  # a pageable source would make the copy synchronous
+        flows = flows.to(device, non_blocking=True)
+        prev = self._prev_output.float().unsqueeze(0).expand(len(results), -1, -1, -1)
+        return warp(prev, flows).round().clamp(0, 255).to(torch.uint8)
+
+    def _write(self, images: torch.Tensor, slots: tuple[int, ...]) -> None:
+        if slots not in self._rows:
+            self._rows[slots] = torch.tensor(slots, device=images.device)
+        rows = self._rows[slots]
+        if self._graphs is None:
+            self.adapter.set_cond_rows(images, rows)
+            return
+        from .graphs import StaticGraph
+
+        graph = self._graphs.setdefault(len(slots), StaticGraph(self.adapter.set_cond_rows, images.device))
+        graph(images, rows)
 
     def remember(self, outputs: torch.Tensor, count: int) -> None:
         """Keep the last real decoded frame of this batch (device tensor) for the next refresh."""

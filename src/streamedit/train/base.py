@@ -15,11 +15,16 @@ Recipe (GPU minutes, see docs/demo-model.md):
    reproduce in ``v`` lands in the image divided by that scale;
 3. latents and TE embeddings of every crop are computed once (both frozen from here on);
 4. U-Net: flow matching with the runtime's edit conditioning, ``unet(cat([x_sigma, z_source], W))``,
-   velocity target ``noise - z_target``. Three quarters of each batch sits at sigma = 1, the 1-step operating
-   point the runtime uses, where the sample is pure noise and ``x0 = noise - v``; the rest is
-   logit-normal sigma. Part of the sigma = 1 share also gets a pixel loss through the frozen decoder;
+   velocity target ``(x_sigma - z_target) / sigma``. Most of each batch sits at the 1-step operating
+   point the runtime uses: start sigma ``strength`` (shifted as the runtime shifts it), where the sample
+   is the runtime's first sample (``denoise.start_sample``: the source latent noised to that sigma) and
+   ``x0 = x - sigma * v``; the rest is logit-normal sigma below it, on the target's own flow.
+   Part of the operating-point share also gets a pixel loss through the frozen decoder.
+   Why ``strength < 1`` (0.25 by default): the width-concat puts the clean source W latent columns
+   away from the output, and a U-Net this small cannot route fine detail that far (at strength 1
+   the first attempts stalled at 16 dB, docs/demo-model.md); the noised source puts it in place;
 5. an EMA of the U-Net weights is what is saved, in float16, as a diffusers folder plus
-   ``streamedit.json`` naming the instructions the model knows.
+   ``streamedit.json`` naming the instructions the model knows and its ``strength``.
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ class BaseTrainConfig:
     # ~20k kernel launches per step: the step time hardly depends on the batch, so make it large
     unet_batch: int = 512
     unet_lr: float = 6e-4
-    one_step_fraction: float = 0.75  # share of each batch at sigma = 1
+    one_step_fraction: float = 0.75  # share of each batch at the operating point
+    strength: float = 0.25  # the runtime's start sigma for this model (saved in streamedit.json)
     pixel_batch: int = 32  # samples of each batch that also get the decoder's pixel loss
     latent_std: float = 2.0  # target std of the model-space latents (see _set_latent_scale)
     unet_minutes: float | None = None  # wall-clock budget: the step count is cut to fit after 50 steps
@@ -147,6 +153,8 @@ def _embed_all(models, sources: np.ndarray, chunk: int = 32) -> list[torch.Tenso
 
 def train_unet(models, data: dict, cfg: BaseTrainConfig, log_rows: list, bar=None):
     """Flow matching on precomputed latents/embeddings; returns the EMA U-Net."""
+    from ..denoise import sigma_schedule, start_sample
+
     unet, vae, device = models.unet, models.vae, models.device
     z_src, z_tgt, emb, tgt_u8 = data["z_src"], data["z_tgt"], data["emb"], data["targets"]
     scale = vae.config.scaling_factor  # model-space latents = VAE latents * scale (source latents stay raw)
@@ -156,6 +164,7 @@ def train_unet(models, data: dict, cfg: BaseTrainConfig, log_rows: list, bar=Non
     unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
     time_ids = torch.tensor([[cfg.size, cfg.size]], device=device, dtype=torch.float32)
+    start, t_start = (float(v[0]) for v in sigma_schedule(models, cfg.size, [cfg.strength]))
     ones = int(cfg.unet_batch * cfg.one_step_fraction)
     npix = min(cfg.pixel_batch, ones)
     total, step, t0 = cfg.unet_steps, 0, time.perf_counter()
@@ -174,16 +183,19 @@ def train_unet(models, data: dict, cfg: BaseTrainConfig, log_rows: list, bar=Non
         style = step % n_styles  # one instruction per batch: their embeddings differ in length
         z0, zs, cond = z_tgt[idx, style] * scale, z_src[idx], emb[style][idx]
         noise = torch.randn(z0.shape, device=device, generator=gen)
-        sigma = torch.sigmoid(torch.randn(cfg.unet_batch, device=device, generator=gen))
-        sigma[:ones] = 1.0  # the 1-step operating point
+        sigma = torch.sigmoid(torch.randn(cfg.unet_batch, device=device, generator=gen)) * start
+        sigma[:ones] = start  # the 1-step operating point
+        timestep = sigma * 1000
+        timestep[:ones] = t_start
         s = sigma.view(-1, 1, 1, 1)
         x = (1 - s) * z0 + s * noise
-        inputs = dict(sample=torch.cat([x, zs], dim=3), timestep=sigma * 1000, encoder_hidden_states=cond,
+        x[:ones] = start_sample(noise[:ones], zs[:ones], start, scale)  # the runtime's first sample
+        inputs = dict(sample=torch.cat([x, zs], dim=3), timestep=timestep, encoder_hidden_states=cond,
                       added_cond_kwargs={"time_ids": time_ids.expand(len(idx), -1)}, return_dict=False)
         with _autocast(device):
             pred = unet(**inputs)[0][..., :x.shape[-1]]
         pred = pred.float()
-        loss = F.mse_loss(pred, noise - z0)
+        loss = F.mse_loss(pred, (x - z0) / s)
         if cfg.pixel_weight:
             x0 = (x - s * pred)[:npix]
             with _autocast(device):
@@ -263,6 +275,7 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
             "z_tgt": _encode_all(models.vae, tgt_t.flatten(0, 1)).unflatten(0, tgt_t.shape[:2]),
             "emb": _embed_all(models, sources)}
     models.vae.register_to_config(scaling_factor=cfg.latent_std / float(data["z_src"].std()))
+    models.extras["strength"] = cfg.strength  # the runtime's default for this model (validate() runs it)
     t_pre = time.perf_counter() - t0
     t0 = time.perf_counter()
     models.unet = train_unet(models, data, cfg, rows, bar)
@@ -284,12 +297,12 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
 
 
 def save_demo(models, out: str, size: int) -> None:
-    """float16 diffusers folder + ``streamedit.json`` (known instructions, native size)."""
+    """float16 diffusers folder + ``streamedit.json`` (known instructions, native size, strength)."""
     half = copy.copy(models)
     for name in ("unet", "vae", "text_encoder"):
         setattr(half, name, copy.deepcopy(getattr(models, name)).to("cpu", torch.float16))
     half.save_pretrained(out)
-    meta = {"instructions": STYLE_NAMES, "size": size,
+    meta = {"instructions": STYLE_NAMES, "size": size, "strength": models.extras.get("strength", 1.0),
             "about": "streamedit demo model: imitates OpenCV filters (see docs/demo-model.md)"}
     Path(out, "streamedit.json").write_text(json.dumps(meta, indent=2))
 
@@ -306,17 +319,19 @@ def save_demo(models, out: str, size: int) -> None:
 @click.option("--batch", default=512, show_default=True, help="U-Net batch size.")
 @click.option("--vae-batch", default=64, show_default=True)
 @click.option("--lr", default=6e-4, show_default=True, help="U-Net learning rate.")
+@click.option("--strength", default=0.25, show_default=True,
+              help="Start sigma the model is trained for (1: pure noise, as DreamLite); saved as its default.")
 @click.option("--unet-minutes", type=float, default=None, help="Cut the U-Net steps to fit this wall-clock budget.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default=None, help="cuda (default when available) or cpu.")
-def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, unet_steps, batch, vae_batch, lr, unet_minutes,
-                 seed, device):
+def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, unet_steps, batch, vae_batch, lr, strength,
+                 unet_minutes, seed, device):
     """Train the small demo edit model to imitate the built-in filters; writes a model folder."""
     from ..cli import resolve_device
 
     device, _ = resolve_device(device, None)
     cfg = BaseTrainConfig(size=size, crops_per_frame=crops, max_frames=max_frames, vae_steps=vae_steps,
-                          unet_steps=unet_steps, unet_batch=batch, vae_batch=vae_batch, unet_lr=lr,
+                          unet_steps=unet_steps, unet_batch=batch, vae_batch=vae_batch, unet_lr=lr, strength=strength,
                           unet_minutes=unet_minutes, seed=seed)
     report = train_base(clips, output, list(holdout), cfg, device)
     secs = report["seconds"]

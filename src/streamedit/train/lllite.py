@@ -5,11 +5,14 @@ Flow matching in the runtime's own conventions (see :mod:`streamedit.denoise`):
 * clean latent of a target image ``x``: ``z0 = (vae.encode(x).latents - shift) * scaling``, the inverse
   of ``Denoiser.decode`` (``vae.decode(z / scaling + shift)``); the source latents are the raw
   ``vae.encode`` latents, exactly as ``Denoiser.encode_source`` feeds them;
-* per example a sigma: ``sigma = 1`` (the 1-step operating point, timestep 1000) with probability
-  ``p_one``, else drawn uniformly from a 1000-point schedule built by the model's scheduler with the
-  same dynamic shift ``mu`` as the runtime, so sigma and timestep come from ``set_timesteps`` itself;
-* ``x = (1 - sigma) * z0 + sigma * noise``, velocity target ``noise - z0`` (the Euler step
-  ``x + (s_next - s) * v`` then lands on ``z0``); the U-Net is called as ``Denoiser.denoise`` calls it
+* per example a sigma: the 1-step operating point (the model's start sigma: 1, or its ``strength``
+  shifted) with probability ``p_one``, else drawn uniformly from a 1000-point schedule below it built
+  by the model's scheduler with the same dynamic shift ``mu`` as the runtime, so sigma and timestep
+  come from ``set_timesteps`` itself;
+* ``x = (1 - sigma) * z0 + sigma * noise`` (at the operating point of a ``strength < 1`` model, the
+  runtime's first sample ``denoise.start_sample`` from the source latent instead), velocity target
+  ``(x - z0) / sigma`` (``noise - z0`` for the former: the Euler step ``x + (0 - sigma) * v`` then
+  lands on ``z0``); the U-Net is called as ``Denoiser.denoise`` calls it
   (noisy and source latents concatenated along width, ``time_ids = (size, size)``, left half kept).
 
 Only the adapter trains (AdamW, fp32 master weights; under bf16 autocast on CUDA); U-Net, VAE and text
@@ -166,7 +169,7 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
     ``--fixed-noise`` draw for ``seed`` instead of fresh noise per example."""
     from tqdm import tqdm
 
-    from ..denoise import Denoiser
+    from ..denoise import Denoiser, start_sample
     from ..lllite import LLLiteAdapter, apply_lllite, remove_lllite
 
     _check(steps, batch_size, grad_accum, lr, p_one, save_every)
@@ -182,11 +185,12 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
                                                                    else None)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
-    denoiser = Denoiser(models, 1, size)
+    strength = float((models.extras or {}).get("strength", 1.0))  # the runtime's default for this model
+    denoiser = Denoiser(models, 1, size, strength=strength)
     src_lat = encode_latents(denoiser, data.source, clean=False)
     tgt_lat = encode_latents(denoiser, data.target, clean=True)
     data.target = None  # only its latents are used from here on: free the host copy
-    table_sigma, table_t = sigma_schedule(models, size, np.linspace(1.0, 1 / 1000, 1000))
+    table_sigma, table_t = sigma_schedule(models, size, np.linspace(strength, strength / 1000, 1000))
     embeds = _EmbedCache(models, data, te_cache_gb)
     time_ids = denoiser.time_ids.expand(batch_size, -1)
     width = src_lat.shape[-1]
@@ -208,11 +212,11 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
         group = data.groups[g]
         idx = group[torch.randint(len(group), (batch_size,), generator=gen)]
         pick = torch.randint(len(table_sigma), (batch_size,), generator=gen)
-        pick[torch.rand(batch_size, generator=gen) < p_one] = 0  # index 0 is sigma 1 / timestep 1000
+        pick[torch.rand(batch_size, generator=gen) < p_one] = 0  # index 0: the operating point
         noise = (fixed.float().expand(batch_size, -1, -1, -1) if fixed is not None
                  else torch.randn((batch_size, *noise_shape[1:]), generator=gen))
         cond = data.cond[idx].permute(0, 3, 1, 2).to(device, non_blocking=True)
-        return idx, g, cond, noise.to(device), table_sigma[pick].to(device), table_t[pick]
+        return idx, g, cond, noise.to(device), table_sigma[pick].to(device), table_t[pick], (pick == 0).to(device)
 
     log_file = open(log_path, "w") if log_path else None  # noqa: SIM115 (closed in the finally below)
     out_path = Path(out_path)
@@ -229,18 +233,22 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
         for step in bar:
             total = torch.zeros((), device=device)
             for _ in range(grad_accum):
-                idx, g, cond, noise, sigma, t = micro_batch()
+                idx, g, cond, noise, sigma, t, at_start = micro_batch()
                 prompt_embeds = embeds.get(data.prompts[g], idx.tolist())
                 idx = idx.to(device)
                 z0 = tgt_lat[idx].float()
                 s = sigma.view(-1, 1, 1, 1)
-                noisy = ((1 - s) * z0 + s * noise).to(models.dtype)
+                noisy = (1 - s) * z0 + s * noise
+                if denoiser.start_sigma < 1:  # the runtime starts from the noised source latent
+                    first = start_sample(noise, src_lat[idx], denoiser.start_sigma, denoiser.scaling, denoiser.shift)
+                    noisy = torch.where(at_start.view(-1, 1, 1, 1), first.float(), noisy)
                 with amp():
                     adapter.set_cond_image(cond)
-                    pred = unet(torch.cat([noisy, src_lat[idx]], dim=3), timestep=t.to(device, models.dtype),
+                    pred = unet(torch.cat([noisy.to(models.dtype), src_lat[idx]], dim=3),
+                                timestep=t.to(device, models.dtype),
                                 encoder_hidden_states=prompt_embeds, added_cond_kwargs={"time_ids": time_ids},
                                 return_dict=False)[0][..., :width]
-                loss = F.mse_loss(pred.float(), noise - z0)
+                loss = F.mse_loss(pred.float(), (noisy - z0) / s)  # = noise - z0 off the source start
                 (loss / grad_accum).backward()
                 total += loss.detach() / grad_accum
                 for m in adapter.lllite.values():
