@@ -78,3 +78,14 @@ def test_stylize_defaults_to_the_models_native_size(tmp_path):
                                       "--keep-size", "--batch", "4", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert read_frames(out)[0].shape == (256, 256, 3)  # --keep-size writes the working size
+
+
+def test_eval_defaults_to_the_models_native_size(tmp_path):
+    import json
+
+    clip = make_test_clip(tmp_path / "c.mp4", frames=4, width=64, height=64)
+    result = CliRunner().invoke(cli, ["eval", "--clips", str(clip), "-p", "oil painting", "--out", str(tmp_path / "e"),
+                                      "--model", "demo", "--device", "cpu", "--batch", "4"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "e" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["run"]["config"]["size"] == 256

@@ -210,7 +210,7 @@ def summary_markdown(records: list[dict], meta: dict, comparison: list[dict] | N
 @click.option("--lpips-weights", default=None, help="Local LPIPS weights file (optional metric).")
 @click.option("--clip-model", default=None, help="Local CLIP model folder (optional metric).")
 @click.option("--raft-weights", default=None, help="Local RAFT weights file (optional metric).")
-@click.option("--size", default=512, show_default=True)
+@click.option("--size", type=int, default=None, help="Working size. Default: the model's own (256 for demo), else 512.")
 @click.option("--batch", default=8, show_default=True)
 @click.option("--steps", default=1, show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -231,6 +231,10 @@ def eval_command(clips, prompt, out_dir, model, revision, device, dtype, baselin
     base_records = read_jsonl(baseline) if baseline else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if size is None:
+        from ..models import native_size
+
+        size = native_size(model) or 512
     base = dict(prompt=clean_prompt(prompt), batch_size=batch, steps=steps, size=size, seed=seed,
                 fixed_noise=fixed_noise, **temporal_config(**temporal))
     config, _ = build_config(base, {}, parse_sets(sets))
