@@ -89,3 +89,10 @@ def test_eval_defaults_to_the_models_native_size(tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "e" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["run"]["config"]["size"] == 256
+
+
+def test_strength_out_of_range_is_one_clear_error(tmp_path):
+    clip = make_test_clip(tmp_path / "in.mp4", frames=2, width=64, height=64)
+    result = CliRunner().invoke(cli, ["stylize", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "cartoon",
+                                      "--strength", "1.5"])
+    assert result.exit_code == 2 and "--strength" in result.output and "Traceback" not in result.output

@@ -188,7 +188,7 @@ def load(model: str, revision, device, dtype):
 @model_options
 @click.option("--batch", default=8, show_default=True, help="Frames per batch.")
 @click.option("--steps", default=1, show_default=True, help="Denoising steps (1-4).")
-@click.option("--strength", type=float, default=None,
+@click.option("--strength", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="Start sigma in (0, 1]: 1 starts from pure noise; lower starts from the noised source "
                    "(default: the model's own, 1 unless its streamedit.json says otherwise).")
 @click.option("--size", type=int, default=None,
@@ -212,16 +212,12 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
 
     from .engine import EngineConfig, StreamEngine
     from .io import VideoWriter, open_video
+    from .models import working_size
 
-    if size is None:
-        from .models import native_size
-
-        size = native_size(model) or 512
+    size = working_size(size, model)
     fields = dict(batch_size=batch, compile=compile_, te_fast=te_fast, te_fp8=te_fp8, skip_similar=skip_similar)
     if low_latency:
         fields.update(low_latency_fields(click.get_current_context(), batch))
-    if strength is not None and not 0.0 < strength <= 1.0:
-        raise StreameditError(f"--strength must be in (0, 1], got {strength}")
     config = EngineConfig(prompt=prompt, steps=steps, strength=strength, size=size, seed=seed, fixed_noise=fixed_noise,
                           compile_mode=compile_mode, te_batch_one=te_batch_one, te_refresh_every=te_refresh,
                           **fields, **temporal_config(**temporal))

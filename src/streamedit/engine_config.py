@@ -84,9 +84,9 @@ def to_working(frame: np.ndarray, size: int) -> np.ndarray:
 
 def model_strength(models, config: EngineConfig) -> float:
     """``config.strength``, else the default a model folder's ``streamedit.json`` names, else 1."""
-    if config.strength is not None:
-        return float(config.strength)
-    return float((models.extras or {}).get("strength", 1.0))
+    from .models import default_strength
+
+    return float(config.strength) if config.strength is not None else default_strength(models)
 
 
 def validate(models, config: EngineConfig) -> None:

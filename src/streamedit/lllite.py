@@ -229,6 +229,11 @@ class LLLiteAdapter(nn.Module):
     def items(self):
         return ((m.hook, m) for m in self.lllite.values())
 
+    @property
+    def rows(self) -> int:
+        """Batch rows of the inference buffers (0 before they are allocated)."""
+        return self._alloc[0] if self._alloc else 0
+
     def allocate(self, batch: int, height: int | None = None, width: int | None = None) -> None:
         """(Re)create the inference buffers for ``batch`` cond images of ``height x width`` pixels."""
         height = height or self.config.cond_size

@@ -239,6 +239,16 @@ def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, revi
     return Models(**{c: getattr(pipe, c) for c in COMPONENTS}, source=source, edit_prefix_len=prefix, extras=extras)
 
 
+def default_strength(models: Models) -> float:
+    """The start sigma a model folder's ``streamedit.json`` names (the demo model: 0.15), else 1."""
+    return float((models.extras or {}).get("strength", 1.0))
+
+
+def working_size(size: int | None, source: str) -> int:
+    """``size`` if given, else the model's native size (:func:`native_size`), else 512."""
+    return size or native_size(source) or 512
+
+
 def native_size(source: str) -> int | None:
     """The working size a model folder's ``streamedit.json`` names (the demo model: 256), read without
     loading the model; None for hub ids, ``random:*`` and folders without one."""

@@ -167,7 +167,7 @@ class TemporalConditioner:
         if plan.flows and self._prev_output is not None:
             warped = self._warped(plan, timings)
             cond = torch.cat([warped, cond[len(warped):]]) if len(warped) < len(cond) else warped
-        if self._graphs is not None and len(cond) == self.adapter._alloc[0]:
+        if self._graphs is not None and len(cond) == self.adapter.rows:
             self._write(cond, tuple(range(len(cond))))
         else:
             self.adapter.set_cond_image(cond)
@@ -195,8 +195,9 @@ class TemporalConditioner:
             return
         from .graphs import StaticGraph
 
-        graph = self._graphs.setdefault(len(slots), StaticGraph(self.adapter.set_cond_rows, images.device))
-        graph(images, rows)
+        if len(slots) not in self._graphs:
+            self._graphs[len(slots)] = StaticGraph(self.adapter.set_cond_rows, images.device)
+        self._graphs[len(slots)](images, rows)
 
     def remember(self, outputs: torch.Tensor, count: int) -> None:
         """Keep the last real decoded frame of this batch (device tensor) for the next refresh."""

@@ -231,10 +231,9 @@ def eval_command(clips, prompt, out_dir, model, revision, device, dtype, baselin
     base_records = read_jsonl(baseline) if baseline else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if size is None:
-        from ..models import native_size
+    from ..models import working_size
 
-        size = native_size(model) or 512
+    size = working_size(size, model)
     base = dict(prompt=clean_prompt(prompt), batch_size=batch, steps=steps, size=size, seed=seed,
                 fixed_noise=fixed_noise, **temporal_config(**temporal))
     config, _ = build_config(base, {}, parse_sets(sets))

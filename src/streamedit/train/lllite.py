@@ -171,6 +171,7 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
 
     from ..denoise import Denoiser, start_sample
     from ..lllite import LLLiteAdapter, apply_lllite, remove_lllite
+    from ..models import default_strength
 
     _check(steps, batch_size, grad_accum, lr, p_one, save_every)
     t_start = time.perf_counter()
@@ -185,7 +186,7 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
                                                                    else None)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
-    strength = float((models.extras or {}).get("strength", 1.0))  # the runtime's default for this model
+    strength = default_strength(models)  # the runtime's start for this model
     denoiser = Denoiser(models, 1, size, strength=strength)
     src_lat = encode_latents(denoiser, data.source, clean=False)
     tgt_lat = encode_latents(denoiser, data.target, clean=True)
