@@ -158,7 +158,10 @@ def test_browser_end_to_end(tmp_path, tiny_models):
             assert inp.std() > 10, "the fake camera shows nothing"
             assert np.abs(inp - out).mean() > 10, "output pixels look like the input: not stylized"
 
-            # The media went over loopback only.
+            # The media went over loopback only. The page fills `pair` from a periodic getStats poll,
+            # which under load may not have run yet when the fifth frame arrives.
+            wait_for(page, "window.streamedit.browser && window.streamedit.browser.pair", 30,
+                     "the browser's selected ICE candidate pair")
             pair = page.evaluate("window.streamedit.browser.pair")
             assert pair and pair["remote"] == "127.0.0.1", pair
 
