@@ -179,3 +179,18 @@ def test_strength_default_comes_from_the_model_folder(tiny_models, frames):
     finally:
         del tiny_models.extras["strength"]
     assert _engine(tiny_models).denoiser.strength == 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="stream priorities need a CUDA device")
+def test_main_priority_runs_the_main_stream_high_and_changes_no_output(frames):
+    from streamedit import load_models
+
+    models = load_models("random:tiny", device="cuda")
+    outs = {}
+    for prio in (False, True):
+        engine = _engine(models, main_priority=prio, fixed_noise=True)
+        outs[prio] = np.stack(list(engine.run(frames)))
+        if prio:  # a lower number is a higher priority
+            assert engine.main_stream.priority < engine.side_stream.priority
+        engine.close()
+    assert np.abs(outs[True].astype(int) - outs[False]).max() <= 1  # bf16/TF32 kernels may differ by a level

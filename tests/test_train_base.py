@@ -5,6 +5,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from streamedit.cli import cli
@@ -53,14 +54,16 @@ def test_split_and_examples(clip_dir):
 
 def test_train_base_saves_a_loadable_demo_folder(clip_dir, tmp_path, caplog):
     cfg = BaseTrainConfig(size=64, crops_per_frame=1, vae_steps=4, vae_batch=2, unet_steps=6, unet_batch=4,
-                          pixel_batch=2, workers=1)
+                          pixel_batch=2, decoder_steps=3, workers=1)
     out = tmp_path / "demo"
     report = train_base(str(clip_dir), str(out), ["held"], cfg, "cpu", progress=False)
     meta = json.loads((out / "streamedit.json").read_text())
     assert (out / "unet").is_dir() and meta["instructions"] == list(STYLES) and meta["strength"] == cfg.strength
     assert set(report["validation"]) >= set(STYLES) | {"vae_roundtrip_psnr", "mean_psnr"}
-    losses = [r["loss"] for r in report["log"] if r["phase"] == "unet"]
-    assert losses and all(np.isfinite(losses))
+    for phase in ("unet", "decoder"):
+        losses = [r["loss"] for r in report["log"] if r["phase"] == phase]
+        assert losses and all(np.isfinite(losses))
+    assert set(report["validation_before_decoder_tune"]) == set(report["validation"])
     models = load_models(str(out))
     assert models.vae.config.latent_channels == 8
     assert models.vae.config.scaling_factor == pytest.approx(report["scaling_factor"], rel=1e-3)
@@ -88,3 +91,84 @@ def test_train_base_cli_bad_folder(tmp_path):
     result = CliRunner().invoke(cli, ["train", "base", "--clips", str(tmp_path / "none"), "-o", str(tmp_path / "o"),
                                       "--device", "cpu"])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def _tiny_training_data(device="cpu", n=6, size=32, seed=0):
+    """random:tiny models with the train-base precompute done on random crops and their filters."""
+    from streamedit.models import build_random
+    from streamedit.train.base import _embed_all, _encode_all
+    from streamedit.train.data import with_targets
+
+    rng = np.random.default_rng(seed)
+    sources = (rng.random((n, size, size, 3)) * 255).astype(np.uint8)
+    targets = with_targets(sources, workers=1)
+    models = build_random("tiny", device=torch.device(device), dtype=torch.float32, seed=seed)
+    src_t, tgt_t = torch.from_numpy(sources).to(device), torch.from_numpy(targets).to(device)
+    data = {"z_src": _encode_all(models.vae, src_t), "targets": tgt_t,
+            "z_tgt": _encode_all(models.vae, tgt_t.flatten(0, 1)).unflatten(0, tgt_t.shape[:2]),
+            "emb": _embed_all(models, sources)}
+    models.vae.register_to_config(scaling_factor=2.0 / float(data["z_src"].std()))
+    return models, data
+
+
+def test_one_step_is_the_runtime_denoise():
+    """The decoder is tuned on exactly the latents the runtime decodes."""
+    from streamedit.denoise import Denoiser
+    from streamedit.train.unet import one_step
+
+    models, data = _tiny_training_data()
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(data["z_src"].shape, generator=gen)
+    for strength in (0.15, 1.0):
+        den = Denoiser(models, 1, 32, strength=strength)
+        want = den.denoise(noise, data["z_src"], data["emb"][2])
+        got = one_step(models, noise, data["z_src"], data["emb"][2], 32, strength)
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_tune_decoder_fits_the_unet_outputs_and_keeps_the_encoder():
+    from streamedit.train.common import image_loss, to_pm1
+    from streamedit.train.unet import one_step_latents, tune_decoder
+
+    models, data = _tiny_training_data()
+    cfg = BaseTrainConfig(size=32, vae_batch=6, decoder_steps=60, decoder_lr=2e-3, strength=0.15)
+    latents = one_step_latents(models, data, cfg)
+    scale = models.vae.config.scaling_factor
+
+    def decoder_loss():
+        with torch.no_grad():
+            flat = latents.flatten(0, 1) / scale
+            return float(image_loss(models.vae.decode(flat).sample, to_pm1(data["targets"].flatten(0, 1))))
+
+    encoder = {k: v.clone() for k, v in models.vae.encoder.state_dict().items()}
+    before = decoder_loss()
+    rows = []
+    tune_decoder(models, data, cfg, rows)
+    assert decoder_loss() < 0.8 * before
+    assert all(torch.equal(v, models.vae.encoder.state_dict()[k]) for k, v in encoder.items())
+    assert not any(p.requires_grad for p in models.vae.parameters())
+    assert [r["phase"] for r in rows] == ["decoder"] * len(rows) and rows[-1]["step"] == 59
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_unet_steps_equal_eager_steps():
+    """Replaying the captured steps trains the U-Net as the eager steps do (scripts/gpu_train_check.py)."""
+    import copy
+
+    from streamedit.train.unet import train_unet
+
+    models, data = _tiny_training_data("cuda", n=16)
+    cfg = BaseTrainConfig(size=32, unet_steps=14, unet_batch=8, pixel_batch=2, strength=0.15)
+    results = {}
+    for graph in (False, True):
+        m = copy.copy(models)
+        m.unet = copy.deepcopy(models.unet)
+        rows = []
+        ema = train_unet(m, data, cfg, rows, graph=graph)
+        results[graph] = (m.unet, ema, [r["loss"] for r in rows])
+    assert [r for r in rows if r["step"] == 13][0]["graphed"]
+    np.testing.assert_allclose(results[True][2], results[False][2], rtol=2e-3)
+    flat = {g: torch.cat([p.flatten() for p in results[g][0].parameters()]) for g in results}
+    moved = (flat[False] - torch.cat([p.flatten() for p in models.unet.parameters()])).norm()
+    # bf16 kernels are not bitwise reproducible; the runs must agree to far less than what training moved
+    assert moved > 0 and (flat[True] - flat[False]).norm() < 0.02 * moved

@@ -81,7 +81,9 @@ def lllite_options(fn):
     opts = [
         click.option("--lllite", default=None,
                      help="Temporal LLLite adapter (.safetensors), 'demo' (the demo model's), or 'random'."),
-        click.option("--hooks", default="down", show_default=True, help="down | mid | up | all | name,name,..."),
+        click.option("--hooks", default=None,
+                     help="down | mid | up | all | name,name,... (default: every hook in the adapter file; "
+                          "down for 'random')."),
         click.option("--cond-refresh", default=8, show_default=True, help="Rebuild the cond embedding every N batches."),
         click.option("--lllite-multiplier", default=1.0, show_default=True, help="Adapter strength."),
         click.option("--cut-refresh/--no-cut-refresh", default=True, show_default=True,
@@ -105,13 +107,13 @@ def temporal_config(lllite, hooks, cond_refresh, lllite_multiplier, cut_refresh,
 
         if not Path(lllite).is_file():
             raise StreameditError(f"LLLite adapter file {lllite!r} does not exist")
-    hooks = hooks.split(",") if "," in hooks else hooks
+    hooks = hooks.split(",") if hooks and "," in hooks else hooks
     return dict(lllite=lllite, hooks=hooks, cond_refresh_every=cond_refresh, lllite_multiplier=lllite_multiplier,
                 cut_refresh=cut_refresh, motion_refresh=motion_refresh, cond_stagger=cond_stagger, flow_size=flow_size)
 
 
 def speed_options(fn):
-    """--te-fp8 / --skip-similar / --low-latency (EngineConfig te_fp8, skip_similar, the LOW_LATENCY preset)."""
+    """--te-fp8 / --skip-similar / --low-latency / --main-priority (EngineConfig fields, the LOW_LATENCY preset)."""
     opts = [
         click.option("--te-fp8", is_flag=True,
                      help="Approximation: FP8 text-encoder Linears (needs --te-fast and an FP8 GPU: Hopper/Ada)."),
@@ -120,6 +122,8 @@ def speed_options(fn):
                           "stylized one by at most T levels (mean abs, 0-255); ~1 skips a static camera."),
         click.option("--low-latency", is_flag=True,
                      help="Batch 1, fast TE, compiled, 1 batch prefetched, each frame handed out as soon as done."),
+        click.option("--main-priority", is_flag=True,
+                     help="Run the U-Net + decode stream at high CUDA priority (the TE stream fills its gaps)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -206,7 +210,7 @@ def load(model: str, revision, device, dtype):
 @lllite_options
 def stylize(input_path, output, prompt, model, revision, device, dtype, batch, steps, strength, size, seed, fixed_noise,
             compile_, compile_mode, te_fast, te_batch_one, te_refresh, keep_size, te_fp8, skip_similar, low_latency,
-            **temporal):
+            main_priority, **temporal):
     """Stylize INPUT with an instruction and write OUTPUT (same fps, timestamps and audio)."""
     from tqdm import tqdm
 
@@ -215,7 +219,8 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
     from .models import working_size
 
     size = working_size(size, model)
-    fields = dict(batch_size=batch, compile=compile_, te_fast=te_fast, te_fp8=te_fp8, skip_similar=skip_similar)
+    fields = dict(batch_size=batch, compile=compile_, te_fast=te_fast, te_fp8=te_fp8, skip_similar=skip_similar,
+                  main_priority=main_priority)
     if low_latency:
         fields.update(low_latency_fields(click.get_current_context(), batch))
     config = EngineConfig(prompt=prompt, steps=steps, strength=strength, size=size, seed=seed, fixed_noise=fixed_noise,

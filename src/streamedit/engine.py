@@ -106,7 +106,10 @@ class StreamEngine:
         if config.compile or config.vae_compiled:
             self.denoiser.compile(config.compile_mode, config.compile_backend, unet=config.compile,
                                   vae=config.vae_compiled, channels_last=config.channels_last)
-        self.main_stream = torch.cuda.current_stream(self.device) if self.cuda else None
+        self.main_stream = None
+        if self.cuda:  # the main stream is the critical path: at high priority the TE fills its gaps
+            self.main_stream = (torch.cuda.Stream(self.device, priority=-100) if config.main_priority
+                                else torch.cuda.current_stream(self.device))
         self.side_stream = torch.cuda.Stream(self.device) if self.cuda and config.pipeline else self.main_stream
         self.batch_log: list[dict] = []
         self.stats = {"batches": 0, "frames": 0, "te_calls": 0, "te_frames": 0, "skipped_frames": 0,
@@ -329,6 +332,10 @@ class StreamEngine:
         """Main stream: wait for the side stream's event, denoise, decode, copy to the host."""
         if batch.tensors is None:  # skipped batch
             return batch
+        with self._stream(self.main_stream):
+            return self._generate_on_main(batch)
+
+    def _generate_on_main(self, batch: _Batch) -> _Batch:
         noise, source, embeds, done, ev = batch.tensors
         if done is not None:
             self.main_stream.wait_event(done)

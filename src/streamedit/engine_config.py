@@ -31,6 +31,7 @@ class EngineConfig:
     te_fast: bool = False  # static, sync-free TE (te_fast.py); compiled (+CUDA graph) with `compile`
     te_fp8: bool = False  # approximation: the fast TE's Linears in FP8 (fp8.py); needs te_fast + an FP8 GPU
     pipeline: bool = True  # overlap TE/VAE-encode of batch k+1 with denoise/decode of batch k
+    main_priority: bool = False  # main stream (U-Net + decode) at high CUDA priority: the side stream fills gaps
     compile: bool = False  # U-Net (and the fast TE); with compile_vae: U-Net + decode as one graph
     compile_vae: bool | None = None  # VAE encode/decode compiled; None: same as `compile`
     compile_mode: str = "reduce-overhead"
@@ -44,7 +45,7 @@ class EngineConfig:
     # temporal LLLite adapter (see temporal.py): an LLLiteAdapter, a checkpoint path, "demo" (the bundled
     # adapter of the demo model) or "random"
     lllite: object = None
-    hooks: str | list = "down"
+    hooks: str | list | None = None  # None: every hook in the adapter file; "down" for "random"
     lllite_multiplier: float = 1.0
     cond_refresh_every: int = 8  # rebuild the cond embedding every N batches, reuse it in between
     cut_refresh: bool = True  # a scene cut forces a cond (and TE) refresh on its batch
@@ -124,7 +125,7 @@ def attach_adapter(models, config: EngineConfig):
     if isinstance(config.lllite, LLLiteAdapter):
         adapter = config.lllite
     elif config.lllite == "random":  # speed work: real shapes, small random weights
-        adapter = LLLiteAdapter.for_unet(models.unet, hooks=config.hooks, cond_size=config.size)
+        adapter = LLLiteAdapter.for_unet(models.unet, hooks=config.hooks or "down", cond_size=config.size)
         with torch.no_grad():
             for _, module in adapter.items():
                 module.up[0].weight.normal_(0, 1e-3)

@@ -20,11 +20,14 @@ Recipe (GPU minutes, see docs/demo-model.md):
    is the runtime's first sample (``denoise.start_sample``: the source latent noised to that sigma) and
    ``x0 = x - sigma * v``; the rest is logit-normal sigma below it, on the target's own flow.
    Part of the operating-point share also gets a pixel loss through the frozen decoder.
-   Why ``strength < 1`` (0.25 by default): the width-concat puts the clean source W latent columns
+   Why ``strength < 1`` (0.08 by default): the width-concat puts the clean source W latent columns
    away from the output, and a U-Net this small cannot route fine detail that far (at strength 1
-   the first attempts stalled at 16 dB, docs/demo-model.md); the noised source puts it in place;
-5. an EMA of the U-Net weights is what is saved, in float16, as a diffusers folder plus
-   ``streamedit.json`` naming the instructions the model knows and its ``strength``.
+   the first attempts stalled at 16 dB, docs/demo-model.md); the noised source puts it in place.
+   On CUDA each step replays from a CUDA graph (``unet.py``: the eager step is launch-bound);
+5. decoder: tuned on the EMA U-Net's own 1-step latents against the targets (``unet.tune_decoder``),
+   since those, not clean latents, are all the runtime ever decodes;
+6. the EMA U-Net and the VAE are saved in float16 as a diffusers folder plus ``streamedit.json``
+   naming the instructions the model knows and its ``strength``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,9 +42,10 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .common import autocast, image_loss, lr_at, step_and_log, to_pm1
 from .data import STYLE_NAMES, build_examples, split_clips, validation_frames, with_targets
+from .unet import train_unet, tune_decoder
 
 log = logging.getLogger(__name__)
 
@@ -56,68 +59,38 @@ class BaseTrainConfig:
     vae_batch: int = 64
     vae_lr: float = 1e-3
     unet_steps: int = 6000
-    # ~20k kernel launches per step: the step time hardly depends on the batch, so make it large
-    unet_batch: int = 512
+    unet_batch: int = 128  # CUDA-graphed steps (unet.py): more, smaller steps in the same minutes
+
     unet_lr: float = 6e-4
     one_step_fraction: float = 0.75  # share of each batch at the operating point
-    strength: float = 0.25  # the runtime's start sigma for this model (saved in streamedit.json)
+    strength: float = 0.08  # the runtime's start sigma for this model (saved in streamedit.json)
     pixel_batch: int = 32  # samples of each batch that also get the decoder's pixel loss
     latent_std: float = 2.0  # target std of the model-space latents (see _set_latent_scale)
     unet_minutes: float | None = None  # wall-clock budget: the step count is cut to fit after 50 steps
     pixel_weight: float = 0.5
     ema: float = 0.999
+    decoder_steps: int = 1500  # decoder tuned on the U-Net's outputs (0: keep the VAE's own decoder)
+    decoder_lr: float = 3e-4
     seed: int = 0
     workers: int | None = None
-
-
-def _to_pm1(images_u8: torch.Tensor) -> torch.Tensor:
-    """(N,H,W,3) uint8 -> (N,3,H,W) float in [-1, 1] (the runtime's VAE input)."""
-    return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def _sobel(x: torch.Tensor) -> torch.Tensor:
-    k = torch.tensor([[1.0, 0, -1], [2, 0, -2], [1, 0, -1]], device=x.device)
-    k = torch.stack([k, k.T]).unsqueeze(1).repeat(x.shape[1], 1, 1, 1)
-    return F.conv2d(x, k.to(x.dtype), padding=1, groups=x.shape[1])
-
-
-def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
 
 
 def train_vae(vae, images: torch.Tensor, cfg: BaseTrainConfig, log_rows: list, bar=None) -> None:
     """``images``: (N,S,S,3) uint8 on the training device (sources and targets together)."""
     device = images.device
     gen = torch.Generator(device).manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=1e-4)
+    params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=1e-4)
     vae.train()
     for step in range(cfg.vae_steps):
         for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr)
-        x = _to_pm1(images[torch.randint(len(images), (cfg.vae_batch,), device=device, generator=gen)])
-        with _autocast(device):
+            group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr)
+        x = to_pm1(images[torch.randint(len(images), (cfg.vae_batch,), device=device, generator=gen)])
+        with autocast(device):
             z = vae.encode(x).latents
             rec = vae.decode(z).sample
-        rec = rec.float()
-        loss = (F.l1_loss(rec, x) + F.mse_loss(rec, x) + 0.5 * F.l1_loss(_sobel(rec), _sobel(x))
-                + 1e-3 * z.float().pow(2).mean())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        if step % 100 == 0 or step == cfg.vae_steps - 1:
-            log_rows.append({"phase": "vae", "step": step, "loss": loss.item()})
-            if bar is not None:
-                bar.set_postfix(phase="vae", loss=f"{log_rows[-1]['loss']:.4f}", refresh=False)
-        if bar is not None:
-            bar.update(1)
+        loss = image_loss(rec.float(), x) + 1e-3 * z.float().pow(2).mean()
+        step_and_log(opt, params, loss, log_rows, bar, "vae", step, cfg.vae_steps)
     vae.eval().requires_grad_(False)
 
 
@@ -125,8 +98,8 @@ def train_vae(vae, images: torch.Tensor, cfg: BaseTrainConfig, log_rows: list, b
 def _encode_all(vae, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     out = []
     for i in range(0, len(images), chunk):
-        with _autocast(images.device):
-            out.append(vae.encode(_to_pm1(images[i:i + chunk])).latents.float())
+        with autocast(images.device):
+            out.append(vae.encode(to_pm1(images[i:i + chunk])).latents.float())
     return torch.cat(out)
 
 
@@ -149,74 +122,6 @@ def _embed_all(models, sources: np.ndarray, chunk: int = 32) -> list[torch.Tenso
                 emb = te.encode(name, images, len(frames))
                 rows[name].append(emb.to(torch.bfloat16) if emb.is_cuda else emb)  # autocast reads bf16
     return [torch.cat(rows[name]) for name in STYLE_NAMES]
-
-
-def train_unet(models, data: dict, cfg: BaseTrainConfig, log_rows: list, bar=None):
-    """Flow matching on precomputed latents/embeddings; returns the EMA U-Net."""
-    from ..denoise import sigma_schedule, start_sample
-
-    unet, vae, device = models.unet, models.vae, models.device
-    z_src, z_tgt, emb, tgt_u8 = data["z_src"], data["z_tgt"], data["emb"], data["targets"]
-    scale = vae.config.scaling_factor  # model-space latents = VAE latents * scale (source latents stay raw)
-    n, n_styles = z_tgt.shape[:2]
-    gen = torch.Generator(device).manual_seed(cfg.seed + 1)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    unet.train().requires_grad_(True)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
-    time_ids = torch.tensor([[cfg.size, cfg.size]], device=device, dtype=torch.float32)
-    start, t_start = (float(v[0]) for v in sigma_schedule(models, cfg.size, [cfg.strength]))
-    ones = int(cfg.unet_batch * cfg.one_step_fraction)
-    npix = min(cfg.pixel_batch, ones)
-    total, step, t0 = cfg.unet_steps, 0, time.perf_counter()
-    while step < total:
-        if step == 50:
-            t50 = time.perf_counter()
-        if cfg.unet_minutes and step == 100:  # fit the budget (rate from steps 50-100: warm)
-            per_step = (time.perf_counter() - t50) / 50
-            left = cfg.unet_minutes * 60 - (time.perf_counter() - t0)
-            total = max(101, min(total, 100 + int(left / per_step)))
-            if bar is not None:
-                bar.total = bar.n + total - step
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, total, cfg.unet_lr)
-        idx = torch.randint(n, (cfg.unet_batch,), device=device, generator=gen)
-        style = step % n_styles  # one instruction per batch: their embeddings differ in length
-        z0, zs, cond = z_tgt[idx, style] * scale, z_src[idx], emb[style][idx]
-        noise = torch.randn(z0.shape, device=device, generator=gen)
-        sigma = torch.sigmoid(torch.randn(cfg.unet_batch, device=device, generator=gen)) * start
-        sigma[:ones] = start  # the 1-step operating point
-        timestep = sigma * 1000
-        timestep[:ones] = t_start
-        s = sigma.view(-1, 1, 1, 1)
-        x = (1 - s) * z0 + s * noise
-        x[:ones] = start_sample(noise[:ones], zs[:ones], start, scale)  # the runtime's first sample
-        inputs = dict(sample=torch.cat([x, zs], dim=3), timestep=timestep, encoder_hidden_states=cond,
-                      added_cond_kwargs={"time_ids": time_ids.expand(len(idx), -1)}, return_dict=False)
-        with _autocast(device):
-            pred = unet(**inputs)[0][..., :x.shape[-1]]
-        pred = pred.float()
-        loss = F.mse_loss(pred, (x - z0) / s)
-        if cfg.pixel_weight:
-            x0 = (x - s * pred)[:npix]
-            with _autocast(device):
-                img = vae.decode(x0 / scale).sample.float()
-            loss = loss + cfg.pixel_weight * F.l1_loss(img, _to_pm1(tgt_u8[idx[:npix], style]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(cfg.ema, (1 + step) / (10 + step))
-            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
-        if step % 100 == 0 or step == total - 1:  # .item() syncs: only now and then
-            log_rows.append({"phase": "unet", "step": step, "loss": loss.item()})
-            if bar is not None:
-                bar.set_postfix(phase="unet", loss=f"{log_rows[-1]['loss']:.4f}", refresh=False)
-        if bar is not None:
-            bar.update(1)
-        step += 1
-    unet.eval().requires_grad_(False)
-    return ema.eval()
 
 
 @torch.no_grad()
@@ -266,7 +171,8 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
     src_t = torch.from_numpy(sources).to(device)
     tgt_t = torch.from_numpy(targets).to(device)
     rows: list[dict] = []
-    bar = tqdm(total=cfg.vae_steps + cfg.unet_steps, unit="step", desc="train base", disable=not progress)
+    bar = tqdm(total=cfg.vae_steps + cfg.unet_steps + cfg.decoder_steps, unit="step", desc="train base",
+               disable=not progress)
     t0 = time.perf_counter()
     train_vae(models.vae, torch.cat([src_t, tgt_t.flatten(0, 1)]), cfg, rows, bar)
     t_vae = time.perf_counter() - t0
@@ -280,17 +186,25 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
     t0 = time.perf_counter()
     models.unet = train_unet(models, data, cfg, rows, bar)
     t_unet = time.perf_counter() - t0
-    bar.close()
-    latent_std = float(data["z_src"].std())
-    del data, src_t, tgt_t
     report = {"config": asdict(cfg), "train_clips": [p.name for p in train_clips], "holdout": [p.name for p in val_clips],
-              "examples": len(sources), "latent_std": latent_std,
+              "examples": len(sources), "latent_std": float(data["z_src"].std()),
               "scaling_factor": models.vae.config.scaling_factor,
               "seconds": {"data": t_data, "vae": t_vae, "precompute": t_pre, "unet": t_unet}, "log": rows}
-    save_demo(models, out, cfg.size)
+    val = None
     if val_clips:
         frames = validation_frames(val_clips, cfg.size, cfg.max_frames)
-        report["validation"] = validate(models, frames, with_targets(frames, cfg.workers), cfg.size)
+        val = (frames, with_targets(frames, cfg.workers))
+    if cfg.decoder_steps:
+        if val is not None:  # what the decoder tuning adds
+            report["validation_before_decoder_tune"] = validate(models, *val, cfg.size)
+        t0 = time.perf_counter()
+        tune_decoder(models, data, cfg, rows, bar)
+        report["seconds"]["decoder"] = time.perf_counter() - t0
+    bar.close()
+    del data, src_t, tgt_t
+    save_demo(models, out, cfg.size)
+    if val is not None:
+        report["validation"] = validate(models, *val, cfg.size)
     report["seconds"]["total"] = time.perf_counter() - t_start
     Path(out, "train_report.json").write_text(json.dumps(report, indent=1))
     return report
@@ -316,23 +230,25 @@ def save_demo(models, out: str, size: int) -> None:
 @click.option("--max-frames", type=int, default=None, help="Frames per clip (default: all).")
 @click.option("--vae-steps", default=4000, show_default=True)
 @click.option("--unet-steps", default=6000, show_default=True)
-@click.option("--batch", default=512, show_default=True, help="U-Net batch size.")
+@click.option("--batch", default=128, show_default=True, help="U-Net batch size.")
 @click.option("--vae-batch", default=64, show_default=True)
 @click.option("--lr", default=6e-4, show_default=True, help="U-Net learning rate.")
-@click.option("--strength", default=0.25, show_default=True,
+@click.option("--strength", default=0.08, show_default=True,
               help="Start sigma the model is trained for (1: pure noise, as DreamLite); saved as its default.")
 @click.option("--unet-minutes", type=float, default=None, help="Cut the U-Net steps to fit this wall-clock budget.")
+@click.option("--decoder-steps", default=1500, show_default=True,
+              help="Steps tuning the decoder on the U-Net's own outputs (0: skip).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default=None, help="cuda (default when available) or cpu.")
 def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, unet_steps, batch, vae_batch, lr, strength,
-                 unet_minutes, seed, device):
+                 unet_minutes, decoder_steps, seed, device):
     """Train the small demo edit model to imitate the built-in filters; writes a model folder."""
     from ..cli import resolve_device
 
     device, _ = resolve_device(device, None)
     cfg = BaseTrainConfig(size=size, crops_per_frame=crops, max_frames=max_frames, vae_steps=vae_steps,
                           unet_steps=unet_steps, unet_batch=batch, vae_batch=vae_batch, unet_lr=lr, strength=strength,
-                          unet_minutes=unet_minutes, seed=seed)
+                          unet_minutes=unet_minutes, decoder_steps=decoder_steps, seed=seed)
     report = train_base(clips, output, list(holdout), cfg, device)
     secs = report["seconds"]
     click.echo(f"trained on {report['examples']} crops in {secs['total']:.0f} s -> {output}")
