@@ -151,24 +151,38 @@ def test_tune_decoder_fits_the_unet_outputs_and_keeps_the_encoder():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graphed_unet_steps_equal_eager_steps():
-    """Replaying the captured steps trains the U-Net as the eager steps do (scripts/gpu_train_check.py)."""
-    import copy
-
-    from streamedit.train.unet import train_unet
+def test_graphed_unet_step_equals_the_eager_step():
+    """From the same weights, optimizer state and draws, a replayed step computes what the eager step does
+    (scripts/gpu_train_check.py runs this on the GPU). bf16 kernels are not bitwise reproducible, so the
+    loss, gradients and weight update are compared to a tolerance far below what one step changes."""
+    from streamedit.train.unet import UNetStep
 
     models, data = _tiny_training_data("cuda", n=16)
-    cfg = BaseTrainConfig(size=32, unet_steps=14, unet_batch=8, pixel_batch=2, strength=0.15)
+    cfg = BaseTrainConfig(size=32, unet_batch=8, pixel_batch=2, strength=0.15)
+    models.unet.train().requires_grad_(True)
+    step = UNetStep(models, data, cfg, 0.2, 200.0)
+    gen = torch.Generator("cuda").manual_seed(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (optimizer state, lazy initialisation), as train_unet does
+        for i in range(4):
+            step.draw(gen)
+            step.eager(i % 2)
+    torch.cuda.current_stream().wait_stream(side)
+    step.draw(gen)
+    tensors = step.params + [t for s in step.opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    start = [t.detach().clone() for t in tensors]
     results = {}
-    for graph in (False, True):
-        m = copy.copy(models)
-        m.unet = copy.deepcopy(models.unet)
-        rows = []
-        ema = train_unet(m, data, cfg, rows, graph=graph)
-        results[graph] = (m.unet, ema, [r["loss"] for r in rows])
-    assert [r for r in rows if r["step"] == 13][0]["graphed"]
-    np.testing.assert_allclose(results[True][2], results[False][2], rtol=2e-3)
-    flat = {g: torch.cat([p.flatten() for p in results[g][0].parameters()]) for g in results}
-    moved = (flat[False] - torch.cat([p.flatten() for p in models.unet.parameters()])).norm()
-    # bf16 kernels are not bitwise reproducible; the runs must agree to far less than what training moved
-    assert moved > 0 and (flat[True] - flat[False]).norm() < 0.02 * moved
+    for graphed in (False, True):
+        with torch.no_grad():
+            for t, t0 in zip(tensors, start):  # in place: the graph reads these very tensors
+                t.copy_(t0)
+        loss = (step.graphed if graphed else step.eager)(1).clone()
+        torch.cuda.synchronize()
+        results[graphed] = (loss, torch.cat([p.grad.flatten() for p in step.params]),
+                            torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(step.params, start)]))
+    (loss_e, grad_e, move_e), (loss_g, grad_g, move_g) = results[False], results[True]
+    assert step.graphs and move_e.norm() > 0
+    torch.testing.assert_close(loss_g, loss_e, rtol=1e-3, atol=0)
+    assert (grad_g - grad_e).norm() < 1e-2 * grad_e.norm()
+    assert (move_g - move_e).norm() < 5e-2 * move_e.norm()

@@ -2,9 +2,9 @@
 decoder tuned on the U-Net's own outputs.
 
 At the demo size an eager U-Net step costs the host ~220 ms of Python and kernel launches: at batch 128
-that, not the GPU, sets the pace (215 ms per step on an H100), while batch 512 is GPU-bound (455 ms).
+that, not the GPU, sets the pace (232 ms per step on an H100), while batch 512 is GPU-bound (456 ms).
 On CUDA each instruction's whole step (forward, loss, backward, clipping, AdamW) is therefore captured
-once into a CUDA graph and replayed (131 ms at batch 128), so small batches get 3.5x the optimizer
+once into a CUDA graph and replayed (132 ms at batch 128), so small batches get 3.4x the optimizer
 steps of batch 512 in the same minutes. It follows PyTorch's whole-network capture: the random draws fill static buffers outside the graph, gradients and optimizer state exist
 before the capture, and the learning rate is a tensor. Instructions tokenize to different lengths, so
 there is one graph per instruction; they share one memory pool (they replay one at a time, on one
