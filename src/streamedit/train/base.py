@@ -23,7 +23,7 @@ Recipe (GPU minutes, see docs/demo-model.md):
    Why ``strength < 1`` (0.08 by default): the width-concat puts the clean source W latent columns
    away from the output, and a U-Net this small cannot route fine detail that far (at strength 1
    the first attempts stalled at 16 dB, docs/demo-model.md); the noised source puts it in place.
-   On CUDA each step replays from a CUDA graph (``unet.py``: the eager step is launch-bound);
+   On CUDA each step replays from a CUDA graph (``unet.py``: at batch 128 the eager step waits on the host);
 5. decoder: tuned on the EMA U-Net's own 1-step latents against the targets (``unet.tune_decoder``),
    since those, not clean latents, are all the runtime ever decodes;
 6. the EMA U-Net and the VAE are saved in float16 as a diffusers folder plus ``streamedit.json``
