@@ -130,11 +130,11 @@ def train_unet(models, data: dict, cfg, log_rows: list, bar=None, graph: bool | 
     side = torch.cuda.Stream(device) if warmup else None
     total, step, t0 = cfg.unet_steps, 0, time.perf_counter()
     while step < total:
+        if cfg.unet_minutes and step in (50, 100) and device.type == "cuda":
+            torch.cuda.synchronize(device)  # the host runs steps ahead of the GPU: time what the GPU did
         if step == 50:
             t50 = time.perf_counter()
         if cfg.unet_minutes and step == 100:  # fit the budget (rate from steps 50-100: warm)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
             per_step = (time.perf_counter() - t50) / 50
             left = cfg.unet_minutes * 60 - (time.perf_counter() - t0)
             total = max(101, min(total, 100 + int(left / per_step)))
