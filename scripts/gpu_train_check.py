@@ -20,21 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def step_times(batch: int, steps: int = 10) -> dict:
-    from streamedit.models import build_random
-    from streamedit.train.base import BaseTrainConfig, _embed_all, _encode_all
-    from streamedit.train.data import with_targets
+    from test_train_base import _tiny_training_data
+
+    from streamedit.train.base import BaseTrainConfig
     from streamedit.train.unet import UNetStep
 
-    rng = np.random.default_rng(0)
-    n, size = 256, 256
-    sources = (rng.random((n, size, size, 3)) * 255).astype(np.uint8)
-    targets = with_targets(sources)
-    models = build_random("demo", device=torch.device("cuda"), dtype=torch.float32)
-    src_t, tgt_t = torch.from_numpy(sources).cuda(), torch.from_numpy(targets).cuda()
-    data = {"z_src": _encode_all(models.vae, src_t), "targets": tgt_t,
-            "z_tgt": _encode_all(models.vae, tgt_t.flatten(0, 1)).unflatten(0, tgt_t.shape[:2]),
-            "emb": _embed_all(models, sources)}
-    models.vae.register_to_config(scaling_factor=2.0 / float(data["z_src"].std()))
+    size = 256
+    models, data = _tiny_training_data("cuda", n=256, size=size, arch="demo", workers=None)
     cfg = BaseTrainConfig(size=size, unet_batch=batch)
     models.unet.train().requires_grad_(True)
     step = UNetStep(models, data, cfg, 0.2, 200.0)

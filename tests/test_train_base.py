@@ -93,22 +93,19 @@ def test_train_base_cli_bad_folder(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
-def _tiny_training_data(device="cpu", n=6, size=32, seed=0):
-    """random:tiny models with the train-base precompute done on random crops and their filters."""
+def _tiny_training_data(device="cpu", n=6, size=32, seed=0, arch="tiny", workers=1):
+    """``random:<arch>`` models with the train-base precompute done on random crops and their filters
+    (also scripts/gpu_train_check.py's data, at the demo size)."""
     from streamedit.models import build_random
-    from streamedit.train.base import _embed_all, _encode_all
+    from streamedit.train.base import precompute
     from streamedit.train.data import with_targets
 
     rng = np.random.default_rng(seed)
     sources = (rng.random((n, size, size, 3)) * 255).astype(np.uint8)
-    targets = with_targets(sources, workers=1)
-    models = build_random("tiny", device=torch.device(device), dtype=torch.float32, seed=seed)
+    targets = with_targets(sources, workers=workers)
+    models = build_random(arch, device=torch.device(device), dtype=torch.float32, seed=seed)
     src_t, tgt_t = torch.from_numpy(sources).to(device), torch.from_numpy(targets).to(device)
-    data = {"z_src": _encode_all(models.vae, src_t), "targets": tgt_t,
-            "z_tgt": _encode_all(models.vae, tgt_t.flatten(0, 1)).unflatten(0, tgt_t.shape[:2]),
-            "emb": _embed_all(models, sources)}
-    models.vae.register_to_config(scaling_factor=2.0 / float(data["z_src"].std()))
-    return models, data
+    return models, precompute(models, sources, src_t, tgt_t, 2.0)
 
 
 def test_one_step_is_the_runtime_denoise():

@@ -107,7 +107,6 @@ def temporal_config(lllite, hooks, cond_refresh, lllite_multiplier, cut_refresh,
 
         if not Path(lllite).is_file():
             raise StreameditError(f"LLLite adapter file {lllite!r} does not exist")
-    hooks = hooks.split(",") if hooks and "," in hooks else hooks
     return dict(lllite=lllite, hooks=hooks, cond_refresh_every=cond_refresh, lllite_multiplier=lllite_multiplier,
                 cut_refresh=cut_refresh, motion_refresh=motion_refresh, cond_stagger=cond_stagger, flow_size=flow_size)
 
@@ -291,10 +290,9 @@ def info(model, revision, device, dtype, lllite, hooks):
 
         if models.device.type == "meta":  # adapter weights need real storage
             models = load(model, revision, "cpu", __import__("torch").float32)
-        from .engine_config import demo_adapter_path
+        from .engine_config import adapter_path
 
-        path = demo_adapter_path() if lllite == "demo" else lllite
-        adapter = LLLiteAdapter.load(path, models.unet, hooks=hooks.split(",") if hooks and "," in hooks else hooks)
+        adapter = LLLiteAdapter.load(adapter_path(lllite), models.unet, hooks=hooks)
         cfg = adapter.config
         parts = {p: sum(h.startswith(p) for h in adapter.hooks) for p in ("down", "mid", "up")}
         click.echo(f"lllite: {lllite}: {len(adapter.hooks)} hooks (down {parts['down']} / mid {parts['mid']} / "

@@ -130,17 +130,19 @@ def attach_adapter(models, config: EngineConfig):
             for _, module in adapter.items():
                 module.up[0].weight.normal_(0, 1e-3)
     else:
-        adapter = LLLiteAdapter.load(demo_adapter_path() if config.lllite == "demo" else config.lllite, models.unet,
-                                     hooks=config.hooks)
+        adapter = LLLiteAdapter.load(adapter_path(config.lllite), models.unet, hooks=config.hooks)
     apply_lllite(models.unet, adapter, inference_mode=True)
     adapter.allocate(config.batch_size, config.size, config.size)
     adapter.set_multiplier(config.lllite_multiplier)
     return adapter
 
 
-def demo_adapter_path():
+def adapter_path(lllite):
+    """An adapter checkpoint's path: ``lllite`` itself, or the bundled file for ``"demo"``."""
     from .models import DEMO_LLLITE
 
+    if lllite != "demo":
+        return lllite
     if not DEMO_LLLITE.is_file():
         raise StreameditError("--lllite demo: the bundled demo adapter is not installed "
                               f"(expected {DEMO_LLLITE})")

@@ -74,18 +74,18 @@ class LLLiteConfig:
 
 
 def select_hooks(unet: nn.Module, hooks: str | list[str] | tuple[str, ...] = "down") -> list[str]:
-    """Hook names for ``all``/``down``/``mid``/``up`` or an explicit list (returned in U-Net order)."""
+    """Hook names for ``all``/``down``/``mid``/``up``, a list of names or a comma-separated string of
+    them (the CLI's ``--hooks``), returned in U-Net order."""
     sites = hook_sites(unet)
     if isinstance(hooks, str):
-        if hooks not in HOOK_SUBSETS:
-            raise StreameditError(f"unknown LLLite hook subset {hooks!r}: use one of {', '.join(HOOK_SUBSETS)} "
-                                  "or a list of hook names")
-        return sites if hooks == "all" else [n for n in sites if n.startswith(hooks)]
+        if hooks in HOOK_SUBSETS:
+            return sites if hooks == "all" else [n for n in sites if n.startswith(hooks)]
+        hooks = [h.strip() for h in hooks.split(",") if h.strip()]
     wanted = set(hooks)
     unknown = sorted(wanted - set(sites))
     if unknown:
         raise StreameditError(f"{len(unknown)} LLLite hook name(s) are not hook sites of this U-Net, "
-                              f"e.g. {unknown[0]!r}")
+                              f"e.g. {unknown[0]!r} (subsets: {', '.join(HOOK_SUBSETS)})")
     return [n for n in sites if n in wanted]
 
 

@@ -240,7 +240,7 @@ def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, revi
 
 
 def default_strength(models: Models) -> float:
-    """The start sigma a model folder's ``streamedit.json`` names (the demo model: 0.15), else 1."""
+    """The start sigma a model folder's ``streamedit.json`` names (the demo model has one), else 1."""
     return float((models.extras or {}).get("strength", 1.0))
 
 

@@ -103,6 +103,17 @@ def _encode_all(vae, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     return torch.cat(out)
 
 
+def precompute(models, sources: np.ndarray, src_t: torch.Tensor, tgt_t: torch.Tensor, latent_std: float) -> dict:
+    """Stage 3: what the U-Net trains on, computed once with the trained VAE and the frozen TE (``sources``:
+    the crops as numpy for the TE, ``src_t``/``tgt_t`` the same crops/targets on the device). Also sets the
+    VAE's ``scaling_factor`` so the model-space latents have std ``latent_std``."""
+    data = {"z_src": _encode_all(models.vae, src_t), "targets": tgt_t,
+            "z_tgt": _encode_all(models.vae, tgt_t.flatten(0, 1)).unflatten(0, tgt_t.shape[:2]),
+            "emb": _embed_all(models, sources)}
+    models.vae.register_to_config(scaling_factor=latent_std / float(data["z_src"].std()))
+    return data
+
+
 @torch.no_grad()
 def _embed_all(models, sources: np.ndarray, chunk: int = 32) -> list[torch.Tensor]:
     """Per style, (N, tokens, hidden) TE embeddings through the runtime's own TextEncoderRunner.
@@ -177,10 +188,7 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
     train_vae(models.vae, torch.cat([src_t, tgt_t.flatten(0, 1)]), cfg, rows, bar)
     t_vae = time.perf_counter() - t0
     t0 = time.perf_counter()
-    data = {"z_src": _encode_all(models.vae, src_t), "targets": tgt_t,
-            "z_tgt": _encode_all(models.vae, tgt_t.flatten(0, 1)).unflatten(0, tgt_t.shape[:2]),
-            "emb": _embed_all(models, sources)}
-    models.vae.register_to_config(scaling_factor=cfg.latent_std / float(data["z_src"].std()))
+    data = precompute(models, sources, src_t, tgt_t, cfg.latent_std)
     models.extras["strength"] = cfg.strength  # the runtime's default for this model (validate() runs it)
     t_pre = time.perf_counter() - t0
     t0 = time.perf_counter()

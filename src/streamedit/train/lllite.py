@@ -319,7 +319,7 @@ def lllite_command(model, revision, device, dtype, pairs_dir, output, hooks, ste
         _optimizer([torch.nn.Parameter(torch.zeros(1))], lr, weight_decay, True)  # missing package: fail now
     device, torch_dtype = resolve_device(device, dtype)
     models = load(model, revision, device, torch_dtype)
-    summary = train_lllite(models, pairs_dir, output, hooks=hooks.split(",") if "," in hooks else hooks,
+    summary = train_lllite(models, pairs_dir, output, hooks=hooks,
                            steps=steps, batch_size=batch, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
                            adamw8bit=adamw8bit, bf16=bf16, save_every=save_every, cond_emb_dim=cond_emb_dim,
                            mlp_dim=mlp_dim, seed=seed, log_path=log_path, p_one=p_one, max_grad_norm=max_grad_norm,
