@@ -6,6 +6,9 @@
 # with EVAL=1 it also runs `streamedit eval` on the held-out clip (blackswan) per style, without and with
 # it (eval.tgz; this does not fit one 10-minute call after the training, so the bundled adapter's eval ran
 # on a CPU with the same commands). Defaults: the bundled model's recipe (docs/demo-model.md).
+# INIT_FROM=MODEL_DIR continues training a saved model (no VAE stage; LR and SEED set its learning rate and
+# crop/noise seed). Adapter runs keep their pairs in $PAIRS (default /tmp/pairs-<name of OUT_DIR>), so
+# several can run side by side on one GPU.
 set -euo pipefail
 stage=$1 clips=$2 out=$3
 se() { python3 -m streamedit "$@"; }
@@ -14,7 +17,8 @@ case $stage in
 base)
   se train base --clips "$clips" --holdout blackswan -o "$out/demo-model" --device cuda \
     --vae-steps "${VAE_STEPS:-3000}" --crops "${CROPS:-8}" --unet-steps 20000 --unet-minutes "${UNET_MINUTES:-3.8}" --batch "${BATCH:-128}" \
-    --strength "${STRENGTH:-0.08}" --decoder-steps "${DECODER_STEPS:-1500}" 2> "$out/base.log"
+    --strength "${STRENGTH:-0.08}" --decoder-steps "${DECODER_STEPS:-1500}" --lr "${LR:-6e-4}" --seed "${SEED:-0}" \
+    ${INIT_FROM:+--init-from "$INIT_FROM"} 2> "$out/base.log"
   tail -c 600 "$out/base.log" | tr '\r' '\n' | tail -3
   rm -rf /tmp/demo-model && cp -r "$out/demo-model" /tmp/demo-model  # for `adapter` on the same (warm) machine
   # files come back in pieces of at most 16 MiB
@@ -22,15 +26,15 @@ base)
   rm -rf "$out/demo-model/unet" "$out/demo-model/vae" "$out/demo-model/text_encoder" "$out/demo-model/tokenizer" ;;
 adapter)
   styles=(-p "oil painting" -p watercolor -p "pencil sketch" -p cartoon)
-  model=${MODEL:-/tmp/demo-model}
-  se train pairs --model "$model" --clips "$clips" --exclude blackswan "${styles[@]}" -o /tmp/pairs \
+  model=${MODEL:-/tmp/demo-model} pairs=${PAIRS:-/tmp/pairs-$(basename "$out")}
+  se train pairs --model "$model" --clips "$clips" --exclude blackswan "${styles[@]}" -o "$pairs" \
      --size 256 --dtype float32 --alpha "${ALPHA:-0.7}" 2> "$out/pairs.log"
-  se train lllite --model "$model" --pairs /tmp/pairs -o "$out/demo-lllite.safetensors" --dtype float32 \
+  se train lllite --model "$model" --pairs "$pairs" -o "$out/demo-lllite.safetensors" --dtype float32 \
      --steps "${LLLITE_STEPS:-1400}" --hooks "${HOOKS:-all}" --p-one "${P_ONE:-1.0}" --batch 16 --lr 5e-4 --warmup 100 --fixed-noise --save-every 500 \
-     --log "$out/lllite_log.jsonl" 2> "$out/lllite.log"
+     --pixel-weight "${PIXEL_WEIGHT:-0}" --log "$out/lllite_log.jsonl" 2> "$out/lllite.log"
   tail -c 600 "$out/lllite.log" | tr '\r' '\n' | tail -3
   [ "${EVAL:-0}" = 1 ] || exit 0
-  ev=/tmp/eval && rm -rf $ev && mkdir -p $ev
+  ev=/tmp/eval-$(basename "$out") && rm -rf "$ev" && mkdir -p "$ev"
   for i in 1 3 5 7; do
     style=${styles[$i]} slug=${styles[$i]// /-}
     for run in none lllite; do
@@ -40,6 +44,6 @@ adapter)
     done
   done
   cp "$out"/*.log "$out/lllite_log.jsonl" $ev/ && rm -f "$out"/*.log "$out/lllite_log.jsonl"
-  tar czf "$out/eval.tgz" -C /tmp eval
+  tar czf "$out/eval.tgz" -C /tmp "$(basename "$ev")"
   for f in $ev/*-none.txt $ev/*-lllite.txt; do echo "== $f"; tail -4 "$f"; done ;;
 esac

@@ -52,11 +52,19 @@ def test_split_and_examples(clip_dir):
         assert np.array_equal(targets[3, k], apply_style(name, sources[3]))
 
 
-def test_train_base_saves_a_loadable_demo_folder(clip_dir, tmp_path, caplog):
-    cfg = BaseTrainConfig(size=64, crops_per_frame=1, vae_steps=4, vae_batch=2, unet_steps=6, unet_batch=4,
-                          pixel_batch=2, decoder_steps=3, workers=1)
-    out = tmp_path / "demo"
-    report = train_base(str(clip_dir), str(out), ["held"], cfg, "cpu", progress=False)
+TINY = dict(size=64, crops_per_frame=1, vae_steps=4, vae_batch=2, unet_steps=6, unet_batch=4, pixel_batch=2,
+            decoder_steps=3, workers=1)
+
+
+@pytest.fixture(scope="module")
+def trained(clip_dir, tmp_path_factory):
+    cfg = BaseTrainConfig(**TINY)
+    out = tmp_path_factory.mktemp("trained") / "demo"
+    return cfg, out, train_base(str(clip_dir), str(out), ["held"], cfg, "cpu", progress=False)
+
+
+def test_train_base_saves_a_loadable_demo_folder(trained, caplog):
+    cfg, out, report = trained
     meta = json.loads((out / "streamedit.json").read_text())
     assert (out / "unet").is_dir() and meta["instructions"] == list(STYLES) and meta["strength"] == cfg.strength
     assert set(report["validation"]) >= set(STYLES) | {"vae_roundtrip_psnr", "mean_psnr"}
@@ -77,6 +85,31 @@ def test_train_base_saves_a_loadable_demo_folder(clip_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         engine.set_prompt("Oil Painting")
     assert "trained on these instructions only" not in caplog.text
+
+
+def test_train_base_continues_from_a_saved_model(trained, clip_dir, tmp_path):
+    _, first, _ = trained
+    out = tmp_path / "more"
+    args = ["train", "base", "--clips", str(clip_dir), "--holdout", "held", "-o", str(out), "--device", "cpu",
+            "--size", "64", "--crops", "1", "--unet-steps", "5", "--batch", "4", "--decoder-steps", "0", "--seed", "1"]
+    result = CliRunner().invoke(cli, [*args, "--init-from", str(first)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["config"]["init_from"] == str(first) and "vae" not in {r["phase"] for r in report["log"]}
+    before, after = load_models(str(first)), load_models(str(out))
+    # the VAE (no VAE stage, no decoder tuning here), its scale and the TE are carried over exactly ...
+    for name in ("vae", "text_encoder"):
+        a, b = getattr(before, name).state_dict(), getattr(after, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert after.vae.config.scaling_factor == before.vae.config.scaling_factor
+    assert json.loads((out / "streamedit.json").read_text())["strength"] == before.extras["strength"]
+    # ... and the U-Net trained on from the saved weights
+    a, b = before.unet.state_dict(), after.unet.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    drift = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert drift < 0.05  # a few small steps from the saved weights, not a new random U-Net
+    bad = CliRunner().invoke(cli, [*args, "--init-from", str(clip_dir)])
+    assert bad.exit_code != 0 and "not a model saved by" in bad.output
 
 
 def test_psnr_per_frame():

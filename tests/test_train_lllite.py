@@ -177,6 +177,42 @@ def test_train_with_grad_accum_and_random_sigmas(models, pairs, tmp_path):
     assert LLLiteAdapter.load(tmp_path / "a.safetensors", models.unet).config.cond_emb_dim == 16
 
 
+def test_pixel_loss_reads_the_decoded_one_step_output(models, pairs):
+    """At the exact velocity the 1-step output is the target latent, so the pixel loss is the image loss of
+    its decode against the target frame; only the operating-point examples count."""
+    import contextlib
+
+    from streamedit.train.common import image_loss, to_pm1
+    from streamedit.train.lllite import _pixel_loss, load_pairs
+
+    data = load_pairs(pairs[0])
+    den = Denoiser(models, 1, SIZE)
+    idx = torch.tensor([0, 3, 5])
+    z0 = encode_latents(den, data.target[idx], clean=True)
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+    s = torch.tensor([1.0, 0.4, 1.0]).view(-1, 1, 1, 1)
+    noisy = (1 - s) * z0 + s * noise
+    exact = (noisy - z0) / s
+    at_start = torch.tensor([True, False, True])
+    with torch.no_grad():
+        got = _pixel_loss(den, contextlib.nullcontext, noisy, s, exact, at_start, data.target, idx)
+        img = models.vae.decode(z0[[0, 2]] / den.scaling + den.shift).sample
+        worse = _pixel_loss(den, contextlib.nullcontext, noisy, s, exact + 0.5 * torch.randn_like(exact), at_start,
+                            data.target, idx)
+    assert float(got) == pytest.approx(float(image_loss(img, to_pm1(data.target[idx[[0, 2]]]))), rel=1e-4)
+    assert float(worse) > float(got)
+
+
+def test_train_with_pixel_weight_adds_the_image_loss(models, pairs, tmp_path):
+    kw = dict(steps=2, batch_size=2, p_one=1.0, fixed_noise=True, seed=3, progress=False)
+    plain = train_lllite(models, pairs[0], tmp_path / "a.safetensors", **kw)
+    pixel = train_lllite(models, pairs[0], tmp_path / "b.safetensors", pixel_weight=1.0, **kw)
+    # same seed, same first batch, zero-initialised adapter: the same latent loss plus a positive image loss
+    assert pixel["first_loss"] > plain["first_loss"] and np.isfinite(pixel["final_loss"])
+    with pytest.raises(StreameditError, match="pixel-weight"):
+        train_lllite(models, pairs[0], tmp_path / "c.safetensors", pixel_weight=-1, **kw)
+
+
 def _invoke(*args):
     r = CliRunner().invoke(cli, list(map(str, args)))
     return r.exit_code, r.stdout, r.stderr

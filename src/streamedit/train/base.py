@@ -28,6 +28,11 @@ Recipe (GPU minutes, see docs/demo-model.md):
    since those, not clean latents, are all the runtime ever decodes;
 6. the EMA U-Net and the VAE are saved in float16 as a diffusers folder plus ``streamedit.json``
    naming the instructions the model knows and its ``strength``.
+
+``--init-from MODEL`` continues training a model this command saved (one GPU call caps a run at
+10 minutes): its VAE, TE and ``scaling_factor`` are kept, so stage 2 is skipped and stage 3 computes
+the same latents and embeddings; the U-Net starts from its weights (with a fresh optimizer and a short
+LR warm-up) and the decoder is tuned again.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class BaseTrainConfig:
     decoder_lr: float = 3e-4
     seed: int = 0
     workers: int | None = None
+    init_from: str | None = None  # a model folder saved by train base: continue from it (no VAE stage)
 
 
 def train_vae(vae, images: torch.Tensor, cfg: BaseTrainConfig, log_rows: list, bar=None) -> None:
@@ -103,14 +109,17 @@ def _encode_all(vae, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     return torch.cat(out)
 
 
-def precompute(models, sources: np.ndarray, src_t: torch.Tensor, tgt_t: torch.Tensor, latent_std: float) -> dict:
+def precompute(models, sources: np.ndarray, src_t: torch.Tensor, tgt_t: torch.Tensor,
+               latent_std: float | None) -> dict:
     """Stage 3: what the U-Net trains on, computed once with the trained VAE and the frozen TE (``sources``:
-    the crops as numpy for the TE, ``src_t``/``tgt_t`` the same crops/targets on the device). Also sets the
-    VAE's ``scaling_factor`` so the model-space latents have std ``latent_std``."""
+    the crops as numpy for the TE, ``src_t``/``tgt_t`` the same crops/targets on the device). With a
+    ``latent_std`` it also sets the VAE's ``scaling_factor`` so the model-space latents have that std
+    (None: keep the model's own, as a continued run must)."""
     data = {"z_src": _encode_all(models.vae, src_t), "targets": tgt_t,
             "z_tgt": _encode_all(models.vae, tgt_t.flatten(0, 1)).unflatten(0, tgt_t.shape[:2]),
             "emb": _embed_all(models, sources)}
-    models.vae.register_to_config(scaling_factor=latent_std / float(data["z_src"].std()))
+    if latent_std is not None:
+        models.vae.register_to_config(scaling_factor=latent_std / float(data["z_src"].std()))
     return data
 
 
@@ -170,25 +179,25 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
     """Train the demo model on a folder of clips and save it to ``out``; returns the report."""
     from tqdm import tqdm
 
-    from ..models import build_random
-
     t_start = time.perf_counter()
     device = torch.device(device)
     train_clips, val_clips = split_clips(clips, holdout)
     sources, targets = build_examples(train_clips, cfg.size, cfg.crops_per_frame, cfg.seed, cfg.max_frames,
                                       cfg.workers)
     t_data = time.perf_counter() - t_start
-    models = build_random("demo", device=device, dtype=torch.float32, seed=cfg.seed)
+    models = _initial_models(cfg, device)
+    vae_steps = 0 if cfg.init_from else cfg.vae_steps
     src_t = torch.from_numpy(sources).to(device)
     tgt_t = torch.from_numpy(targets).to(device)
     rows: list[dict] = []
-    bar = tqdm(total=cfg.vae_steps + cfg.unet_steps + cfg.decoder_steps, unit="step", desc="train base",
+    bar = tqdm(total=vae_steps + cfg.unet_steps + cfg.decoder_steps, unit="step", desc="train base",
                disable=not progress)
     t0 = time.perf_counter()
-    train_vae(models.vae, torch.cat([src_t, tgt_t.flatten(0, 1)]), cfg, rows, bar)
+    if vae_steps:
+        train_vae(models.vae, torch.cat([src_t, tgt_t.flatten(0, 1)]), cfg, rows, bar)
     t_vae = time.perf_counter() - t0
     t0 = time.perf_counter()
-    data = precompute(models, sources, src_t, tgt_t, cfg.latent_std)
+    data = precompute(models, sources, src_t, tgt_t, None if cfg.init_from else cfg.latent_std)
     models.extras["strength"] = cfg.strength  # the runtime's default for this model (validate() runs it)
     t_pre = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -218,6 +227,25 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
     return report
 
 
+def _initial_models(cfg: BaseTrainConfig, device: torch.device):
+    """Fresh random demo-size models, or (``init_from``) a saved model to continue, in float32."""
+    from ..errors import StreameditError
+    from ..models import build_random, load_models
+
+    if not cfg.init_from:
+        return build_random("demo", device=device, dtype=torch.float32, seed=cfg.seed)
+    models = load_models(cfg.init_from, device=device, dtype=torch.float32)
+    if "instructions" not in models.extras:
+        raise StreameditError(f"--init-from {cfg.init_from!r} is not a model saved by `streamedit train base` "
+                              "(no streamedit.json naming its instructions)")
+    if models.extras["instructions"] != STYLE_NAMES or models.extras.get("size", cfg.size) != cfg.size:
+        raise StreameditError(f"--init-from {cfg.init_from!r} was trained for other instructions or another size "
+                              f"({models.extras['instructions']}, {models.extras.get('size')})")
+    for name in ("unet", "vae", "text_encoder"):
+        getattr(models, name).requires_grad_(False)
+    return models
+
+
 def save_demo(models, out: str, size: int) -> None:
     """float16 diffusers folder + ``streamedit.json`` (known instructions, native size, strength)."""
     half = copy.copy(models)
@@ -241,25 +269,41 @@ def save_demo(models, out: str, size: int) -> None:
 @click.option("--batch", default=128, show_default=True, help="U-Net batch size.")
 @click.option("--vae-batch", default=64, show_default=True)
 @click.option("--lr", default=6e-4, show_default=True, help="U-Net learning rate.")
-@click.option("--strength", default=0.08, show_default=True,
-              help="Start sigma the model is trained for (1: pure noise, as DreamLite); saved as its default.")
+@click.option("--strength", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Start sigma the model is trained for (1: pure noise, as DreamLite); saved as its default. "
+                   "Default: 0.08, or the --init-from model's own.")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Continue training a model folder this command saved (keeps its VAE and TE; no VAE stage).")
 @click.option("--unet-minutes", type=float, default=None, help="Cut the U-Net steps to fit this wall-clock budget.")
 @click.option("--decoder-steps", default=1500, show_default=True,
               help="Steps tuning the decoder on the U-Net's own outputs (0: skip).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default=None, help="cuda (default when available) or cpu.")
 def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, unet_steps, batch, vae_batch, lr, strength,
-                 unet_minutes, decoder_steps, seed, device):
+                 unet_minutes, decoder_steps, seed, init_from, device):
     """Train the small demo edit model to imitate the built-in filters; writes a model folder."""
     from ..cli import resolve_device
 
     device, _ = resolve_device(device, None)
+    if strength is None:
+        strength = _saved_strength(init_from) if init_from else BaseTrainConfig.strength
     cfg = BaseTrainConfig(size=size, crops_per_frame=crops, max_frames=max_frames, vae_steps=vae_steps,
                           unet_steps=unet_steps, unet_batch=batch, vae_batch=vae_batch, unet_lr=lr, strength=strength,
-                          unet_minutes=unet_minutes, decoder_steps=decoder_steps, seed=seed)
+                          unet_minutes=unet_minutes, decoder_steps=decoder_steps, seed=seed, init_from=init_from)
     report = train_base(clips, output, list(holdout), cfg, device)
     secs = report["seconds"]
     click.echo(f"trained on {report['examples']} crops in {secs['total']:.0f} s -> {output}")
     for name, row in report.get("validation", {}).items():
         if isinstance(row, dict):
             click.echo(f"  {name:<14} PSNR {row['psnr']:.2f} dB (held-out)")
+
+
+def _saved_strength(folder: str) -> float:
+    meta = Path(folder, "streamedit.json")
+    try:
+        return float(json.loads(meta.read_text())["strength"])
+    except (OSError, ValueError, KeyError, TypeError):
+        from ..errors import StreameditError
+
+        raise StreameditError(f"--init-from {folder!r} is not a model saved by `streamedit train base` "
+                              "(no readable streamedit.json with a strength)") from None

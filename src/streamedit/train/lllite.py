@@ -15,6 +15,11 @@ Flow matching in the runtime's own conventions (see :mod:`streamedit.denoise`):
   lands on ``z0``); the U-Net is called as ``Denoiser.denoise`` calls it
   (noisy and source latents concatenated along width, ``time_ids = (size, size)``, left half kept).
 
+With ``pixel_weight > 0`` the operating-point examples also get an image loss: their 1-step output
+``x - sigma * v`` is decoded by the frozen VAE and compared with the target frame (L1 + MSE + Sobel-
+gradient L1, ``common.image_loss``). A latent MSE alone lets the adapter buy stability with blur (the
+paper's smoothing trap: it averages what it cannot predict); the gradient term charges for lost edges.
+
 Only the adapter trains (AdamW, fp32 master weights; under bf16 autocast on CUDA); U-Net, VAE and text
 encoder are frozen. Data handling, so the GPU is not starved: all pairs sit in host memory as uint8;
 the source and target latents of every frame are encoded once up front and kept on the device (VAE
@@ -52,7 +57,7 @@ class PairSet:
     groups: list[torch.Tensor]  # frame indices of each prompt
     source: torch.Tensor
     cond: torch.Tensor
-    target: torch.Tensor | None  # dropped once encoded
+    target: torch.Tensor | None  # dropped once encoded (kept for the pixel loss)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -131,7 +136,19 @@ class _EmbedCache:
         return torch.stack([fresh[i] if i in fresh else self.cache[i].to(device, non_blocking=True) for i in idx])
 
 
-def _check(steps, batch_size, grad_accum, lr, p_one, save_every):
+def _pixel_loss(denoiser, amp, noisy, s, pred, at_start, targets_u8, idx) -> torch.Tensor:
+    """Image loss of the operating-point examples' 1-step outputs (decoded as ``Denoiser.decode`` does)."""
+    from .common import image_loss, to_pm1
+
+    keep = at_start.nonzero().flatten()
+    x0 = (noisy - s * pred.float())[keep]
+    with amp():
+        img = denoiser.vae.decode(x0 / denoiser.scaling + denoiser.shift, return_dict=False)[0]
+    target = to_pm1(targets_u8[idx[keep].cpu()].to(x0.device, non_blocking=True))
+    return image_loss(img.float(), target)
+
+
+def _check(steps, batch_size, grad_accum, lr, p_one, save_every, pixel_weight=0.0):
     for name, value in (("--steps", steps), ("--batch", batch_size), ("--grad-accum", grad_accum)):
         if value < 1:
             raise StreameditError(f"{name} must be >= 1, got {value}")
@@ -141,6 +158,8 @@ def _check(steps, batch_size, grad_accum, lr, p_one, save_every):
         raise StreameditError(f"--p-one must be in [0, 1], got {p_one}")
     if save_every < 0:
         raise StreameditError(f"--save-every must be >= 0, got {save_every}")
+    if pixel_weight < 0:
+        raise StreameditError(f"--pixel-weight must be >= 0, got {pixel_weight}")
 
 
 def _optimizer(params, lr, weight_decay, adamw8bit):
@@ -163,17 +182,19 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
                  grad_accum: int = 1, lr: float = 1e-4, weight_decay: float = 1e-2, adamw8bit: bool = False,
                  bf16: bool = True, save_every: int = 0, cond_emb_dim: int = 32, mlp_dim: int = 64, seed: int = 0,
                  log_path=None, p_one: float = 0.5, max_grad_norm: float = 1.0, warmup: int = 0,
-                 fixed_noise: bool = False, te_cache_gb: float = 8.0, progress: bool = True) -> dict:
+                 fixed_noise: bool = False, te_cache_gb: float = 8.0, pixel_weight: float = 0.0,
+                 progress: bool = True) -> dict:
     """Train an adapter on the pairs in ``pairs_dir`` and save it to ``out_path``; returns a summary
     (``first_loss``, ``final_loss``, ``steps``, ``wall_s``, ...). ``fixed_noise`` trains on the runtime's
-    ``--fixed-noise`` draw for ``seed`` instead of fresh noise per example."""
+    ``--fixed-noise`` draw for ``seed`` instead of fresh noise per example; ``pixel_weight`` weighs the
+    image loss of the operating-point examples (module docstring)."""
     from tqdm import tqdm
 
     from ..denoise import Denoiser, start_sample
     from ..lllite import LLLiteAdapter, apply_lllite, remove_lllite
     from ..models import default_strength
 
-    _check(steps, batch_size, grad_accum, lr, p_one, save_every)
+    _check(steps, batch_size, grad_accum, lr, p_one, save_every, pixel_weight)
     t_start = time.perf_counter()
     data = load_pairs(pairs_dir)
     size, device, unet = data.size, models.device, models.unet
@@ -190,7 +211,8 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
     denoiser = Denoiser(models, 1, size, strength=strength)
     src_lat = encode_latents(denoiser, data.source, clean=False)
     tgt_lat = encode_latents(denoiser, data.target, clean=True)
-    data.target = None  # only its latents are used from here on: free the host copy
+    if not pixel_weight:
+        data.target = None  # only its latents are used from here on: free the host copy
     table_sigma, table_t = sigma_schedule(models, size, np.linspace(strength, strength / 1000, 1000))
     embeds = _EmbedCache(models, data, te_cache_gb)
     time_ids = denoiser.time_ids.expand(batch_size, -1)
@@ -250,6 +272,9 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
                                 encoder_hidden_states=prompt_embeds, added_cond_kwargs={"time_ids": time_ids},
                                 return_dict=False)[0][..., :width]
                 loss = F.mse_loss(pred.float(), (noisy - z0) / s)  # = noise - z0 off the source start
+                if pixel_weight and bool(at_start.any()):
+                    loss = loss + pixel_weight * _pixel_loss(denoiser, amp, noisy, s, pred, at_start, data.target,
+                                                             idx)
                 (loss / grad_accum).backward()
                 total += loss.detach() / grad_accum
                 for m in adapter.lllite.values():
@@ -307,14 +332,17 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
 @click.option("--warmup", default=0, show_default=True, help="Linear LR warmup steps.")
 @click.option("--fixed-noise", is_flag=True, help="Train on the runtime's --fixed-noise draw for --seed.")
 @click.option("--te-cache-gb", default=8.0, show_default=True, help="Host memory for cached TE outputs.")
+@click.option("--pixel-weight", default=0.0, show_default=True,
+              help="Weight of a decoded-image loss (L1 + MSE + Sobel gradients) on the 1-step outputs; "
+                   "charges the adapter for blur (0: the paper's latent loss only).")
 def lllite_command(model, revision, device, dtype, pairs_dir, output, hooks, steps, batch, grad_accum, lr,
                    weight_decay, adamw8bit, bf16, save_every, cond_emb_dim, mlp_dim, seed, log_path, p_one,
-                   max_grad_norm, warmup, fixed_noise, te_cache_gb):
+                   max_grad_norm, warmup, fixed_noise, te_cache_gb, pixel_weight):
     """Train a temporal LLLite adapter on teacher pairs (only the adapter learns)."""
     from .pairs import read_manifest
 
     read_manifest(pairs_dir)  # fail on a bad folder before any slow loading
-    _check(steps, batch, grad_accum, lr, p_one, save_every)
+    _check(steps, batch, grad_accum, lr, p_one, save_every, pixel_weight)
     if adamw8bit:
         _optimizer([torch.nn.Parameter(torch.zeros(1))], lr, weight_decay, True)  # missing package: fail now
     device, torch_dtype = resolve_device(device, dtype)
@@ -323,7 +351,8 @@ def lllite_command(model, revision, device, dtype, pairs_dir, output, hooks, ste
                            steps=steps, batch_size=batch, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
                            adamw8bit=adamw8bit, bf16=bf16, save_every=save_every, cond_emb_dim=cond_emb_dim,
                            mlp_dim=mlp_dim, seed=seed, log_path=log_path, p_one=p_one, max_grad_norm=max_grad_norm,
-                           warmup=warmup, fixed_noise=fixed_noise, te_cache_gb=te_cache_gb)
+                           warmup=warmup, fixed_noise=fixed_noise, te_cache_gb=te_cache_gb,
+                           pixel_weight=pixel_weight)
     click.echo(f"{summary['steps']} steps on {summary['frames']} pairs ({summary['params'] / 1e6:.2f} M adapter "
                f"params) in {summary['wall_s']:.1f} s: loss {summary['first_loss']:.4f} -> "
                f"{summary['mean_last10']:.4f} (mean of last 10) -> {summary['out']}")
