@@ -257,3 +257,28 @@ def test_public_layout_conditioning_stride_is_inferred(unet, tmp_path):
     loaded.set_cond_image(cond_images()[:, :, ::2, ::2])
     with torch.no_grad():
         assert run(unet, *inputs()).shape == (B, 4, COND // 8, COND // 4)
+
+
+@torch.no_grad()
+def test_baked_multiplier_script_equals_the_runtime_multiplier(unet, tmp_path):
+    """scripts/bake_lllite_multiplier.py: the baked file at multiplier 1 = the original at multiplier M."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src, dst = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    randomize(LLLiteAdapter.for_unet(unet, hooks="all", cond_size=COND)).save(src)
+    script = Path(__file__).parents[1] / "scripts" / "bake_lllite_multiplier.py"
+    done = subprocess.run([sys.executable, str(script), str(src), str(dst), "0.6", "--model", "random:tiny"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    x, outs = inputs(), []
+    for path, multiplier in ((src, 0.6), (dst, 1.0)):
+        adapter = LLLiteAdapter.load(path, unet)
+        apply_lllite(unet, adapter)
+        adapter.set_cond_image(cond_images())
+        adapter.set_multiplier(multiplier)
+        outs.append(run(unet, *x))
+        remove_lllite(unet)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert (outs[0] - run(unet, *x)).abs().max() > 1e-2  # the adapter acts, so the check can fail
