@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -110,6 +111,12 @@ def test_train_base_continues_from_a_saved_model(trained, clip_dir, tmp_path):
     assert drift < 0.05  # a few small steps from the saved weights, not a new random U-Net
     bad = CliRunner().invoke(cli, [*args, "--init-from", str(clip_dir)])
     assert bad.exit_code != 0 and "not a model saved by" in bad.output
+    other = tmp_path / "other"
+    shutil.copytree(first, other)
+    meta = json.loads((other / "streamedit.json").read_text())
+    (other / "streamedit.json").write_text(json.dumps({**meta, "instructions": ["ukiyo-e"]}))
+    bad = CliRunner().invoke(cli, [*args, "--init-from", str(other), "--strength", "0.1"])
+    assert bad.exit_code == 2 and "other instructions" in bad.output and "Traceback" not in bad.output
 
 
 def test_psnr_per_frame():

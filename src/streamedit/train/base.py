@@ -182,10 +182,11 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
     t_start = time.perf_counter()
     device = torch.device(device)
     train_clips, val_clips = split_clips(clips, holdout)
+    models = _initial_models(cfg, device)  # before the minute of data building: a bad --init-from fails now
+    t0 = time.perf_counter()
     sources, targets = build_examples(train_clips, cfg.size, cfg.crops_per_frame, cfg.seed, cfg.max_frames,
                                       cfg.workers)
-    t_data = time.perf_counter() - t_start
-    models = _initial_models(cfg, device)
+    t_data = time.perf_counter() - t0
     vae_steps = 0 if cfg.init_from else cfg.vae_steps
     src_t = torch.from_numpy(sources).to(device)
     tgt_t = torch.from_numpy(targets).to(device)
