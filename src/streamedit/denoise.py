@@ -55,6 +55,12 @@ def start_sample(noise: torch.Tensor, source_latents: torch.Tensor, sigma: float
     return ((1.0 - sigma) * clean + sigma * noise.float()).to(noise.dtype)
 
 
+def vae_image(vae, latents: torch.Tensor, scaling: float, shift: float = 0.0) -> torch.Tensor:
+    """Model-space latents -> the VAE's image in [-1, 1], differentiable: what :meth:`Denoiser.decode`
+    rounds to 8 bits and what the training losses compare with their targets."""
+    return vae.decode(latents / scaling + shift, return_dict=False)[0]
+
+
 class Denoiser:
     def __init__(self, models, steps: int, size: int, unet=None, vae=None, strength: float = 1.0):
         self.models = models
@@ -104,8 +110,7 @@ class Denoiser:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> (B,H,W,3) uint8 on device (upstream's postprocess, then rounding to 8 bits)."""
-        images = self.vae.decode(latents / self.scaling + self.shift, return_dict=False)[0]
-        images = (images / 2 + 0.5).clamp(0, 1)
+        images = (vae_image(self.vae, latents, self.scaling, self.shift) / 2 + 0.5).clamp(0, 1)
         return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
     # The two compile targets hold their own no_grad block instead of the decorator: a decorated

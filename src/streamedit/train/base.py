@@ -41,7 +41,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
@@ -68,7 +68,7 @@ class BaseTrainConfig:
 
     unet_lr: float = 6e-4
     one_step_fraction: float = 0.75  # share of each batch at the operating point
-    strength: float = 0.08  # the runtime's start sigma for this model (saved in streamedit.json)
+    strength: float | None = 0.08  # the runtime's start sigma (saved in streamedit.json); None: init_from's
     pixel_batch: int = 32  # samples of each batch that also get the decoder's pixel loss
     latent_std: float = 2.0  # target std of the model-space latents (see _set_latent_scale)
     unet_minutes: float | None = None  # wall-clock budget: the step count is cut to fit after 50 steps
@@ -179,10 +179,14 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
     """Train the demo model on a folder of clips and save it to ``out``; returns the report."""
     from tqdm import tqdm
 
+    from ..models import default_strength
+
     t_start = time.perf_counter()
     device = torch.device(device)
     train_clips, val_clips = split_clips(clips, holdout)
     models = _initial_models(cfg, device)  # before the minute of data building: a bad --init-from fails now
+    if cfg.strength is None:
+        cfg = replace(cfg, strength=default_strength(models) if cfg.init_from else BaseTrainConfig.strength)
     t0 = time.perf_counter()
     sources, targets = build_examples(train_clips, cfg.size, cfg.crops_per_frame, cfg.seed, cfg.max_frames,
                                       cfg.workers)
@@ -235,10 +239,13 @@ def _initial_models(cfg: BaseTrainConfig, device: torch.device):
 
     if not cfg.init_from:
         return build_random("demo", device=device, dtype=torch.float32, seed=cfg.seed)
-    models = load_models(cfg.init_from, device=device, dtype=torch.float32)
-    if "instructions" not in models.extras:
+    if not Path(cfg.init_from, "streamedit.json").is_file():
         raise StreameditError(f"--init-from {cfg.init_from!r} is not a model saved by `streamedit train base` "
-                              "(no streamedit.json naming its instructions)")
+                              "(no streamedit.json)")
+    models = load_models(cfg.init_from, device=device, dtype=torch.float32)
+    if "instructions" not in models.extras or "strength" not in models.extras:
+        raise StreameditError(f"--init-from {cfg.init_from!r} is not a model saved by `streamedit train base` "
+                              "(its streamedit.json names no instructions or strength)")
     if models.extras["instructions"] != STYLE_NAMES or models.extras.get("size", cfg.size) != cfg.size:
         raise StreameditError(f"--init-from {cfg.init_from!r} was trained for other instructions or another size "
                               f"({models.extras['instructions']}, {models.extras.get('size')})")
@@ -286,8 +293,6 @@ def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, une
     from ..cli import resolve_device
 
     device, _ = resolve_device(device, None)
-    if strength is None:
-        strength = _saved_strength(init_from) if init_from else BaseTrainConfig.strength
     cfg = BaseTrainConfig(size=size, crops_per_frame=crops, max_frames=max_frames, vae_steps=vae_steps,
                           unet_steps=unet_steps, unet_batch=batch, vae_batch=vae_batch, unet_lr=lr, strength=strength,
                           unet_minutes=unet_minutes, decoder_steps=decoder_steps, seed=seed, init_from=init_from)
@@ -298,13 +303,3 @@ def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, une
         if isinstance(row, dict):
             click.echo(f"  {name:<14} PSNR {row['psnr']:.2f} dB (held-out)")
 
-
-def _saved_strength(folder: str) -> float:
-    meta = Path(folder, "streamedit.json")
-    try:
-        return float(json.loads(meta.read_text())["strength"])
-    except (OSError, ValueError, KeyError, TypeError):
-        from ..errors import StreameditError
-
-        raise StreameditError(f"--init-from {folder!r} is not a model saved by `streamedit train base` "
-                              "(no readable streamedit.json with a strength)") from None

@@ -3,8 +3,8 @@
 Flow matching in the runtime's own conventions (see :mod:`streamedit.denoise`):
 
 * clean latent of a target image ``x``: ``z0 = (vae.encode(x).latents - shift) * scaling``, the inverse
-  of ``Denoiser.decode`` (``vae.decode(z / scaling + shift)``); the source latents are the raw
-  ``vae.encode`` latents, exactly as ``Denoiser.encode_source`` feeds them;
+  of ``Denoiser.decode`` (``denoise.vae_image``: ``vae.decode(z / scaling + shift)``); the source
+  latents are the raw ``vae.encode`` latents, exactly as ``Denoiser.encode_source`` feeds them;
 * per example a sigma: the 1-step operating point (the model's start sigma: 1, or its ``strength``
   shifted) with probability ``p_one``, else drawn uniformly from a 1000-point schedule below it built
   by the model's scheduler with the same dynamic shift ``mu`` as the runtime, so sigma and timestep
@@ -137,14 +137,16 @@ class _EmbedCache:
 
 
 def _pixel_loss(denoiser, amp, noisy, s, pred, at_start, targets_u8, idx) -> torch.Tensor:
-    """Image loss of the operating-point examples' 1-step outputs (decoded as ``Denoiser.decode`` does)."""
+    """Image loss of the operating-point examples' 1-step outputs (decoded as ``Denoiser.decode`` does).
+    ``at_start`` and ``idx`` are the batch's host-side mask and frame indices."""
+    from ..denoise import vae_image
     from .common import image_loss, to_pm1
 
     keep = at_start.nonzero().flatten()
-    x0 = (noisy - s * pred.float())[keep]
+    x0 = (noisy - s * pred.float())[keep.to(noisy.device)]
     with amp():
-        img = denoiser.vae.decode(x0 / denoiser.scaling + denoiser.shift, return_dict=False)[0]
-    target = to_pm1(targets_u8[idx[keep].cpu()].to(x0.device, non_blocking=True))
+        img = vae_image(denoiser.vae, x0, denoiser.scaling, denoiser.shift)
+    target = to_pm1(targets_u8[idx[keep]].to(x0.device, non_blocking=True))
     return image_loss(img.float(), target)
 
 
@@ -239,7 +241,7 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
         noise = (fixed.float().expand(batch_size, -1, -1, -1) if fixed is not None
                  else torch.randn((batch_size, *noise_shape[1:]), generator=gen))
         cond = data.cond[idx].permute(0, 3, 1, 2).to(device, non_blocking=True)
-        return idx, g, cond, noise.to(device), table_sigma[pick].to(device), table_t[pick], (pick == 0).to(device)
+        return idx, g, cond, noise.to(device), table_sigma[pick].to(device), table_t[pick], pick == 0
 
     log_file = open(log_path, "w") if log_path else None  # noqa: SIM115 (closed in the finally below)
     out_path = Path(out_path)
@@ -258,13 +260,13 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
             for _ in range(grad_accum):
                 idx, g, cond, noise, sigma, t, at_start = micro_batch()
                 prompt_embeds = embeds.get(data.prompts[g], idx.tolist())
-                idx = idx.to(device)
+                rows, idx = idx, idx.to(device)
                 z0 = tgt_lat[idx].float()
                 s = sigma.view(-1, 1, 1, 1)
                 noisy = (1 - s) * z0 + s * noise
                 if denoiser.start_sigma < 1:  # the runtime starts from the noised source latent
                     first = start_sample(noise, src_lat[idx], denoiser.start_sigma, denoiser.scaling, denoiser.shift)
-                    noisy = torch.where(at_start.view(-1, 1, 1, 1), first.float(), noisy)
+                    noisy = torch.where(at_start.view(-1, 1, 1, 1).to(device), first.float(), noisy)
                 with amp():
                     adapter.set_cond_image(cond)
                     pred = unet(torch.cat([noisy.to(models.dtype), src_lat[idx]], dim=3),
@@ -272,9 +274,9 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
                                 encoder_hidden_states=prompt_embeds, added_cond_kwargs={"time_ids": time_ids},
                                 return_dict=False)[0][..., :width]
                 loss = F.mse_loss(pred.float(), (noisy - z0) / s)  # = noise - z0 off the source start
-                if pixel_weight and bool(at_start.any()):
+                if pixel_weight and bool(at_start.any()):  # a host-side mask: no sync
                     loss = loss + pixel_weight * _pixel_loss(denoiser, amp, noisy, s, pred, at_start, data.target,
-                                                             idx)
+                                                             rows)
                 (loss / grad_accum).backward()
                 total += loss.detach() / grad_accum
                 for m in adapter.lllite.values():

@@ -65,7 +65,7 @@ class UNetStep:
             self.opt.param_groups[0]["lr"] = value
 
     def loss(self, style: int) -> torch.Tensor:
-        from ..denoise import start_sample
+        from ..denoise import start_sample, vae_image
 
         d, idx, ones = self.data, self.idx, self.ones
         z0, zs, cond = d["z_tgt"][idx, style] * self.scale, d["z_src"][idx], d["emb"][style][idx]
@@ -84,7 +84,7 @@ class UNetStep:
         if self.cfg.pixel_weight:  # x0 of the operating-point samples through the frozen decoder
             x0 = (x - s * pred)[:self.npix]
             with autocast(self.device):
-                img = self.vae.decode(x0 / self.scale).sample.float()
+                img = vae_image(self.vae, x0, self.scale).float()
             loss = loss + self.cfg.pixel_weight * F.l1_loss(img, to_pm1(d["targets"][idx[:self.npix], style]))
         return loss
 
@@ -211,6 +211,8 @@ def tune_decoder(models, data: dict, cfg, log_rows: list, bar=None) -> None:
     its small errors, which a decoder trained only on clean latents turns into a mottled texture.
     The encoder (and so every latent the U-Net was trained on) is unchanged.
     """
+    from ..denoise import vae_image
+
     device, vae = models.device, models.vae
     latents = one_step_latents(models, data, cfg)
     targets = data["targets"]
@@ -226,7 +228,7 @@ def tune_decoder(models, data: dict, cfg, log_rows: list, bar=None) -> None:
         idx = torch.randint(n, (cfg.vae_batch,), device=device, generator=gen)
         style = step % n_styles
         with autocast(device):
-            img = vae.decode(latents[idx, style] / scale).sample.float()
+            img = vae_image(vae, latents[idx, style], scale).float()
         loss = image_loss(img, to_pm1(targets[idx, style]))
         step_and_log(opt, params, loss, log_rows, bar, "decoder", step, cfg.decoder_steps)
     vae.eval().requires_grad_(False)
