@@ -44,6 +44,8 @@ def mid_models(tiny_models):
                   num_position_embeddings=2304, in_channels=3)
     torch.manual_seed(1)
     te = Qwen3VLForConditionalGeneration(_te_config(tiny_models.tokenizer, text, vision)).eval()
+    with torch.no_grad():  # the library initialises it to zero: a dropped bias would go unseen
+        te.model.visual.patch_embed.proj.bias.normal_(0, 0.5)
     return dataclasses.replace(tiny_models, text_encoder=te)
 
 
