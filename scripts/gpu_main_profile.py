@@ -73,6 +73,7 @@ def main() -> int:
     ap.add_argument("--variants", default="base,bench,cl,flags")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--te", action="store_true", help="also time the eager TE and the compiled fast TE alone")
     ap.add_argument("--model", default="random:real", help="random:tiny + --device cpu: a smoke test")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--size", type=int, default=512)
@@ -138,6 +139,24 @@ def main() -> int:
         print(json.dumps(res["eager_ms"]), flush=True)
         save()
 
+    if args.te:
+        from streamedit.te_fast import FastTextEncoderRunner
+
+        res["te"] = {"eager_ms": round(cuda_ms(lambda: te.encode(config.prompt, te.prepare_images(frames), 8),
+                                               reps=5, warmup=1), 2)}
+        t1 = time.perf_counter()
+        fast = FastTextEncoderRunner(models, 8).compile("reduce-overhead")
+        pixels = fast.prepare_images(frames)
+        run_te = lambda: fast.encode(config.prompt, pixels, 8)  # noqa: E731
+        run_te()
+        sync()
+        res["te"]["compile_s"] = round(time.perf_counter() - t1, 1)
+        res["te"]["fast_ms"] = round(cuda_ms(run_te, reps=30), 2)
+        res["te"]["kernels"] = top_kernels(run_te, n=30)
+        print("te", {k: v for k, v in res["te"].items() if k != "kernels"}, flush=True)
+        save()
+        del fast
+
     import torch._inductor.config as ic
 
     res["compiled"] = {}
@@ -176,6 +195,9 @@ def main() -> int:
     print("\n| variant | fused ms (B=8) | compile s | max u8 diff |")
     for name, e in res["compiled"].items():
         print(f"| {name} | {e['ms']} | {e['compile_s']} | {e['max_u8_diff_vs_base']} |")
+    for k, v in res.get("te", {}).items():
+        if k != "kernels":
+            print(f"te {k}: {v}")
     for k, v in res.get("eager_ms", {}).items():
         print(f"eager {k}: {v} ms")
     return 0
