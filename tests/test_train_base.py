@@ -109,6 +109,8 @@ def test_train_base_continues_from_a_saved_model(trained, clip_dir, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
     drift = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert drift < 0.05  # a few small steps from the saved weights, not a new random U-Net
+    for name in ("unet", "vae"):  # the folder it was continued from is not written into the new one
+        assert "_name_or_path" not in json.loads((out / name / "config.json").read_text()), name
     bad = CliRunner().invoke(cli, [*args, "--init-from", str(clip_dir)])
     assert bad.exit_code != 0 and "not a model saved by" in bad.output
     other = tmp_path / "other"

@@ -260,6 +260,10 @@ def save_demo(models, out: str, size: int) -> None:
     for name in ("unet", "vae", "text_encoder"):
         setattr(half, name, copy.deepcopy(getattr(models, name)).to("cpu", torch.float16))
     half.save_pretrained(out)
+    for name in ("unet", "vae"):  # a model loaded for --init-from records its folder: not ours to ship
+        config = Path(out, name, "config.json")
+        config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "_name_or_path"},
+                                     indent=2, sort_keys=True) + "\n")
     meta = {"instructions": STYLE_NAMES, "size": size, "strength": models.extras.get("strength", 1.0),
             "about": "streamedit demo model: imitates OpenCV filters (see docs/demo-model.md)"}
     Path(out, "streamedit.json").write_text(json.dumps(meta, indent=2))
