@@ -26,6 +26,7 @@ base)
   se train base --clips "$clips" --holdout blackswan -o "$out/demo-model" --device cuda \
     --vae-steps "${VAE_STEPS:-3000}" --crops "${CROPS:-8}" --unet-steps 20000 --unet-minutes "${UNET_MINUTES:-3.8}" --batch "${BATCH:-128}" \
     --strength "${STRENGTH:-0.08}" --decoder-steps "${DECODER_STEPS:-1500}" --lr "${LR:-6e-4}" --seed "${SEED:-0}" \
+    --pixel-weight "${BASE_PIXEL_WEIGHT:-0.5}" --one-step-fraction "${ONE_STEP:-0.75}" \
     ${INIT_FROM:+--init-from "$INIT_FROM"} 2> "$out/base.log"
   tail -c 600 "$out/base.log" | tr '\r' '\n' | tail -3
   rm -rf /tmp/demo-model && cp -r "$out/demo-model" /tmp/demo-model  # for `adapter` on the same (warm) machine

@@ -189,6 +189,41 @@ def test_tune_decoder_fits_the_unet_outputs_and_keeps_the_encoder():
     assert [r["phase"] for r in rows] == ["decoder"] * len(rows) and rows[-1]["step"] == 59
 
 
+def test_unet_loss_at_the_operating_point_is_the_runtime_output_error():
+    """With the whole batch at the operating point, the velocity loss is the runtime's 1-step output error
+    over strength^2, and --pixel-weight adds exactly that weight times the decoded image's L1."""
+    import torch.nn.functional as F
+
+    from streamedit.denoise import sigma_schedule, vae_image
+    from streamedit.train.common import to_pm1
+    from streamedit.train.unet import UNetStep, one_step
+
+    models, data = _tiny_training_data()
+    start, t_start = (float(v[0]) for v in sigma_schedule(models, 32, [0.15]))
+    losses = {}
+    for weight in (0.0, 3.0):
+        cfg = BaseTrainConfig(size=32, unet_batch=4, pixel_batch=2, strength=0.15, one_step_fraction=1.0,
+                              pixel_weight=weight)
+        step = UNetStep(models, data, cfg, start, t_start)
+        step.draw(torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            losses[weight] = float(step.loss(style=1))
+    idx, noise, scale = step.idx, step.noise, models.vae.config.scaling_factor
+    x0 = one_step(models, noise, data["z_src"][idx], data["emb"][1][idx], 32, 0.15)
+    z0 = data["z_tgt"][idx, 1] * scale
+    assert losses[0.0] == pytest.approx(float(F.mse_loss(x0, z0)) / start ** 2, rel=1e-4)
+    with torch.no_grad():
+        l1 = float(F.l1_loss(vae_image(models.vae, x0[:2], scale).float(), to_pm1(data["targets"][idx[:2], 1])))
+    assert losses[3.0] - losses[0.0] == pytest.approx(3.0 * l1, rel=1e-3)
+
+
+def test_train_base_cli_checks_the_loss_options(tmp_path):
+    for opt, value in (("--pixel-weight", "-1"), ("--one-step-fraction", "0"), ("--one-step-fraction", "1.5")):
+        result = CliRunner().invoke(cli, ["train", "base", "--clips", str(tmp_path), "-o", str(tmp_path / "o"),
+                                          opt, value, "--device", "cpu"])
+        assert result.exit_code == 2 and opt in result.output, result.output
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graphed_unet_step_equals_the_eager_step():
     """From the same weights, optimizer state and draws, a replayed step computes what the eager step does

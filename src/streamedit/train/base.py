@@ -72,7 +72,7 @@ class BaseTrainConfig:
     pixel_batch: int = 32  # samples of each batch that also get the decoder's pixel loss
     latent_std: float = 2.0  # target std of the model-space latents (see _set_latent_scale)
     unet_minutes: float | None = None  # wall-clock budget: the step count is cut to fit after 50 steps
-    pixel_weight: float = 0.5
+    pixel_weight: float = 0.5  # x L1 of the decoded operating-point samples (the velocity MSE grows as 1/strength^2)
     ema: float = 0.999
     decoder_steps: int = 1500  # decoder tuned on the U-Net's outputs (0: keep the VAE's own decoder)
     decoder_lr: float = 3e-4
@@ -287,19 +287,25 @@ def save_demo(models, out: str, size: int) -> None:
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Continue training a model folder this command saved (keeps its VAE and TE; no VAE stage).")
 @click.option("--unet-minutes", type=float, default=None, help="Cut the U-Net steps to fit this wall-clock budget.")
+@click.option("--pixel-weight", type=click.FloatRange(min=0.0), default=0.5, show_default=True,
+              help="Weight of the image loss (L1 of decoded 1-step outputs). The velocity loss grows as 1/strength^2, "
+                   "so a low --strength needs more to keep the image term's share.")
+@click.option("--one-step-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.75, show_default=True,
+              help="Share of each batch at the runtime's 1-step operating point (the rest: lower sigmas).")
 @click.option("--decoder-steps", default=1500, show_default=True,
               help="Steps tuning the decoder on the U-Net's own outputs (0: skip).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default=None, help="cuda (default when available) or cpu.")
 def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, unet_steps, batch, vae_batch, lr, strength,
-                 unet_minutes, decoder_steps, seed, init_from, device):
+                 unet_minutes, pixel_weight, one_step_fraction, decoder_steps, seed, init_from, device):
     """Train the small demo edit model to imitate the built-in filters; writes a model folder."""
     from ..cli import resolve_device
 
     device, _ = resolve_device(device, None)
     cfg = BaseTrainConfig(size=size, crops_per_frame=crops, max_frames=max_frames, vae_steps=vae_steps,
                           unet_steps=unet_steps, unet_batch=batch, vae_batch=vae_batch, unet_lr=lr, strength=strength,
-                          unet_minutes=unet_minutes, decoder_steps=decoder_steps, seed=seed, init_from=init_from)
+                          unet_minutes=unet_minutes, pixel_weight=pixel_weight, one_step_fraction=one_step_fraction,
+                          decoder_steps=decoder_steps, seed=seed, init_from=init_from)
     report = train_base(clips, output, list(holdout), cfg, device)
     secs = report["seconds"]
     click.echo(f"trained on {report['examples']} crops in {secs['total']:.0f} s -> {output}")
