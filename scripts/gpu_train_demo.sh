@@ -7,16 +7,20 @@
 # demo-lllite-m1.safetensors); with EVAL=1 it also runs `streamedit eval` on the held-out clip (blackswan)
 # per style, without and with it (eval.tgz; this does not fit one 10-minute call after the training, so
 # the bundled adapter's eval ran on a CPU with the same commands).
-# Defaults: the bundled recipe (docs/demo-model.md). The bundled base model is one `base` run plus three
+# Defaults: the bundled recipe (docs/demo-model.md). The bundled base model is one `base` run plus five
 # continued runs, each from the previous one's OUT/demo-model:
 #   INIT_FROM=... UNET_MINUTES=6.2 LR=4e-4 SEED=1
 #   INIT_FROM=... UNET_MINUTES=6.0 LR=4e-4 SEED=2 STRENGTH=0.03
 #   INIT_FROM=... UNET_MINUTES=6.0 LR=3e-4 SEED=3 STRENGTH=0.015
+#   INIT_FROM=... UNET_MINUTES=6.4 LR=3e-4 SEED=4 STRENGTH=0.015 BASE_PIXEL_WEIGHT=100 ONE_STEP=0.9
+#   INIT_FROM=... UNET_MINUTES=5.9 LR=3e-4 SEED=5 STRENGTH=0.015 BASE_PIXEL_WEIGHT=100 ONE_STEP=0.9
+# (6.4 minutes leaves the archive step past a 10-minute call: 5.9 fits.) BASE_PIXEL_WEIGHT is `train base
+# --pixel-weight`, ONE_STEP its --one-step-fraction; MLP_DIM / COND_DIM size the adapter (default 64 / 32).
 # PIXEL_WEIGHT keeps the image loss's share: the velocity loss grows as the start sigma shrinks (first-step
 # latent loss ~3.6 at strength 0.08, ~64 at 0.015), so 100 for a 0.08 model, 1800 for the bundled 0.015 one.
 # INIT_FROM=MODEL_DIR continues training a saved model (no VAE stage; LR and SEED set its learning rate and
 # crop/noise seed). Adapter runs keep their pairs in $PAIRS (default /tmp/pairs-<name of OUT_DIR>), so
-# several can run side by side on one GPU.
+# several can run side by side on one GPU (two at once: each step ~15 % slower, so 1400 steps no longer fit one call).
 set -euo pipefail
 stage=$1 clips=$2 out=$3
 se() { python3 -m streamedit "$@"; }
@@ -40,7 +44,7 @@ adapter)
      --size 256 --dtype float32 --alpha "${ALPHA:-0.5}" 2> "$out/pairs.log"
   se train lllite --model "$model" --pairs "$pairs" -o "$out/demo-lllite-m1.safetensors" --dtype float32 \
      --steps "${LLLITE_STEPS:-1400}" --hooks "${HOOKS:-all}" --p-one "${P_ONE:-1.0}" --batch 16 --lr 5e-4 --warmup 100 --fixed-noise --save-every 500 \
-     --pixel-weight "${PIXEL_WEIGHT:-1800}" --log "$out/lllite_log.jsonl" 2> "$out/lllite.log"
+     --pixel-weight "${PIXEL_WEIGHT:-1800}" --mlp-dim "${MLP_DIM:-64}" --cond-emb-dim "${COND_DIM:-32}" --log "$out/lllite_log.jsonl" 2> "$out/lllite.log"
   tail -c 600 "$out/lllite.log" | tr '\r' '\n' | tail -3
   python3 "$(dirname "$0")/bake_lllite_multiplier.py" "$out/demo-lllite-m1.safetensors" "$out/demo-lllite.safetensors" \
     "${MULTIPLIER:-1.35}" --model "$model"
