@@ -121,6 +121,34 @@ def test_train_base_continues_from_a_saved_model(trained, clip_dir, tmp_path):
     assert bad.exit_code == 2 and "other instructions" in bad.output and "Traceback" not in bad.output
 
 
+def test_train_base_new_unet_architecture_on_a_kept_vae(trained, clip_dir, tmp_path):
+    """--unet-* with --init-from: a fresh U-Net of that shape, trained on the saved model's VAE and TE;
+    the folder records the shape, so the runtime loads and runs it like any other."""
+    _, first, _ = trained
+    out = tmp_path / "wide"
+    args = ["train", "base", "--clips", str(clip_dir), "--holdout", "held", "-o", str(out), "--device", "cpu",
+            "--size", "64", "--crops", "1", "--unet-steps", "3", "--batch", "4", "--decoder-steps", "0",
+            "--init-from", str(first)]
+    result = CliRunner().invoke(cli, [*args, "--unet-channels", "64,160,256", "--unet-heads", "1,2,4",
+                                      "--unet-layers", "1,2,2"])
+    assert result.exit_code == 0, result.output
+    before, after = load_models(str(first)), load_models(str(out))
+    assert tuple(after.unet.config.block_out_channels) == (64, 160, 256)
+    assert tuple(after.unet.config.attention_head_dim) == (1, 2, 4)
+    assert tuple(after.unet.config.transformer_layers_per_block) == (1, 2, 2)
+    assert sum(p.numel() for p in after.unet.parameters()) > sum(p.numel() for p in before.unet.parameters())
+    for name in ("vae", "text_encoder"):
+        a, b = getattr(before, name).state_dict(), getattr(after, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    engine = StreamEngine(after, EngineConfig(prompt="cartoon", batch_size=2, size=64, pipeline=False))
+    assert [f.shape for f in engine.run([np.full((64, 64, 3), 90, np.uint8)] * 2)] == [(64, 64, 3)] * 2
+    for opt, value, message in (("--unet-channels", "64,160", "need 3 values"),
+                                ("--unet-channels", "64,160,250", "multiple of 32"),
+                                ("--unet-heads", "1,x,2", "positive integers")):
+        bad = CliRunner().invoke(cli, [*args, opt, value])
+        assert bad.exit_code != 0 and message in bad.output and "Traceback" not in bad.output, bad.output
+
+
 def test_psnr_per_frame():
     a = np.zeros((2, 4, 4, 3), np.uint8)
     b = a.copy()

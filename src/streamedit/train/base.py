@@ -79,6 +79,10 @@ class BaseTrainConfig:
     seed: int = 0
     workers: int | None = None
     init_from: str | None = None  # a model folder saved by train base: continue from it (no VAE stage)
+    # a U-Net other than models.DEMO_UNET (None: keep it); with init_from: a fresh U-Net on the kept VAE and TE
+    unet_channels: tuple[int, ...] | None = None  # block_out_channels, multiples of 32 (GroupNorm)
+    unet_heads: tuple[int, ...] | None = None  # attention heads per block (attention_head_dim in the config)
+    unet_layers: tuple[int, ...] | None = None  # transformer layers per block
 
 
 def train_vae(vae, images: torch.Tensor, cfg: BaseTrainConfig, log_rows: list, bar=None) -> None:
@@ -184,7 +188,10 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
     t_start = time.perf_counter()
     device = torch.device(device)
     train_clips, val_clips = split_clips(clips, holdout)
+    override = _unet_override(cfg)
     models = _initial_models(cfg, device)  # before the minute of data building: a bad --init-from fails now
+    if override:
+        models.unet = _new_unet(cfg, override, device)
     if cfg.strength is None:
         cfg = replace(cfg, strength=default_strength(models) if cfg.init_from else BaseTrainConfig.strength)
     t0 = time.perf_counter()
@@ -254,6 +261,35 @@ def _initial_models(cfg: BaseTrainConfig, device: torch.device):
     return models
 
 
+def _unet_override(cfg: BaseTrainConfig) -> dict:
+    """The DreamLiteUNetModel config keys ``--unet-*`` change ({} when none is given), checked up front."""
+    from ..errors import StreameditError
+    from ..models import DEMO_UNET
+
+    keys = {"block_out_channels": cfg.unet_channels, "attention_head_dim": cfg.unet_heads,
+            "transformer_layers_per_block": cfg.unet_layers}
+    override = {k: tuple(v) for k, v in keys.items() if v}
+    merged = {k: override.get(k, DEMO_UNET[k]) for k in keys}
+    blocks = len(DEMO_UNET["down_block_types"])
+    if any(len(v) != blocks for v in merged.values()):
+        raise StreameditError(f"--unet-channels/--unet-heads/--unet-layers need {blocks} values (one per block), got "
+                              + ", ".join(f"{k}={','.join(map(str, v))}" for k, v in merged.items()))
+    for ch, heads in zip(merged["block_out_channels"], merged["attention_head_dim"]):
+        if ch % 32 or ch % heads:
+            raise StreameditError(f"U-Net channels {ch}: must be a multiple of 32 and of its {heads} head(s)")
+    return override
+
+
+def _new_unet(cfg: BaseTrainConfig, override: dict, device: torch.device):
+    """A randomly initialised demo U-Net with ``override`` applied, float32 on ``device``."""
+    from diffusers import DreamLiteUNetModel
+
+    from ..models import DEMO_UNET
+
+    torch.manual_seed(cfg.seed)
+    return DreamLiteUNetModel(**{**DEMO_UNET, **override}).to(device, torch.float32).eval()
+
+
 def save_demo(models, out: str, size: int) -> None:
     """float16 diffusers folder + ``streamedit.json`` (known instructions, native size, strength)."""
     half = copy.copy(models)
@@ -267,6 +303,18 @@ def save_demo(models, out: str, size: int) -> None:
     meta = {"instructions": STYLE_NAMES, "size": size, "strength": models.extras.get("strength", 1.0),
             "about": "streamedit demo model: imitates OpenCV filters (see docs/demo-model.md)"}
     Path(out, "streamedit.json").write_text(json.dumps(meta, indent=2))
+
+
+def _int_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        values = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"expected positive integers separated by commas, got {value!r}")
+    return values
 
 
 @click.command("base")
@@ -294,10 +342,15 @@ def save_demo(models, out: str, size: int) -> None:
               help="Share of each batch at the runtime's 1-step operating point (the rest: lower sigmas).")
 @click.option("--decoder-steps", default=1500, show_default=True,
               help="Steps tuning the decoder on the U-Net's own outputs (0: skip).")
+@click.option("--unet-channels", callback=_int_list, help="U-Net block channels, e.g. 64,160,256 (default: the demo's "
+              "64,128,192). Any --unet-* option trains a new U-Net; with --init-from it keeps that model's VAE and TE.")
+@click.option("--unet-heads", callback=_int_list, help="Attention heads per U-Net block (default 1,2,3).")
+@click.option("--unet-layers", callback=_int_list, help="Transformer layers per U-Net block (default 1,1,2).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default=None, help="cuda (default when available) or cpu.")
 def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, unet_steps, batch, vae_batch, lr, strength,
-                 unet_minutes, pixel_weight, one_step_fraction, decoder_steps, seed, init_from, device):
+                 unet_minutes, pixel_weight, one_step_fraction, decoder_steps, unet_channels, unet_heads, unet_layers, seed,
+                 init_from, device):
     """Train the small demo edit model to imitate the built-in filters; writes a model folder."""
     from ..cli import resolve_device
 
@@ -305,7 +358,8 @@ def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, une
     cfg = BaseTrainConfig(size=size, crops_per_frame=crops, max_frames=max_frames, vae_steps=vae_steps,
                           unet_steps=unet_steps, unet_batch=batch, vae_batch=vae_batch, unet_lr=lr, strength=strength,
                           unet_minutes=unet_minutes, pixel_weight=pixel_weight, one_step_fraction=one_step_fraction,
-                          decoder_steps=decoder_steps, seed=seed, init_from=init_from)
+                          decoder_steps=decoder_steps, seed=seed, init_from=init_from, unet_channels=unet_channels,
+                          unet_heads=unet_heads, unet_layers=unet_layers)
     report = train_base(clips, output, list(holdout), cfg, device)
     secs = report["seconds"]
     click.echo(f"trained on {report['examples']} crops in {secs['total']:.0f} s -> {output}")
