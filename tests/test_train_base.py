@@ -126,9 +126,13 @@ def test_train_base_new_unet_architecture_on_a_kept_vae(trained, clip_dir, tmp_p
     the folder records the shape, so the runtime loads and runs it like any other."""
     _, first, _ = trained
     out = tmp_path / "wide"
-    args = ["train", "base", "--clips", str(clip_dir), "--holdout", "held", "-o", str(out), "--device", "cpu",
-            "--size", "64", "--crops", "1", "--unet-steps", "3", "--batch", "4", "--decoder-steps", "0",
-            "--init-from", str(first)]
+
+    def train_args(output, init_from):
+        return ["train", "base", "--clips", str(clip_dir), "--holdout", "held", "-o", str(output), "--device", "cpu",
+                "--size", "64", "--crops", "1", "--unet-steps", "3", "--batch", "4", "--decoder-steps", "0",
+                "--init-from", str(init_from)]
+
+    args = train_args(out, first)
     result = CliRunner().invoke(cli, [*args, "--unet-channels", "64,160,256", "--unet-heads", "1,2,4",
                                       "--unet-layers", "1,2,2"])
     assert result.exit_code == 0, result.output
@@ -142,6 +146,12 @@ def test_train_base_new_unet_architecture_on_a_kept_vae(trained, clip_dir, tmp_p
         assert all(torch.equal(a[k], b[k]) for k in a), name
     engine = StreamEngine(after, EngineConfig(prompt="cartoon", batch_size=2, size=64, pipeline=False))
     assert [f.shape for f in engine.run([np.full((64, 64, 3), 90, np.uint8)] * 2)] == [(64, 64, 3)] * 2
+    # options not given keep the --init-from model's own values, not the demo's
+    deeper = tmp_path / "deeper"
+    result = CliRunner().invoke(cli, [*train_args(deeper, out), "--unet-layers", "1,1,1"])
+    assert result.exit_code == 0, result.output
+    config = load_models(str(deeper)).unet.config
+    assert tuple(config.block_out_channels) == (64, 160, 256) and tuple(config.transformer_layers_per_block) == (1, 1, 1)
     for opt, value, message in (("--unet-channels", "64,160", "need 3 values"),
                                 ("--unet-channels", "64,160,250", "multiple of 32"),
                                 ("--unet-heads", "1,x,2", "positive integers")):

@@ -79,7 +79,7 @@ class BaseTrainConfig:
     seed: int = 0
     workers: int | None = None
     init_from: str | None = None  # a model folder saved by train base: continue from it (no VAE stage)
-    # a U-Net other than models.DEMO_UNET (None: keep it); with init_from: a fresh U-Net on the kept VAE and TE
+    # a new U-Net: these keys of the current U-Net's config changed (None: keep); with init_from, on its VAE and TE
     unet_channels: tuple[int, ...] | None = None  # block_out_channels, multiples of 32 (GroupNorm)
     unet_heads: tuple[int, ...] | None = None  # attention heads per block (attention_head_dim in the config)
     unet_layers: tuple[int, ...] | None = None  # transformer layers per block
@@ -188,10 +188,8 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
     t_start = time.perf_counter()
     device = torch.device(device)
     train_clips, val_clips = split_clips(clips, holdout)
-    override = _unet_override(cfg)
     models = _initial_models(cfg, device)  # before the minute of data building: a bad --init-from fails now
-    if override:
-        models.unet = _new_unet(cfg, override, device)
+    models.unet = _new_unet(models, cfg) or models.unet  # so do bad --unet-* values
     if cfg.strength is None:
         cfg = replace(cfg, strength=default_strength(models) if cfg.init_from else BaseTrainConfig.strength)
     t0 = time.perf_counter()
@@ -261,33 +259,27 @@ def _initial_models(cfg: BaseTrainConfig, device: torch.device):
     return models
 
 
-def _unet_override(cfg: BaseTrainConfig) -> dict:
-    """The DreamLiteUNetModel config keys ``--unet-*`` change ({} when none is given), checked up front."""
+def _new_unet(models, cfg: BaseTrainConfig):
+    """With any ``--unet-*`` option: a randomly initialised U-Net of the current one's config (the demo's, or the
+    ``--init-from`` model's) with those keys changed, float32 on the models' device; else None."""
     from ..errors import StreameditError
-    from ..models import DEMO_UNET
 
-    keys = {"block_out_channels": cfg.unet_channels, "attention_head_dim": cfg.unet_heads,
-            "transformer_layers_per_block": cfg.unet_layers}
-    override = {k: tuple(v) for k, v in keys.items() if v}
-    merged = {k: override.get(k, DEMO_UNET[k]) for k in keys}
-    blocks = len(DEMO_UNET["down_block_types"])
+    config = models.unet.config
+    given = {"block_out_channels": cfg.unet_channels, "attention_head_dim": cfg.unet_heads,
+             "transformer_layers_per_block": cfg.unet_layers}
+    override = {k: tuple(v) for k, v in given.items() if v}
+    if not override:
+        return None
+    merged = {k: tuple(override.get(k, config[k])) for k in given}
+    blocks = len(config["down_block_types"])
     if any(len(v) != blocks for v in merged.values()):
         raise StreameditError(f"--unet-channels/--unet-heads/--unet-layers need {blocks} values (one per block), got "
                               + ", ".join(f"{k}={','.join(map(str, v))}" for k, v in merged.items()))
     for ch, heads in zip(merged["block_out_channels"], merged["attention_head_dim"]):
         if ch % 32 or ch % heads:
             raise StreameditError(f"U-Net channels {ch}: must be a multiple of 32 and of its {heads} head(s)")
-    return override
-
-
-def _new_unet(cfg: BaseTrainConfig, override: dict, device: torch.device):
-    """A randomly initialised demo U-Net with ``override`` applied, float32 on ``device``."""
-    from diffusers import DreamLiteUNetModel
-
-    from ..models import DEMO_UNET
-
     torch.manual_seed(cfg.seed)
-    return DreamLiteUNetModel(**{**DEMO_UNET, **override}).to(device, torch.float32).eval()
+    return type(models.unet).from_config(config, **override).to(models.device, torch.float32).eval()
 
 
 def save_demo(models, out: str, size: int) -> None:
@@ -342,10 +334,11 @@ def _int_list(ctx, param, value):
               help="Share of each batch at the runtime's 1-step operating point (the rest: lower sigmas).")
 @click.option("--decoder-steps", default=1500, show_default=True,
               help="Steps tuning the decoder on the U-Net's own outputs (0: skip).")
-@click.option("--unet-channels", callback=_int_list, help="U-Net block channels, e.g. 64,160,256 (default: the demo's "
-              "64,128,192). Any --unet-* option trains a new U-Net; with --init-from it keeps that model's VAE and TE.")
-@click.option("--unet-heads", callback=_int_list, help="Attention heads per U-Net block (default 1,2,3).")
-@click.option("--unet-layers", callback=_int_list, help="Transformer layers per U-Net block (default 1,1,2).")
+@click.option("--unet-channels", callback=_int_list, help="U-Net block channels, e.g. 64,160,256. Any --unet-* option "
+              "trains a new U-Net; the others keep the current U-Net's values (the demo's, or the --init-from model's, "
+              "whose VAE and TE are kept).")
+@click.option("--unet-heads", callback=_int_list, help="Attention heads per U-Net block (demo: 1,2,3).")
+@click.option("--unet-layers", callback=_int_list, help="Transformer layers per U-Net block (demo: 1,1,2).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default=None, help="cuda (default when available) or cpu.")
 def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, unet_steps, batch, vae_batch, lr, strength,
