@@ -7,13 +7,16 @@
 # demo-lllite-m1.safetensors); with EVAL=1 it also runs `streamedit eval` on the held-out clip (blackswan)
 # per style, without and with it (eval.tgz; this does not fit one 10-minute call after the training, so
 # the bundled adapter's eval ran on a CPU with the same commands).
-# Defaults: the bundled recipe (docs/demo-model.md). The bundled base model is one `base` run plus five
+# Defaults: the bundled recipe (docs/demo-model.md). The bundled base model is one `base` run plus eight
 # continued runs, each from the previous one's OUT/demo-model:
 #   INIT_FROM=... UNET_MINUTES=6.2 LR=4e-4 SEED=1
 #   INIT_FROM=... UNET_MINUTES=6.0 LR=4e-4 SEED=2 STRENGTH=0.03
 #   INIT_FROM=... UNET_MINUTES=6.0 LR=3e-4 SEED=3 STRENGTH=0.015
 #   INIT_FROM=... UNET_MINUTES=6.4 LR=3e-4 SEED=4 STRENGTH=0.015 BASE_PIXEL_WEIGHT=100 ONE_STEP=0.9
 #   INIT_FROM=... UNET_MINUTES=5.9 LR=3e-4 SEED=5 STRENGTH=0.015 BASE_PIXEL_WEIGHT=100 ONE_STEP=0.9
+#   INIT_FROM=... UNET_STEPS=0 SEED=6 STRENGTH=0.015 BASE_PIXEL_WEIGHT=100 DECODER_BLOCKS=4,4,2,0 DECODER_STEPS=6000
+#   INIT_FROM=... UNET_MINUTES=5.0 LR=3e-4 SEED=7 STRENGTH=0.015 BASE_PIXEL_WEIGHT=100 ONE_STEP=0.9 JOINT_DECODER=1 DECODER_STEPS=2500
+#   INIT_FROM=... UNET_MINUTES=5.0 LR=3e-4 SEED=8 STRENGTH=0.015 BASE_PIXEL_WEIGHT=100 ONE_STEP=0.9 JOINT_DECODER=1 DECODER_STEPS=2500
 # (6.4 minutes leaves the archive step past a 10-minute call: 5.9 fits.) BASE_PIXEL_WEIGHT is `train base
 # --pixel-weight`, ONE_STEP its --one-step-fraction; MLP_DIM / COND_DIM size the adapter (default 64 / 32).
 # PIXEL_WEIGHT keeps the image loss's share: the velocity loss grows as the start sigma shrinks (first-step
@@ -28,10 +31,11 @@ mkdir -p "$out"
 case $stage in
 base)
   se train base --clips "$clips" --holdout blackswan -o "$out/demo-model" --device cuda \
-    --vae-steps "${VAE_STEPS:-3000}" --crops "${CROPS:-8}" --unet-steps 20000 --unet-minutes "${UNET_MINUTES:-3.8}" --batch "${BATCH:-128}" \
+    --vae-steps "${VAE_STEPS:-3000}" --crops "${CROPS:-8}" --unet-steps "${UNET_STEPS:-20000}" --unet-minutes "${UNET_MINUTES:-3.8}" --batch "${BATCH:-128}" \
     --strength "${STRENGTH:-0.08}" --decoder-steps "${DECODER_STEPS:-1500}" --lr "${LR:-6e-4}" --seed "${SEED:-0}" \
     --pixel-weight "${BASE_PIXEL_WEIGHT:-0.5}" --one-step-fraction "${ONE_STEP:-0.75}" \
-    ${INIT_FROM:+--init-from "$INIT_FROM"} 2> "$out/base.log"
+    ${INIT_FROM:+--init-from "$INIT_FROM"} ${DECODER_CHANNELS:+--decoder-channels "$DECODER_CHANNELS"} \
+    ${DECODER_BLOCKS:+--decoder-blocks "$DECODER_BLOCKS"} ${JOINT_DECODER:+--joint-decoder} 2> "$out/base.log"
   tail -c 600 "$out/base.log" | tr '\r' '\n' | tail -3
   rm -rf /tmp/demo-model && cp -r "$out/demo-model" /tmp/demo-model  # for `adapter` on the same (warm) machine
   # files come back in pieces of at most 16 MiB

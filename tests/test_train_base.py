@@ -159,6 +159,95 @@ def test_train_base_new_unet_architecture_on_a_kept_vae(trained, clip_dir, tmp_p
         assert bad.exit_code != 0 and message in bad.output and "Traceback" not in bad.output, bad.output
 
 
+def test_train_base_new_decoder_on_a_kept_encoder(trained, clip_dir, tmp_path):
+    """--decoder-* with --init-from: a new decoder of that shape, fitted to the saved U-Net's outputs on the
+    saved encoder's latents (encoder, scale, U-Net and TE unchanged), better than the same decoder untrained."""
+    from streamedit.train.base import validate
+    from streamedit.train.data import validation_frames, with_targets
+    from streamedit.train.vae import new_decoder
+
+    _, first, _ = trained
+    out = tmp_path / "dec"
+    args = ["train", "base", "--clips", str(clip_dir), "--holdout", "held", "-o", str(out), "--device", "cpu",
+            "--size", "64", "--crops", "1", "--unet-steps", "0", "--vae-batch", "4", "--decoder-steps", "40",
+            "--init-from", str(first)]
+    result = CliRunner().invoke(cli, [*args, "--decoder-channels", "16", "--decoder-blocks", "3,1,1,0"])
+    assert result.exit_code == 0, result.output
+    before, after = load_models(str(first)), load_models(str(out))
+    assert tuple(after.vae.config.decoder_block_out_channels) == (16,) * 4
+    assert tuple(after.vae.config.num_decoder_blocks) == (3, 1, 1, 0)
+    assert after.vae.config.scaling_factor == before.vae.config.scaling_factor
+    for name, a, b in (("encoder", before.vae.encoder, after.vae.encoder), ("unet", before.unet, after.unet),
+                       ("text_encoder", before.text_encoder, after.text_encoder)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    report = json.loads((out / "train_report.json").read_text())
+    assert len([r for r in report["log"] if r["phase"] == "decoder"]) == 4  # fit + tune, first and last step each
+    cfg = BaseTrainConfig(init_from=str(first), decoder_channels=16, decoder_blocks=(3, 1, 1, 0), seed=0)
+    untrained = load_models(str(first))
+    untrained.vae, fit = new_decoder(untrained, cfg)
+    assert fit
+    _, held = split_clips(clip_dir, ["held"])
+    frames = validation_frames(held, 64)
+    targets = with_targets(frames, 1)
+    assert validate(after, frames, targets, 64)["mean_psnr"] > validate(untrained, frames, targets, 64)["mean_psnr"] + 1
+    for opt, value, message in (("--decoder-blocks", "2,2", "needs 4 values"), ("--decoder-blocks", "2,-1,2,0", ">= 0"),
+                                ("--decoder-steps", "0", "needs --decoder-steps")):
+        extra = [opt, value] if opt != "--decoder-steps" else ["--decoder-channels", "16", opt, value]
+        bad = CliRunner().invoke(cli, [*args, *extra])
+        assert bad.exit_code != 0 and message in bad.output and "Traceback" not in bad.output, bad.output
+
+
+def test_grown_decoder_decodes_exactly_as_before_and_trains_on(trained, clip_dir, tmp_path):
+    """--decoder-blocks adding blocks at the same width grows the saved decoder: the grown one decodes exactly as
+    the saved one (so no fitting stage), then the tuning changes it."""
+    from streamedit.train.vae import new_decoder
+
+    _, first, _ = trained
+    before = load_models(str(first))
+    assert tuple(before.vae.config.num_decoder_blocks) == (2, 2, 2, 0)
+    cfg = BaseTrainConfig(init_from=str(first), decoder_blocks=(4, 3, 2, 0), seed=0)
+    grown, fit = new_decoder(before, cfg)
+    assert not fit and sum(p.numel() for p in grown.decoder.parameters()) > sum(
+        p.numel() for p in before.vae.decoder.parameters())
+    z = torch.randn(2, 8, 8, 8) * 2
+    with torch.no_grad():
+        torch.testing.assert_close(grown.decode(z).sample, before.vae.decode(z).sample, rtol=0, atol=1e-6)
+    # a stage without blocks cannot grow exactly (its input is not a ReLU output): a new random decoder
+    assert new_decoder(before, BaseTrainConfig(init_from=str(first), decoder_blocks=(2, 2, 2, 1)))[1]
+    out = tmp_path / "grown"
+    result = CliRunner().invoke(cli, ["train", "base", "--clips", str(clip_dir), "--holdout", "held", "-o", str(out),
+                                      "--device", "cpu", "--size", "64", "--crops", "1", "--unet-steps", "0",
+                                      "--vae-batch", "2", "--decoder-steps", "3", "--init-from", str(first),
+                                      "--decoder-blocks", "4,3,2,0"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "train_report.json").read_text())
+    assert len([r for r in report["log"] if r["phase"] == "decoder"]) == 2 and report["seconds"]["decoder_fit"] == 0
+    after = load_models(str(out))
+    assert tuple(after.vae.config.num_decoder_blocks) == (4, 3, 2, 0)
+    with torch.no_grad():
+        assert not torch.allclose(after.vae.decode(z).sample, before.vae.decode(z).sample, atol=1e-3)
+
+
+def test_joint_decoder_trains_the_decoder_in_the_unet_steps(trained, clip_dir, tmp_path):
+    """--joint-decoder: the U-Net steps also move the decoder (no decoder stage here); the encoder stays."""
+    _, first, _ = trained
+    args = ["train", "base", "--clips", str(clip_dir), "--holdout", "held", "--device", "cpu", "--size", "64",
+            "--crops", "1", "--unet-steps", "3", "--batch", "4", "--decoder-steps", "0", "--init-from", str(first),
+            "--pixel-weight", "10"]
+    before = load_models(str(first))
+    moved = {}
+    for flag in (False, True):
+        out = tmp_path / f"joint-{flag}"
+        result = CliRunner().invoke(cli, [*args, "-o", str(out), *(["--joint-decoder"] if flag else [])])
+        assert result.exit_code == 0, result.output
+        after = load_models(str(out))
+        a, b = before.vae.state_dict(), after.vae.state_dict()
+        moved[flag] = {k for k in a if not torch.equal(a[k], b[k])}
+    assert not moved[False]
+    assert moved[True] and all(k.startswith("decoder.") for k in moved[True])
+
+
 def test_psnr_per_frame():
     a = np.zeros((2, 4, 4, 3), np.uint8)
     b = a.copy()

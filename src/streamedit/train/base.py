@@ -19,7 +19,8 @@ Recipe (GPU minutes, see docs/demo-model.md):
    point the runtime uses: start sigma ``strength`` (shifted as the runtime shifts it), where the sample
    is the runtime's first sample (``denoise.start_sample``: the source latent noised to that sigma) and
    ``x0 = x - sigma * v``; the rest is logit-normal sigma below it, on the target's own flow.
-   Part of the operating-point share also gets a pixel loss through the frozen decoder.
+   Part of the operating-point share also gets a pixel loss through the decoder (frozen, or with
+   ``--joint-decoder`` trained by it in the same steps).
    Why ``strength < 1`` (0.08 by default): the width-concat puts the clean source W latent columns
    away from the output, and a U-Net this small cannot route fine detail that far (at strength 1
    the first attempts stalled at 16 dB, docs/demo-model.md); the noised source puts it in place.
@@ -48,9 +49,16 @@ import click
 import numpy as np
 import torch
 
-from .common import autocast, image_loss, lr_at, step_and_log, to_pm1
-from .data import STYLE_NAMES, build_examples, split_clips, validation_frames, with_targets
+from .common import autocast, to_pm1
+from .data import (
+    STYLE_NAMES,
+    build_examples,
+    split_clips,
+    validation_frames,
+    with_targets,
+)
 from .unet import train_unet, tune_decoder
+from .vae import new_decoder, train_vae
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,7 @@ class BaseTrainConfig:
     latent_std: float = 2.0  # target std of the model-space latents (see _set_latent_scale)
     unet_minutes: float | None = None  # wall-clock budget: the step count is cut to fit after 50 steps
     pixel_weight: float = 0.5  # x L1 of the decoded operating-point samples (the velocity MSE grows as 1/strength^2)
+    joint_decoder: bool = False  # the decoder also trains on that pixel loss, in the U-Net's steps
     ema: float = 0.999
     decoder_steps: int = 1500  # decoder tuned on the U-Net's outputs (0: keep the VAE's own decoder)
     decoder_lr: float = 3e-4
@@ -83,25 +92,9 @@ class BaseTrainConfig:
     unet_channels: tuple[int, ...] | None = None  # block_out_channels, multiples of 32 (GroupNorm)
     unet_heads: tuple[int, ...] | None = None  # attention heads per block (attention_head_dim in the config)
     unet_layers: tuple[int, ...] | None = None  # transformer layers per block
-
-
-def train_vae(vae, images: torch.Tensor, cfg: BaseTrainConfig, log_rows: list, bar=None) -> None:
-    """``images``: (N,S,S,3) uint8 on the training device (sources and targets together)."""
-    device = images.device
-    gen = torch.Generator(device).manual_seed(cfg.seed)
-    params = list(vae.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=1e-4)
-    vae.train()
-    for step in range(cfg.vae_steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr)
-        x = to_pm1(images[torch.randint(len(images), (cfg.vae_batch,), device=device, generator=gen)])
-        with autocast(device):
-            z = vae.encode(x).latents
-            rec = vae.decode(z).sample
-        loss = image_loss(rec.float(), x) + 1e-3 * z.float().pow(2).mean()
-        step_and_log(opt, params, loss, log_rows, bar, "vae", step, cfg.vae_steps)
-    vae.eval().requires_grad_(False)
+    # a new VAE decoder (AutoencoderTiny: one width for all stages); with init_from, on its encoder
+    decoder_channels: int | None = None
+    decoder_blocks: tuple[int, ...] | None = None  # AutoencoderTinyBlocks per stage (demo: 2,2,2,0)
 
 
 @torch.no_grad()
@@ -190,6 +183,8 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
     train_clips, val_clips = split_clips(clips, holdout)
     models = _initial_models(cfg, device)  # before the minute of data building: a bad --init-from fails now
     models.unet = _new_unet(models, cfg) or models.unet  # so do bad --unet-* values
+    vae, fit_decoder = new_decoder(models, cfg)
+    models.vae = vae or models.vae
     if cfg.strength is None:
         cfg = replace(cfg, strength=default_strength(models) if cfg.init_from else BaseTrainConfig.strength)
     t0 = time.perf_counter()
@@ -200,7 +195,8 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
     src_t = torch.from_numpy(sources).to(device)
     tgt_t = torch.from_numpy(targets).to(device)
     rows: list[dict] = []
-    bar = tqdm(total=vae_steps + cfg.unet_steps + cfg.decoder_steps, unit="step", desc="train base",
+    fit_steps = cfg.decoder_steps if fit_decoder and cfg.init_from else 0
+    bar = tqdm(total=vae_steps + fit_steps + cfg.unet_steps + cfg.decoder_steps, unit="step", desc="train base",
                disable=not progress)
     t0 = time.perf_counter()
     if vae_steps:
@@ -210,13 +206,19 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
     data = precompute(models, sources, src_t, tgt_t, None if cfg.init_from else cfg.latent_std)
     models.extras["strength"] = cfg.strength  # the runtime's default for this model (validate() runs it)
     t_pre = time.perf_counter() - t0
+    t_fit = 0.0
+    if fit_steps:  # a random decoder is fitted to the current U-Net first: the pixel loss decodes with it
+        t0 = time.perf_counter()
+        tune_decoder(models, data, replace(cfg, decoder_lr=cfg.vae_lr), rows, bar)
+        t_fit = time.perf_counter() - t0
     t0 = time.perf_counter()
     models.unet = train_unet(models, data, cfg, rows, bar)
     t_unet = time.perf_counter() - t0
     report = {"config": asdict(cfg), "train_clips": [p.name for p in train_clips], "holdout": [p.name for p in val_clips],
               "examples": len(sources), "latent_std": float(data["z_src"].std()),
               "scaling_factor": models.vae.config.scaling_factor,
-              "seconds": {"data": t_data, "vae": t_vae, "precompute": t_pre, "unet": t_unet}, "log": rows}
+              "seconds": {"data": t_data, "vae": t_vae, "precompute": t_pre, "decoder_fit": t_fit, "unet": t_unet},
+              "log": rows}
     val = None
     if val_clips:
         frames = validation_frames(val_clips, cfg.size, cfg.max_frames)
@@ -297,15 +299,16 @@ def save_demo(models, out: str, size: int) -> None:
     Path(out, "streamedit.json").write_text(json.dumps(meta, indent=2))
 
 
-def _int_list(ctx, param, value):
+def _int_list(ctx, param, value, least: int = 1):
     if value is None:
         return None
     try:
         values = tuple(int(v) for v in value.split(","))
     except ValueError:
         values = ()
-    if not values or min(values) < 1:
-        raise click.BadParameter(f"expected positive integers separated by commas, got {value!r}")
+    if not values or min(values) < least:
+        kind = "positive integers" if least else "integers >= 0"
+        raise click.BadParameter(f"expected {kind} separated by commas, got {value!r}")
     return values
 
 
@@ -332,6 +335,8 @@ def _int_list(ctx, param, value):
                    "so a low --strength needs more to keep the image term's share.")
 @click.option("--one-step-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.75, show_default=True,
               help="Share of each batch at the runtime's 1-step operating point (the rest: lower sigmas).")
+@click.option("--joint-decoder", is_flag=True, help="Train the decoder together with the U-Net on the image loss "
+              "(--pixel-weight), not only after it.")
 @click.option("--decoder-steps", default=1500, show_default=True,
               help="Steps tuning the decoder on the U-Net's own outputs (0: skip).")
 @click.option("--unet-channels", callback=_int_list, help="U-Net block channels, e.g. 64,160,256. Any --unet-* option "
@@ -339,11 +344,16 @@ def _int_list(ctx, param, value):
               "whose VAE and TE are kept).")
 @click.option("--unet-heads", callback=_int_list, help="Attention heads per U-Net block (demo: 1,2,3).")
 @click.option("--unet-layers", callback=_int_list, help="Transformer layers per U-Net block (demo: 1,1,2).")
+@click.option("--decoder-channels", type=click.IntRange(min=8), default=None,
+              help="Width of a new VAE decoder (all stages). Either --decoder-* option trains a new decoder; with "
+                   "--init-from, on that model's encoder: fitted to its U-Net first, then tuned as usual.")
+@click.option("--decoder-blocks", callback=lambda c, p, v: _int_list(c, p, v, least=0),
+              help="Blocks per stage of a new VAE decoder (demo: 2,2,2,0; low-resolution stages are cheap).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default=None, help="cuda (default when available) or cpu.")
 def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, unet_steps, batch, vae_batch, lr, strength,
-                 unet_minutes, pixel_weight, one_step_fraction, decoder_steps, unet_channels, unet_heads, unet_layers, seed,
-                 init_from, device):
+                 unet_minutes, pixel_weight, one_step_fraction, joint_decoder, decoder_steps, unet_channels, unet_heads,
+                 unet_layers, decoder_channels, decoder_blocks, seed, init_from, device):
     """Train the small demo edit model to imitate the built-in filters; writes a model folder."""
     from ..cli import resolve_device
 
@@ -351,8 +361,9 @@ def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, une
     cfg = BaseTrainConfig(size=size, crops_per_frame=crops, max_frames=max_frames, vae_steps=vae_steps,
                           unet_steps=unet_steps, unet_batch=batch, vae_batch=vae_batch, unet_lr=lr, strength=strength,
                           unet_minutes=unet_minutes, pixel_weight=pixel_weight, one_step_fraction=one_step_fraction,
-                          decoder_steps=decoder_steps, seed=seed, init_from=init_from, unet_channels=unet_channels,
-                          unet_heads=unet_heads, unet_layers=unet_layers)
+                          joint_decoder=joint_decoder, decoder_steps=decoder_steps, seed=seed, init_from=init_from, unet_channels=unet_channels,
+                          unet_heads=unet_heads, unet_layers=unet_layers, decoder_channels=decoder_channels,
+                          decoder_blocks=decoder_blocks)
     report = train_base(clips, output, list(holdout), cfg, device)
     secs = report["seconds"]
     click.echo(f"trained on {report['examples']} crops in {secs['total']:.0f} s -> {output}")

@@ -8,7 +8,8 @@ once into a CUDA graph and replayed (132 ms at batch 128), so small batches get 
 steps of batch 512 in the same minutes. It follows PyTorch's whole-network capture: the random draws fill static buffers outside the graph, gradients and optimizer state exist
 before the capture, and the learning rate is a tensor. Instructions tokenize to different lengths, so
 there is one graph per instruction; they share one memory pool (they replay one at a time, on one
-stream, and keep nothing but their loss). Graphed and eager steps compute the same thing
+stream, and keep nothing but their loss). With ``--joint-decoder`` the decoder's parameters join the same
+optimizer and graph, trained by the pixel loss. Graphed and eager steps compute the same thing
 (``scripts/gpu_train_check.py`` compares them on the GPU).
 """
 
@@ -43,6 +44,9 @@ class UNetStep:
         self.logits = torch.zeros(bsz, device=device)
         self.time_ids = torch.tensor([[cfg.size, cfg.size]], device=device, dtype=torch.float32).expand(bsz, -1)
         self.params = list(self.unet.parameters())
+        if cfg.joint_decoder and cfg.pixel_weight:  # the decoder learns from the same pixel loss, in the same step
+            self.vae.decoder.train().requires_grad_(True)
+            self.params += list(self.vae.decoder.parameters())
         for p in self.params:
             p.grad = torch.zeros_like(p)  # static gradients: every graph writes into the same tensors
         cuda = device.type == "cuda"
@@ -125,7 +129,7 @@ def train_unet(models, data: dict, cfg, log_rows: list, bar=None, graph: bool | 
     models.unet.train().requires_grad_(True)
     start, t_start = (float(v[0]) for v in sigma_schedule(models, cfg.size, [cfg.strength]))
     step_fn = UNetStep(models, data, cfg, start, t_start)
-    ema_params = list(ema.parameters())
+    ema_params = list(ema.parameters())  # the U-Net's: a jointly trained decoder is kept as trained (LR -> 0)
     warmup = 2 * n_styles if graph else 0
     side = torch.cuda.Stream(device) if warmup else None
     total, step, t0 = cfg.unet_steps, 0, time.perf_counter()
@@ -159,7 +163,7 @@ def train_unet(models, data: dict, cfg, log_rows: list, bar=None, graph: bool | 
             loss = step_fn.eager(style)
         with torch.no_grad():
             decay = min(cfg.ema, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema_params, step_fn.params, 1 - decay)
+            torch._foreach_lerp_(ema_params, step_fn.params[:len(ema_params)], 1 - decay)
         if step % 100 == 0 or step == total - 1:  # .item() syncs: only now and then
             log_rows.append({"phase": "unet", "step": step, "loss": loss.item(), "graphed": bool(graph),
                              "s": round(time.perf_counter() - t0, 2)})
@@ -169,6 +173,7 @@ def train_unet(models, data: dict, cfg, log_rows: list, bar=None, graph: bool | 
             bar.update(1)
         step += 1
     models.unet.eval().requires_grad_(False)
+    models.vae.eval().requires_grad_(False)
     for p in step_fn.params:
         p.grad = None
     return ema.eval()
