@@ -1,6 +1,7 @@
 """GPU checks for `train base` and the engine's stream priority (run on the device before a training run).
 
-1. a graphed U-Net training step computes what the eager one does (tests/test_train_base.py's CUDA test);
+1. a graphed U-Net training step computes what the eager one does, also with --joint-decoder
+   (tests/test_train_base.py's CUDA test);
 2. eager vs graphed step time at the demo size (random:demo, batches 128 and 512, 256²);
 3. the engine's outputs with ``main_priority`` equal those without (random:demo, bf16, fixed noise).
 
@@ -78,8 +79,9 @@ def main():
 
     result = {"device": torch.cuda.get_device_name()}
     t0 = time.perf_counter()
-    test_train_base.test_graphed_unet_step_equals_the_eager_step()
-    result["graphed_equals_eager"] = {"passed": True, "s": time.perf_counter() - t0}
+    for joint in (False, True):
+        test_train_base.test_graphed_unet_step_equals_the_eager_step(joint)
+    result["graphed_equals_eager"] = {"passed": True, "joint_decoder_too": True, "s": time.perf_counter() - t0}
     result["priority"] = priority_equal()
     for batch in (128, 512):
         result[f"step_b{batch}"] = step_times(batch)

@@ -352,14 +352,16 @@ def test_train_base_cli_checks_the_loss_options(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graphed_unet_step_equals_the_eager_step():
+@pytest.mark.parametrize("joint_decoder", [False, True])
+def test_graphed_unet_step_equals_the_eager_step(joint_decoder):
     """From the same weights, optimizer state and draws, a replayed step computes what the eager step does
-    (scripts/gpu_train_check.py runs this on the GPU). bf16 kernels are not bitwise reproducible, so the
-    loss, gradients and weight update are compared to a tolerance far below what one step changes."""
+    (scripts/gpu_train_check.py runs this on the GPU), also with the decoder trained in the same step.
+    bf16 kernels are not bitwise reproducible, so the loss, gradients and weight update are compared to a
+    tolerance far below what one step changes."""
     from streamedit.train.unet import UNetStep
 
     models, data = _tiny_training_data("cuda", n=16)
-    cfg = BaseTrainConfig(size=32, unet_batch=8, pixel_batch=2, strength=0.15)
+    cfg = BaseTrainConfig(size=32, unet_batch=8, pixel_batch=2, strength=0.15, joint_decoder=joint_decoder)
     models.unet.train().requires_grad_(True)
     step = UNetStep(models, data, cfg, 0.2, 200.0)
     gen = torch.Generator("cuda").manual_seed(0)
@@ -384,6 +386,8 @@ def test_graphed_unet_step_equals_the_eager_step():
                             torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(step.params, start)]))
     (loss_e, grad_e, move_e), (loss_g, grad_g, move_g) = results[False], results[True]
     assert step.graphs and move_e.norm() > 0
+    assert len(step.params) == len(list(models.unet.parameters())) + joint_decoder * len(
+        list(models.vae.decoder.parameters()))
     torch.testing.assert_close(loss_g, loss_e, rtol=1e-3, atol=0)
     assert (grad_g - grad_e).norm() < 1e-2 * grad_e.norm()
     assert (move_g - move_e).norm() < 5e-2 * move_e.norm()
