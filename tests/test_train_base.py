@@ -349,6 +349,9 @@ def test_train_base_cli_checks_the_loss_options(tmp_path):
         result = CliRunner().invoke(cli, ["train", "base", "--clips", str(tmp_path), "-o", str(tmp_path / "o"),
                                           opt, value, "--device", "cpu"])
         assert result.exit_code == 2 and opt in result.output, result.output
+    result = CliRunner().invoke(cli, ["train", "base", "--clips", str(tmp_path), "-o", str(tmp_path / "o"),
+                                      "--joint-decoder", "--pixel-weight", "0", "--device", "cpu"])
+    assert result.exit_code == 2 and "needs --pixel-weight > 0" in result.output, result.output
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

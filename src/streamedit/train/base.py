@@ -345,8 +345,9 @@ def _int_list(ctx, param, value, least: int = 1):
 @click.option("--unet-heads", callback=_int_list, help="Attention heads per U-Net block (demo: 1,2,3).")
 @click.option("--unet-layers", callback=_int_list, help="Transformer layers per U-Net block (demo: 1,1,2).")
 @click.option("--decoder-channels", type=click.IntRange(min=8), default=None,
-              help="Width of a new VAE decoder (all stages). Either --decoder-* option trains a new decoder; with "
-                   "--init-from, on that model's encoder: fitted to its U-Net first, then tuned as usual.")
+              help="Width of a new VAE decoder (all stages). Either --decoder-* option gives a new decoder, on the "
+                   "--init-from model's encoder: blocks added at the same width grow its decoder exactly, anything "
+                   "else starts a random one, fitted to its U-Net first; then tuned as usual.")
 @click.option("--decoder-blocks", callback=lambda c, p, v: _int_list(c, p, v, least=0),
               help="Blocks per stage of a new VAE decoder (demo: 2,2,2,0; low-resolution stages are cheap).")
 @click.option("--seed", default=0, show_default=True)
@@ -357,6 +358,8 @@ def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, une
     """Train the small demo edit model to imitate the built-in filters; writes a model folder."""
     from ..cli import resolve_device
 
+    if joint_decoder and not pixel_weight:
+        raise click.UsageError("--joint-decoder trains the decoder on the image loss: it needs --pixel-weight > 0")
     device, _ = resolve_device(device, None)
     cfg = BaseTrainConfig(size=size, crops_per_frame=crops, max_frames=max_frames, vae_steps=vae_steps,
                           unet_steps=unet_steps, unet_batch=batch, vae_batch=vae_batch, unet_lr=lr, strength=strength,
