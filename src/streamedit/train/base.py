@@ -50,13 +50,7 @@ import numpy as np
 import torch
 
 from .common import autocast, to_pm1
-from .data import (
-    STYLE_NAMES,
-    build_examples,
-    split_clips,
-    validation_frames,
-    with_targets,
-)
+from .data import STYLE_NAMES, build_examples, split_clips, validation_frames, with_targets
 from .unet import train_unet, tune_decoder
 from .vae import new_decoder, train_vae
 
@@ -195,7 +189,7 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
     src_t = torch.from_numpy(sources).to(device)
     tgt_t = torch.from_numpy(targets).to(device)
     rows: list[dict] = []
-    fit_steps = cfg.decoder_steps if fit_decoder and cfg.init_from else 0
+    fit_steps = cfg.decoder_steps if fit_decoder else 0
     bar = tqdm(total=vae_steps + fit_steps + cfg.unet_steps + cfg.decoder_steps, unit="step", desc="train base",
                disable=not progress)
     t0 = time.perf_counter()
@@ -364,9 +358,9 @@ def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, une
     cfg = BaseTrainConfig(size=size, crops_per_frame=crops, max_frames=max_frames, vae_steps=vae_steps,
                           unet_steps=unet_steps, unet_batch=batch, vae_batch=vae_batch, unet_lr=lr, strength=strength,
                           unet_minutes=unet_minutes, pixel_weight=pixel_weight, one_step_fraction=one_step_fraction,
-                          joint_decoder=joint_decoder, decoder_steps=decoder_steps, seed=seed, init_from=init_from, unet_channels=unet_channels,
-                          unet_heads=unet_heads, unet_layers=unet_layers, decoder_channels=decoder_channels,
-                          decoder_blocks=decoder_blocks)
+                          joint_decoder=joint_decoder, decoder_steps=decoder_steps, seed=seed, init_from=init_from,
+                          unet_channels=unet_channels, unet_heads=unet_heads, unet_layers=unet_layers,
+                          decoder_channels=decoder_channels, decoder_blocks=decoder_blocks)
     report = train_base(clips, output, list(holdout), cfg, device)
     secs = report["seconds"]
     click.echo(f"trained on {report['examples']} crops in {secs['total']:.0f} s -> {output}")

@@ -129,7 +129,8 @@ def train_unet(models, data: dict, cfg, log_rows: list, bar=None, graph: bool | 
     models.unet.train().requires_grad_(True)
     start, t_start = (float(v[0]) for v in sigma_schedule(models, cfg.size, [cfg.strength]))
     step_fn = UNetStep(models, data, cfg, start, t_start)
-    ema_params = list(ema.parameters())  # the U-Net's: a jointly trained decoder is kept as trained (LR -> 0)
+    # the U-Net's only: a jointly trained decoder is kept as trained (its LR ends at 0)
+    ema_params, unet_params = list(ema.parameters()), list(models.unet.parameters())
     warmup = 2 * n_styles if graph else 0
     side = torch.cuda.Stream(device) if warmup else None
     total, step, t0 = cfg.unet_steps, 0, time.perf_counter()
@@ -163,7 +164,7 @@ def train_unet(models, data: dict, cfg, log_rows: list, bar=None, graph: bool | 
             loss = step_fn.eager(style)
         with torch.no_grad():
             decay = min(cfg.ema, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema_params, step_fn.params[:len(ema_params)], 1 - decay)
+            torch._foreach_lerp_(ema_params, unet_params, 1 - decay)
         if step % 100 == 0 or step == total - 1:  # .item() syncs: only now and then
             log_rows.append({"phase": "unet", "step": step, "loss": loss.item(), "graphed": bool(graph),
                              "s": round(time.perf_counter() - t0, 2)})

@@ -57,9 +57,10 @@ def _grow(old, new, old_blocks, new_blocks) -> None:
 
 def new_decoder(models, cfg):
     """With ``--decoder-channels``/``--decoder-blocks``: (the VAE with a new decoder of that shape, whether it
-    needs fitting) - grown from the ``init_from`` model's decoder where that is exact (same width, only blocks
-    added, each stage that gains blocks having one), else random; the encoder's weights and the scaling factor
-    are kept. Without either option: (None, False)."""
+    needs fitting to the ``init_from`` model's U-Net) - grown from that model's decoder where that is exact (same
+    width, only blocks added, each stage that gains blocks having one), else random; the encoder's weights and the
+    scaling factor are kept. A fresh run (no ``init_from``) trains the whole VAE anyway: nothing to fit.
+    Without either option: (None, False)."""
     from ..errors import StreameditError
 
     config = models.vae.config
@@ -85,4 +86,4 @@ def new_decoder(models, cfg):
              and all(now >= was and (was or not now) for was, now in zip(old_blocks, blocks)))
     if grows:
         _grow(models.vae, vae, old_blocks, blocks)
-    return vae.eval().requires_grad_(False), not grows
+    return vae.eval().requires_grad_(False), bool(cfg.init_from) and not grows
