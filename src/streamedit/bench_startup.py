@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .errors import StreameditError
 
 LAUNCH_TIMEOUT_S = 1800
@@ -39,8 +41,8 @@ def measure_startup(model: str, revision, device: str, dtype: str, config, launc
     try:
         for name in launches:
             t0 = time.time()
-            proc = subprocess.run([sys.executable, "-m", "streamedit.bench_startup",
-                                   json.dumps({**spec, "t_launch": t0}, default=str)],
+            probe = {**spec, "t_launch": t0, "first_frame": str(Path(root) / f"{name}.npy")}
+            proc = subprocess.run([sys.executable, "-m", "streamedit.bench_startup", json.dumps(probe, default=str)],
                                   env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
             lines = proc.stdout.strip().splitlines()
             if proc.returncode or not lines:
@@ -48,7 +50,10 @@ def measure_startup(model: str, revision, device: str, dtype: str, config, launc
                 raise StreameditError(f"startup probe ({name} launch) failed: {err}")
             out[name] = json.loads(lines[-1])
             out[f"{name}_s"] = out[name]["first_frame_s"]
-        out["cache_mib"] = sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file()) / 2**20
+        frames = [np.load(Path(root) / f"{name}.npy") for name in launches]
+        # the launches' first frames, in 8-bit levels (0: bit-identical)
+        out["first_frame_max_diff"] = max(int(np.abs(f.astype(np.int16) - frames[0]).max()) for f in frames)
+        out["cache_mib"] = sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file() and p.suffix != ".npy") / 2**20
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return out
@@ -57,6 +62,8 @@ def measure_startup(model: str, revision, device: str, dtype: str, config, launc
 def _probe(spec: dict) -> dict:
     t0 = spec["t_launch"]
     import torch  # noqa: F401  (import time is part of the startup)
+
+    t_torch = time.time() - t0
 
     from . import compile_cache
     from .bench_run import bench_frames
@@ -71,14 +78,25 @@ def _probe(spec: dict) -> dict:
     t_engine = time.time() - t0
     frames = bench_frames(None, config.size, config.batch_size)
     outputs = engine.run(frames)
-    next(outputs)
+    first = next(outputs)
     t_first = time.time() - t0
+    np.save(spec["first_frame"], first)
     for _ in outputs:  # the rest of the batch (and the engine's save of the compile artifacts)
         pass
     engine.close()
-    return {"import_s": t_import, "load_s": t_load, "engine_s": t_engine, "first_frame_s": t_first,
+    return {"torch_import_s": t_torch, "import_s": t_import, "load_s": t_load, "engine_s": t_engine, "first_frame_s": t_first,
             "total_s": time.time() - t0, "cache": compile_cache.cache_stats(),
+            "compile_phases_s": _compile_phases(),
+            "precompiled": dict(compile_cache.STATS),
             "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "device": _device_name(models.device)}
+
+
+def _compile_phases() -> dict:
+    """Seconds this process spent per torch.compile phase (dynamo's own aggregate timers)."""
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    return {n: float(v) for n, v in zip(names, values)}
 
 
 def _device_name(device) -> str:

@@ -14,6 +14,11 @@
   the same key loads it before compiling. The local cache alone already gives warm starts on
   this machine; the file is what can be copied to another one (same torch, same GPU model).
 
+* :class:`Precompiled` (engine ``precompile=True``, the default, with inductor or aot_eager): the
+  engine's compiled functions are saved whole, dynamo's output included, under
+  ``$STREAMEDIT_CACHE_DIR/precompiled``; the next launch loads them without tracing any Python
+  and the mega-cache is not used.
+
 Nothing here changes results: a cache hit gives the same generated code as a fresh compile.
 """
 
@@ -120,3 +125,168 @@ def cache_stats() -> dict:
 
     return {k: int(v) for k, v in {**counters["inductor"], **counters["aot_autograd"]}.items()
             if "cache" in k and ("hit" in k or "miss" in k)}
+
+
+# ---------------------------------------------------------------------------------------- precompile
+STATS: dict[str, int] = {"loaded": 0, "compiled": 0, "fallback": 0, "stale": 0}
+PRECOMPILE_BACKENDS = ("inductor", "aot_eager")  # backends whose output aot_compile can serialise
+
+
+def compiled(method, mode: str | None, backend: str, key: str | None, name: str, variant=None, **options):
+    """A :class:`Precompiled` ``method`` when ``key`` is given and ``backend`` can be serialised, else
+    ``torch.compile(method, **options)`` (inductor's own caches only)."""
+    if key is not None and backend in PRECOMPILE_BACKENDS and hasattr(torch.compiler, "load_compiled_function"):
+        return Precompiled(method, key, name, mode, backend, variant, **options)
+    from .graphs import compile_fn
+
+    return compile_fn(method, mode, backend, **options)
+
+
+# guards dynamo cannot write to disk (torch._dynamo.guards.CheckFunctionManager lists the same)
+UNSERIALISABLE_GUARDS = frozenset(("DICT_VERSION", "NN_MODULE", "ID_MATCH", "FUNCTION_MATCH", "CLASS_MATCH",
+                                   "MODULE_MATCH", "CLOSURE_MATCH", "WEAKREF_ALIVE"))
+
+
+def serialisable_guards(entries) -> list[bool]:
+    """Keep every guard that can be saved: tensor metadata, Python constants, types, global state.
+
+    Dropped: guards on globals and identity guards (which code object a decorator wraps, which
+    attention processor class a module calls). Identity is not stable across processes; what they
+    protect against is the code changing, which the artifact's source checksums catch instead.
+    """
+    return [not (g.is_global or g.guard_type in UNSERIALISABLE_GUARDS
+                 or UNSERIALISABLE_GUARDS.intersection(g.derived_guard_types)) for g in entries]
+
+
+def _source_sums(modules) -> dict[str, str]:
+    """sha256 of each module's current source (empty when a module is gone or has no source file)."""
+    import importlib
+    import inspect
+
+    sums = {}
+    for name in sorted(modules):
+        try:
+            sums[name] = hashlib.sha256(inspect.getsource(importlib.import_module(name)).encode()).hexdigest()
+        except (ImportError, OSError, TypeError):
+            sums[name] = ""
+    return sums
+
+
+class Precompiled:
+    """A bound method compiled whole for its first call's inputs and kept on disk between launches.
+
+    ``torch.compile(fullgraph=True, dynamic=False).aot_compile`` packs dynamo's output (the rewritten
+    bytecode and its guards) with inductor's code, so a later process loads the function without
+    tracing the Python again: tracing the TE and the U-Net + decode was 26 s of a 70 s warm start on
+    the H100 (docs/benchmarks.md). Parameters, buffers and tensor attributes stay inputs read from
+    the object at every call, so weights and in-place constants (the adapter's cond rows) are live.
+
+    One artifact per input signature (shapes, dtypes and ``variant()``: Python values the graph
+    specialises on) in ``root()/precompiled/<key>-<name>-<signature>.bin``, with a ``.json`` beside
+    it that holds the sha256 of every source module dynamo traced: when one changed (an upgraded
+    diffusers, an edited streamedit) the artifact is stale and is compiled again. Anything that
+    goes wrong (a torch without ``aot_compile``, a graph break, something that does not serialise, a
+    guard that fails) falls back to plain ``torch.compile`` with a warning: the same code, traced.
+    """
+
+    def __init__(self, method, key: str, name: str, mode: str | None, backend: str = "inductor", variant=None,
+                 **options):
+        self.owner, self.func = method.__self__, method.__func__
+        self.method, self.key, self.name, self.mode, self.backend = method, key, name, mode, backend
+        self.variant = variant or (lambda: ())
+        self.options = options  # for the fallback; aot_compile always traces the whole function
+        self._fns: dict = {}  # signature -> callable(*args)
+        self._plain = None
+        self.sources: list[str] = []  # how each signature was served: "loaded" | "compiled" | "fallback"
+
+    def __reduce__(self):
+        # dynamo pickles the traced method's ``self`` with its guards; when this callable hangs off
+        # that object (the Denoiser holds its compiled functions) it stands there as a name only
+        return (str, (f"<precompiled {self.name}>",))
+
+    def __call__(self, *args):
+        sig = (tuple((tuple(a.shape), str(a.dtype), str(a.device)) for a in args), self.variant())
+        fn = self._fns.get(sig)
+        if fn is None:
+            fn = self._fns[sig] = self._prepare(args, sig)
+        try:
+            return fn(*args)
+        except RuntimeError as exc:  # a Python value the artifact was specialised on has changed
+            if "GuardManager check failed" not in str(exc):
+                raise
+            fn = self._fns[sig] = self._fallback(f"precompiled {self.name} no longer fits: {exc}")
+            return fn(*args)
+
+    def _path(self, sig) -> Path:
+        digest = hashlib.sha256(repr(sig).encode()).hexdigest()[:16]
+        return root() / "precompiled" / f"{self.key}-{self.name}-{digest}.bin"
+
+    def _aot_compiler(self):
+        """torch.compile of the whole method that keeps only guards that can be written to disk."""
+        from torch._inductor import list_mode_options
+
+        # torch.compile takes a mode or options, not both: the mode's inductor options + the filter
+        options = dict(list_mode_options(self.mode) if self.backend == "inductor" and self.mode else {})
+        options["guard_filter_fn"] = serialisable_guards
+        with torch._dynamo.config.patch(enable_aot_compile=True):  # torch 2.11 attaches .aot_compile only then
+            return torch.compile(self.method, backend=self.backend, options=options, fullgraph=True, dynamic=False)
+
+    def _torch_compile(self):
+        from .graphs import compile_fn
+
+        return compile_fn(self.method, self.mode, self.backend, **self.options)
+
+    def _prepare(self, args, sig):
+        path = self._path(sig)
+        fn = self._load(path, args)
+        if fn is not None:
+            return self._served("loaded", fn)
+        try:
+            aot = self._aot_compiler().aot_compile((args, {}))
+        except Exception as exc:  # noqa: BLE001  (graph break, backend without serialisation, old torch)
+            return self._fallback(f"cannot precompile {self.name}: {exc}")
+        self._save(aot, path)
+        return self._served("compiled", lambda *a: aot(self.owner, *a))
+
+    def _load(self, path: Path, args):
+        meta = path.with_suffix(".json")
+        if not (path.is_file() and meta.is_file()):
+            return None
+        try:
+            sums = json.loads(meta.read_text())["sources"]
+            if _source_sums(sums) != sums:
+                STATS["stale"] += 1
+                log.info("precompiled %s is stale (its source changed): compiling again", path.name)
+                return None
+            with path.open("rb") as f:
+                aot = torch.compiler.load_compiled_function(f, f_globals=self.func.__globals__)
+            if not aot.guard_check(self.owner, *args):
+                log.info("precompiled %s does not fit these inputs: compiling again", path.name)
+                return None
+        except Exception as exc:  # noqa: BLE001  (a cache must never stop the engine)
+            log.warning("ignoring precompiled %s: %s", path.name, exc)
+            return None
+        return lambda *a: aot(self.owner, *a)
+
+    def _save(self, aot, path: Path) -> None:
+        try:
+            modules = {s.module for s in aot.source_info().inlined_sources}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            aot.save_compiled_function(str(tmp))
+            tmp.replace(path)
+            tmp.write_text(json.dumps({"name": self.name, "torch": torch.__version__, "sources": _source_sums(modules)}))
+            tmp.replace(path.with_suffix(".json"))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not save precompiled %s: %s", self.name, exc)
+
+    def _fallback(self, why: str):
+        log.warning("%s; using torch.compile", why)
+        if self._plain is None:
+            self._plain = self._torch_compile()
+        return self._served("fallback", self._plain)
+
+    def _served(self, how: str, fn):
+        STATS[how] += 1
+        self.sources.append(how)
+        return fn

@@ -13,9 +13,12 @@ source latent noised to the first sigma, :func:`start_sample`, instead of pure n
 
 :meth:`Denoiser.compile` (engine ``compile``/``compile_vae``): the main stream's whole work for a
 batch, U-Net x steps + VAE decode + uint8 conversion, becomes ONE compiled function
-(:meth:`Denoiser.generate`; ``mode="reduce-overhead"``: one cudagraph-trees CUDA graph), and the
-side stream's VAE encode (uint8 -> [-1, 1] -> encoder) is compiled without cudagraph trees and
-captured by :class:`streamedit.graphs.StaticGraph`, which replays on the side stream. The VAE
+(:meth:`Denoiser.generate`), and so does the side stream's VAE encode (uint8 -> [-1, 1] -> encoder).
+With a CUDA-graph mode (``reduce-overhead``) both are compiled without cudagraph trees and each is
+captured by :class:`streamedit.graphs.StaticGraph` into one CUDA graph that replays on the stream
+that calls it (on the H100 the main stream's graph took 55 ms beside the TE, against 58 ms as a
+cudagraph tree; docs/benchmarks.md). With a cache key both are saved whole
+(:class:`streamedit.compile_cache.Precompiled`) and the next process loads them untraced. The VAE
 runs as a channels_last copy (shared per model, so the eager path and other engines keep the
 original): TAESD is all convolutions, and the decoder's NHWC output is the uint8 frame layout.
 The LLLite adapter's cond buffers are module buffers updated in place, so the compiled U-Net
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.dreamlite.pipeline_dreamlite_mobile import calculate_shift
 
+from .compile_cache import compiled
 from .graphs import StaticGraph, compile_fn, inductor_mode, wants_graph
 
 
@@ -135,21 +139,28 @@ class Denoiser:
         return self._encode_fn(frames_u8)
 
     def compile(self, mode: str | None, backend: str = "inductor", unet: bool = True, vae: bool = True,
-                channels_last: bool = True) -> "Denoiser":
-        """Compile the U-Net and/or the VAE (see the module docstring). Both: one fused function."""
+                channels_last: bool = True, cache_key: str | None = None) -> "Denoiser":
+        """Compile the U-Net and/or the VAE (see the module docstring). Both: one fused function.
+
+        With both and a CUDA-graph mode, the fused function is compiled without cudagraph trees and
+        captured by :class:`StaticGraph`, like the VAE encode: ``cache_key`` then saves both whole
+        (:class:`compile_cache.Precompiled`), so the next process loads them without tracing.
+        """
         if vae and channels_last:
             self.vae = channels_last_vae(self.models)
         for t in (self.timesteps, self.time_ids, *self.dts):  # constant inputs: no copy into the graph
             torch._dynamo.mark_static_address(t)
+        graph = wants_graph(mode, self.models.device)
+        whole = inductor_mode(mode) if graph else mode
         if unet and vae:
-            self.fused = compile_fn(self.generate, mode, backend)
+            fused = compiled(self.generate, whole, backend, cache_key, "main")
+            self.fused = StaticGraph(fused, self.models.device) if graph else fused
         elif unet:
             self.unet = compile_fn(self.unet, mode, backend)
         elif vae:
             self.decode_fn = compile_fn(self._decode_target, mode, backend)
         if vae:
-            graph = wants_graph(mode, self.models.device)
-            self._encode_fn = compile_fn(self._encode_target, inductor_mode(mode) if graph else mode, backend)
+            self._encode_fn = compiled(self._encode_target, whole, backend, cache_key, "encode")
             if graph:
                 self._encode_graph = StaticGraph(self._encode_fn, self.models.device)
         return self

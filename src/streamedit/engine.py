@@ -79,19 +79,22 @@ class StreamEngine:
         self.models, self.config = models, config
         self.device = models.device
         self.cuda = self.device.type == "cuda"
-        self._cache_key = None
+        self._cache_key = precompile_key = None
         if config.compile or config.vae_compiled:
             from . import compile_cache
 
             compile_cache.setup()
             key = compile_cache.artifact_key(models, config)
-            self._cache_key = None if compile_cache.load_artifacts(key) else key  # saved after batch 1
+            if config.precompile and config.compile_backend in compile_cache.PRECOMPILE_BACKENDS:
+                precompile_key = key  # whole functions on disk: inductor's mega-cache is not needed
+            elif not compile_cache.load_artifacts(key):
+                self._cache_key = key  # saved after batch 1
         if config.te_fast:
             from .te_fast import FastTextEncoderRunner
 
             self.te = FastTextEncoderRunner(models, config.batch_size, fp8=config.te_fp8)
             if config.compile:
-                self.te.compile(config.compile_mode, backend=config.compile_backend)
+                self.te.compile(config.compile_mode, backend=config.compile_backend, cache_key=precompile_key)
         else:
             self.te = TextEncoderRunner(models)
         self.adapter = attach_adapter(models, config)  # patches the U-Net: before compiling it
@@ -105,7 +108,8 @@ class StreamEngine:
         self.denoiser = Denoiser(models, config.steps, config.size, strength=model_strength(models, config))
         if config.compile or config.vae_compiled:
             self.denoiser.compile(config.compile_mode, config.compile_backend, unet=config.compile,
-                                  vae=config.vae_compiled, channels_last=config.channels_last)
+                                  vae=config.vae_compiled, channels_last=config.channels_last,
+                                  cache_key=precompile_key)
         self.main_stream = None
         if self.cuda:  # the main stream is the critical path: at high priority the TE fills its gaps
             self.main_stream = (torch.cuda.Stream(self.device, priority=-100) if config.main_priority
@@ -345,8 +349,6 @@ class StreamEngine:
             self.temporal.apply(batch.plan, batch.device_frames, timings)
         ev["unet0"] = self._event(self.main_stream)
         if self.denoiser.fused is not None:  # U-Net x steps + decode + uint8: one compiled graph
-            if self.cuda and self.config.compile_backend == "inductor":
-                torch.compiler.cudagraph_mark_step_begin()  # the previous batch's outputs are done with
             images = self.denoiser.fused(noise, source, embeds)
         else:
             latents = self.denoiser.denoise(noise, source, embeds)

@@ -37,6 +37,7 @@ class EngineConfig:
     compile_mode: str = "reduce-overhead"
     compile_backend: str = "inductor"  # e.g. "aot_eager" to trace without code generation (tests)
     channels_last: bool = True  # the compiled VAE runs a channels_last copy
+    precompile: bool = True  # save compiled functions whole; a later launch loads them untraced (compile_cache)
     profile: bool = False  # per-component CUDA-event timings in `engine.batch_log`
     prefetch: int = 2  # batches prepared ahead on the host
     low_latency: bool = False  # schedule: hand a batch out as soon as it is done (engine.run)

@@ -1,10 +1,12 @@
 """Compile helpers shared by the TE, the VAE and the denoiser: modes, and CUDA graphs on any stream.
 
 torch.compile's own CUDA graphs (``mode="reduce-overhead"``, cudagraph trees) keep one memory pool
-and one generation counter per device and assume the graphs replay on one stream. The engine's main
-stream uses them (U-Net + VAE decode); work on the side stream (the fast TE, the VAE encode) is
-compiled *without* them (:func:`inductor_mode`) and captured here instead, by :class:`StaticGraph`,
-into a plain ``torch.cuda.CUDAGraph`` that replays on whatever stream is current at the call.
+and one generation counter per device and assume the graphs replay on one stream. The engine's
+compiled functions (the fast TE and the VAE encode on the side stream, U-Net + VAE decode on the
+main one) are compiled *without* them (:func:`inductor_mode`) and captured here instead, by
+:class:`StaticGraph`, into a plain ``torch.cuda.CUDAGraph`` that replays on whatever stream is
+current at the call. Only the paper's recipe (U-Net compiled alone, the ``reference`` bench row)
+still uses cudagraph trees.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class StaticGraph:
         self.captures = 0
         self._sig = self._graph = self._out = None
         self._inputs: list[torch.Tensor] = []
+
+    def __reduce__(self):  # pickled as its name only (see compile_cache.Precompiled.__reduce__)
+        return (str, ("<StaticGraph>",))
 
     def __call__(self, *inputs: torch.Tensor, key=()):
         sig = (tuple((tuple(x.shape), x.dtype) for x in inputs), key)

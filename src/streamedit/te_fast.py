@@ -39,7 +39,8 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
 from .fp8 import Fp8Linear, with_fp8_linears  # noqa: F401  (Fp8Linear: public name kept here)
-from .graphs import StaticGraph, compile_fn, inductor_mode, wants_graph
+from .compile_cache import compiled
+from .graphs import StaticGraph, inductor_mode, wants_graph
 from .text_encoder import TextEncoderRunner
 
 
@@ -295,7 +296,8 @@ class FastTextEncoderRunner(TextEncoderRunner):
         return self._fn(frames.to(self.device, non_blocking=True)).to(self.models.dtype)
 
     # ---- compilation -------------------------------------------------------------------------
-    def compile(self, mode: str | None = "max-autotune-no-cudagraphs", backend: str = "inductor", **options):
+    def compile(self, mode: str | None = "max-autotune-no-cudagraphs", backend: str = "inductor",
+                cache_key: str | None = None, **options):
         """Wrap the static forward in ``torch.compile(fullgraph=True, dynamic=False)``.
 
         ``mode="reduce-overhead"`` / ``"max-autotune"`` on CUDA: inductor without its cudagraph trees
@@ -309,10 +311,15 @@ class FastTextEncoderRunner(TextEncoderRunner):
         Recompiles: none per batch. A new prompt with the same token count updates the constants in
         place (no recompile, graph stays valid); a new token count, batch size or working size gives
         one recompile (dynamo shape guards) and one new graph.
+
+        ``cache_key`` (the engine's :func:`compile_cache.artifact_key`): the compiled forward is saved
+        whole per (batch, prompt length) and the next process loads it without tracing
+        (:class:`compile_cache.Precompiled`).
         """
         graph = wants_graph(mode, self.device)
         if backend == "inductor":
             mode = options.pop("mode", inductor_mode(mode))
-        self._fn = compile_fn(self._forward, mode, backend, fullgraph=True, dynamic=False, **options)
+        self._fn = compiled(self._forward, mode, backend, cache_key, "te", fullgraph=True, dynamic=False,
+                            variant=lambda: (self.span, tuple(self.c["cos"].shape)), **options)
         self._graph = StaticGraph(self._fn, self.device) if graph else None
         return self
