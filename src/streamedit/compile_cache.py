@@ -25,6 +25,7 @@ Nothing here changes results: a cache hit gives the same generated code as a fre
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -160,16 +161,18 @@ def serialisable_guards(entries) -> list[bool]:
 
 def _source_sums(modules) -> dict[str, str]:
     """sha256 of each module's current source (empty when a module is gone or has no source file)."""
+    return {name: _source_sum(name) for name in sorted(modules)}
+
+
+@functools.cache  # the TE, main and encode artifacts share most of their traced modules (torch.nn, diffusers)
+def _source_sum(name: str) -> str:
     import importlib
     import inspect
 
-    sums = {}
-    for name in sorted(modules):
-        try:
-            sums[name] = hashlib.sha256(inspect.getsource(importlib.import_module(name)).encode()).hexdigest()
-        except (ImportError, OSError, TypeError):
-            sums[name] = ""
-    return sums
+    try:
+        return hashlib.sha256(inspect.getsource(importlib.import_module(name)).encode()).hexdigest()
+    except (ImportError, OSError, TypeError):
+        return ""
 
 
 class Precompiled:
@@ -191,7 +194,7 @@ class Precompiled:
 
     def __init__(self, method, key: str, name: str, mode: str | None, backend: str = "inductor", variant=None,
                  **options):
-        self.owner, self.func = method.__self__, method.__func__
+        self.owner = method.__self__  # artifacts take it as their first argument
         self.method, self.key, self.name, self.mode, self.backend = method, key, name, mode, backend
         self.variant = variant or (lambda: ())
         self.options = options  # for the fallback; aot_compile always traces the whole function
@@ -246,7 +249,7 @@ class Precompiled:
         except Exception as exc:  # noqa: BLE001  (graph break, backend without serialisation, old torch)
             return self._fallback(f"cannot precompile {self.name}: {exc}")
         self._save(aot, path)
-        return self._served("compiled", lambda *a: aot(self.owner, *a))
+        return self._served("compiled", functools.partial(aot, self.owner))
 
     def _load(self, path: Path, args):
         meta = path.with_suffix(".json")
@@ -259,14 +262,14 @@ class Precompiled:
                 log.info("precompiled %s is stale (its source changed): compiling again", path.name)
                 return None
             with path.open("rb") as f:
-                aot = torch.compiler.load_compiled_function(f, f_globals=self.func.__globals__)
+                aot = torch.compiler.load_compiled_function(f, f_globals=self.method.__func__.__globals__)
             if not aot.guard_check(self.owner, *args):
                 log.info("precompiled %s does not fit these inputs: compiling again", path.name)
                 return None
         except Exception as exc:  # noqa: BLE001  (a cache must never stop the engine)
             log.warning("ignoring precompiled %s: %s", path.name, exc)
             return None
-        return lambda *a: aot(self.owner, *a)
+        return functools.partial(aot, self.owner)
 
     def _save(self, aot, path: Path) -> None:
         try:

@@ -148,19 +148,19 @@ class Denoiser:
         """
         if vae and channels_last:
             self.vae = channels_last_vae(self.models)
-        for t in (self.timesteps, self.time_ids, *self.dts):  # constant inputs: no copy into the graph
-            torch._dynamo.mark_static_address(t)
         graph = wants_graph(mode, self.models.device)
-        whole = inductor_mode(mode) if graph else mode
+        static_mode = inductor_mode(mode) if graph else mode  # for what StaticGraph captures
         if unet and vae:
-            fused = compiled(self.generate, whole, backend, cache_key, "main")
+            fused = compiled(self.generate, static_mode, backend, cache_key, "main")
             self.fused = StaticGraph(fused, self.models.device) if graph else fused
-        elif unet:
+        elif unet:  # the paper's recipe: the U-Net alone, in cudagraph trees
+            for t in (self.timesteps, self.time_ids, *self.dts):  # constant inputs: no copy into the trees
+                torch._dynamo.mark_static_address(t)
             self.unet = compile_fn(self.unet, mode, backend)
         elif vae:
             self.decode_fn = compile_fn(self._decode_target, mode, backend)
         if vae:
-            self._encode_fn = compiled(self._encode_target, whole, backend, cache_key, "encode")
+            self._encode_fn = compiled(self._encode_target, static_mode, backend, cache_key, "encode")
             if graph:
                 self._encode_graph = StaticGraph(self._encode_fn, self.models.device)
         return self
