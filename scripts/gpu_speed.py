@@ -17,6 +17,11 @@ Writes $OUT/speed-<part>.jsonl (bench rows: fps, ratio, latency and batch-wall p
 component ms, peak GiB, skip counters, te_fp8_agreement) and $OUT/speed-<part>.txt (the table).
 The compile cache lives in .cache/streamedit (git-ignored, kept between calls on a warm machine), so
 the reference row of B and C and the shared graphs are cache hits: run the parts in one session.
+
+Part S times an installed package, so Python's bytecode cache is on (an image that sets
+PYTHONDONTWRITEBYTECODE gets PYTHONPYCACHEPREFIX=.cache/pycache instead) and filled by one untimed import
+first: without it every launch compiles transformers and diffusers from source (20.9 s against 8.4 s of
+imports on the H100 machine, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -40,8 +45,10 @@ COMMON = ["--model", "random:real", "--device", "cuda", "--dtype", "bfloat16", "
 
 
 def command(part: str, frames: int, clip: str | None, json_path: Path, startup_row: str = "best",
-            rows_override: str | None = None) -> list[str]:
+            rows_override: str | None = None, startup_profile: str | None = None) -> list[str]:
     rows = PARTS[part] if part != "S" else ["--rows", startup_row, *PARTS[part][2:]]
+    if part == "S" and startup_profile:
+        rows += ["--startup-profile", startup_profile]
     if rows_override:
         rows = ["--rows", rows_override, *rows[2:]]
     cmd = [sys.executable, "-m", "streamedit", "bench", *COMMON, "--frames", str(frames), *rows,
@@ -57,6 +64,8 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "out"), help="output folder (default: $OUT)")
     ap.add_argument("--startup-row", default="best", help="matrix row whose config part S launches")
     ap.add_argument("--rows", default=None, help="matrix rows to run instead of the part's own")
+    ap.add_argument("--startup-profile", default=None, metavar="DIR",
+                    help="part S: one more warm launch under cProfile, stats in DIR")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = ap.parse_args()
     out = Path(args.out)
@@ -64,8 +73,13 @@ def main() -> int:
     env = dict(os.environ)
     env.setdefault("STREAMEDIT_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "streamedit"))
     status = 0
+    if "S" in args.part and env.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
+        env.setdefault("PYTHONPYCACHEPREFIX", str(Path(__file__).resolve().parent.parent / ".cache" / "pycache"))
+    if "S" in args.part and not args.dry_run:
+        subprocess.run([sys.executable, "-c", "import streamedit.bench_run"], env=env, check=True)
     for part in args.part:
-        cmd = command(part, args.frames, args.clip, out / f"speed-{part}.jsonl", args.startup_row, args.rows)
+        cmd = command(part, args.frames, args.clip, out / f"speed-{part}.jsonl", args.startup_row, args.rows,
+                      args.startup_profile)
         print("$ " + " ".join(cmd), flush=True)
         if args.dry_run:
             continue

@@ -124,6 +124,7 @@ def test_matrix_rows_share_one_model_and_one_table(tmp_path, monkeypatch):
     (["--batch", "8", "--frames", "10"], "leaves no batch after the 1 warm-up"),
     (["--matrix", "--compile"], "--compile is for a single run"),
     (["--json", "/no/such/dir/x.jsonl"], "output folder does not exist"),
+    (["--startup-profile", "prof"], "--startup-profile needs --startup"),
 ])
 def test_mistakes_are_one_line_errors(args, message):
     res = invoke(*TINY, *args)

@@ -40,6 +40,7 @@ class Scaler:
 def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMEDIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(compile_cache, "STATS", dict.fromkeys(compile_cache.STATS, 0))
+    monkeypatch.setattr(compile_cache, "SECONDS", {})
     torch._dynamo.reset()
     yield tmp_path
     torch._dynamo.reset()
@@ -67,6 +68,7 @@ def test_saved_then_loaded_by_a_new_object_with_live_weights(private_cache):
     fn = precompiled(second)
     assert torch.allclose(fn(x), eager(second, x), atol=1e-6)
     assert compile_cache.STATS == {"compiled": 1, "loaded": 1, "fallback": 0, "stale": 0}
+    assert set(compile_cache.SECONDS) == {"compiled:toy", "loaded:toy"}  # what the first call of each spent
     with torch.no_grad():
         second.net[0].weight.mul_(-1)
         second.scale.fill_(3.0)

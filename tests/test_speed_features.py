@@ -6,6 +6,7 @@ import dataclasses
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -329,11 +330,12 @@ def test_startup_second_launch_hits_the_cache(tmp_path, precompile):
     from streamedit.cli import _Group
 
     out = tmp_path / "s.jsonl"
+    profile = ["--startup-profile", str(tmp_path / "prof")] if precompile else []  # + a cProfiled warm launch
     group = _Group("streamedit", commands={"bench": bench.bench_command})
     res = CliRunner().invoke(group, ["bench", "--model", "random:tiny", "--device", "cpu", "--size", "64",
                                      "--batch", "2", "--set", "compile=True", "--set", "te_fast=True",
                                      "--set", f"precompile={precompile}", "--startup-only",
-                                     "--json", str(out)], catch_exceptions=False)
+                                     "--json", str(out)] + profile, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     cold, warm = row["cold"], row["warm"]
@@ -344,6 +346,11 @@ def test_startup_second_launch_hits_the_cache(tmp_path, precompile):
         assert cold["precompiled"] == {"compiled": 3, "loaded": 0, "fallback": 0, "stale": 0}
         assert warm["precompiled"] == {"compiled": 0, "loaded": 3, "fallback": 0, "stale": 0}
         assert "bytecode_tracing" not in warm["compile_phases_s"]  # dynamo never traced in the warm launch
+        assert row["profile"] == str(tmp_path / "prof" / "warm-profiled.prof") and Path(row["profile"]).is_file()
+        assert "bench_startup.py" in (tmp_path / "prof" / "warm-profiled.txt").read_text()
+        names = ("te", "encode", "main")  # seconds each function's first call spent compiling / loading it
+        assert set(cold["precompiled_s"]) == {f"compiled:{n}" for n in names}
+        assert set(warm["precompiled_s"]) == {f"loaded:{n}" for n in names}
     else:
         assert cold["precompiled"]["compiled"] == warm["precompiled"]["loaded"] == 0
         assert cold["cache"].get("fxgraph_cache_miss", 0) >= 3 and cold["cache"].get("fxgraph_cache_hit", 0) == 0

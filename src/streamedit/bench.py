@@ -153,12 +153,14 @@ def select_rows(matrix: bool, rows: str | None, compile_: bool, lllite: str | No
               help="Also time two fresh processes to their first output frame (first row's config): "
                    "cold (empty compile cache) and warm.")
 @click.option("--startup-only", is_flag=True, help="Only the --startup measurement.")
+@click.option("--startup-profile", "startup_profile", default=None, metavar="DIR",
+              help="With --startup: one more warm launch under cProfile, stats written to DIR.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_path", default=None, help="Write one JSON line per row here.")
 @click.option("--plot", "plot_path", default=None, help="Write a PNG (batch wall over time, latency CDF).")
 def bench_command(model, revision, device, dtype, prompt, batch, steps, size, count, source_fps, clip, hold, compile_,
-                  skip_similar, warmup, matrix, rows, sets, startup, startup_only, seed, json_path, plot_path,
-                  **temporal):
+                  skip_similar, warmup, matrix, rows, sets, startup, startup_only, startup_profile, seed, json_path,
+                  plot_path, **temporal):
     """Throughput and latency of the engine on a simulated real-time source."""
     import torch
 
@@ -170,6 +172,8 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
     selected = select_rows(matrix or bool(rows), rows, compile_, adapter["lllite"])
     if count < (warmup + 1) * max({"batch_size": batch, **o, **forced}["batch_size"] for _, o in selected):
         raise StreameditError(f"--frames {count} leaves no batch after the {warmup} warm-up batch(es)")
+    if startup_profile and not (startup or startup_only):
+        raise StreameditError("--startup-profile needs --startup or --startup-only")
     for path in (json_path, plot_path):
         if path and not Path(path).parent.is_dir():
             raise StreameditError(f"output folder does not exist: {Path(path).parent}")
@@ -199,7 +203,8 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
         name, overrides = selected[0]
         config, _ = build_config(base, overrides, forced)
         click.echo(f"startup: two fresh processes, {name} config (cold, then warm compile cache)", err=True)
-        res = measure_startup(model, revision, device, str(torch_dtype).removeprefix("torch."), config)
+        res = measure_startup(model, revision, device, str(torch_dtype).removeprefix("torch."), config,
+                              profile_dir=startup_profile)
         save_row({"row": "startup", "kind": "startup", "config_row": name, **res})
         click.echo(format_startup(lines[-1]))
         if startup_only:

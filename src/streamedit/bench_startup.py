@@ -30,7 +30,8 @@ from .errors import StreameditError
 LAUNCH_TIMEOUT_S = 1800
 
 
-def measure_startup(model: str, revision, device: str, dtype: str, config, launches=("cold", "warm")) -> dict:
+def measure_startup(model: str, revision, device: str, dtype: str, config, launches=("cold", "warm"),
+                    profile_dir: str | None = None) -> dict:
     """Launch the probe once per name in ``launches`` on one fresh cache folder; their reports."""
     spec = {"model": model, "revision": revision, "device": device, "dtype": dtype,
             "config": {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}}
@@ -40,16 +41,14 @@ def measure_startup(model: str, revision, device: str, dtype: str, config, launc
     out: dict = {}
     try:
         for name in launches:
-            t0 = time.time()
-            probe = {**spec, "t_launch": t0, "first_frame": str(Path(root) / f"{name}.npy")}
-            proc = subprocess.run([sys.executable, "-m", "streamedit.bench_startup", json.dumps(probe, default=str)],
-                                  env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-            lines = proc.stdout.strip().splitlines()
-            if proc.returncode or not lines:
-                err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                raise StreameditError(f"startup probe ({name} launch) failed: {err}")
-            out[name] = json.loads(lines[-1])
+            out[name] = _launch(spec, name, root, env)
             out[f"{name}_s"] = out[name]["first_frame_s"]
+        if profile_dir:
+            Path(profile_dir).mkdir(parents=True, exist_ok=True)
+            stats = str(Path(profile_dir) / "warm-profiled.prof")
+            _launch(spec, "warm-profiled", root, env, ["-m", "cProfile", "-o", stats])
+            _write_top(stats, Path(profile_dir) / "warm-profiled.txt")
+            out["profile"] = stats
         frames = [np.load(Path(root) / f"{name}.npy") for name in launches]
         # the launches' first frames, in 8-bit levels (0: bit-identical)
         out["first_frame_max_diff"] = max(int(np.abs(f.astype(np.int16) - frames[0]).max()) for f in frames)
@@ -57,6 +56,28 @@ def measure_startup(model: str, revision, device: str, dtype: str, config, launc
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return out
+
+
+def _launch(spec: dict, name: str, root: str, env: dict, python_args=()) -> dict:
+    """One fresh probe process; its report."""
+    probe = {**spec, "t_launch": time.time(), "first_frame": str(Path(root) / f"{name}.npy")}
+    proc = subprocess.run([sys.executable, *python_args, "-m", "streamedit.bench_startup",
+                           json.dumps(probe, default=str)],
+                          env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode or not lines:
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise StreameditError(f"startup probe ({name} launch) failed: {err}")
+    return json.loads(lines[-1])
+
+
+def _write_top(stats_path: str, text_path: Path, count: int = 80) -> None:
+    import io
+    import pstats
+
+    buf = io.StringIO()
+    pstats.Stats(stats_path, stream=buf).sort_stats("cumulative").print_stats(count)
+    text_path.write_text(buf.getvalue())
 
 
 def _probe(spec: dict) -> dict:
@@ -85,7 +106,7 @@ def _probe(spec: dict) -> dict:
     return {"import_s": t_import, "load_s": t_load, "engine_s": t_engine, "first_frame_s": t_first,
             "total_s": time.time() - t0, "cache": compile_cache.cache_stats(),
             "compile_phases_s": _compile_phases(),
-            "precompiled": dict(compile_cache.STATS),
+            "precompiled": dict(compile_cache.STATS), "precompiled_s": dict(compile_cache.SECONDS),
             "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "device": _device_name(models.device)}
 
 

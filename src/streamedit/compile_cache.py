@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -130,6 +131,7 @@ def cache_stats() -> dict:
 
 # ---------------------------------------------------------------------------------------- precompile
 STATS: dict[str, int] = {"loaded": 0, "compiled": 0, "fallback": 0, "stale": 0}
+SECONDS: dict[str, float] = {}  # "<how>:<name>" -> seconds its first call spent getting it (loaded/compiled/...)
 PRECOMPILE_BACKENDS = ("inductor", "aot_eager")  # backends whose output aot_compile can serialise
 
 
@@ -190,6 +192,10 @@ class Precompiled:
     diffusers, an edited streamedit) the artifact is stale and is compiled again. Anything that
     goes wrong (a torch without ``aot_compile``, a graph break, something that does not serialise, a
     guard that fails) falls back to plain ``torch.compile`` with a warning: the same code, traced.
+
+    Loading stays on the calling thread: reading the artifacts ahead in a background thread while
+    the engine was built gave nothing on the H100 (warm start 28.2 -> 27.7 s), as loading is Python
+    holding the GIL (docs/benchmarks.md, ninth session).
     """
 
     def __init__(self, method, key: str, name: str, mode: str | None, backend: str = "inductor", variant=None,
@@ -240,16 +246,17 @@ class Precompiled:
         return compile_fn(self.method, self.mode, self.backend, **self.options)
 
     def _prepare(self, args, sig):
+        t0 = time.perf_counter()
         path = self._path(sig)
         fn = self._load(path, args)
         if fn is not None:
-            return self._served("loaded", fn)
+            return self._served("loaded", fn, t0)
         try:
             aot = self._aot_compiler().aot_compile((args, {}))
         except Exception as exc:  # noqa: BLE001  (graph break, backend without serialisation, old torch)
             return self._fallback(f"cannot precompile {self.name}: {exc}")
         self._save(aot, path)
-        return self._served("compiled", functools.partial(aot, self.owner))
+        return self._served("compiled", functools.partial(aot, self.owner), t0)
 
     def _load(self, path: Path, args):
         meta = path.with_suffix(".json")
@@ -289,7 +296,9 @@ class Precompiled:
             self._plain = self._torch_compile()
         return self._served("fallback", self._plain)
 
-    def _served(self, how: str, fn):
+    def _served(self, how: str, fn, t0: float | None = None):
+        if t0 is not None:
+            SECONDS[f"{how}:{self.name}"] = SECONDS.get(f"{how}:{self.name}", 0.0) + time.perf_counter() - t0
         STATS[how] += 1
         self.sources.append(how)
         return fn
