@@ -71,10 +71,11 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    env.setdefault("STREAMEDIT_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "streamedit"))
+    cache = Path(__file__).resolve().parent.parent / ".cache"
+    env.setdefault("STREAMEDIT_CACHE_DIR", str(cache / "streamedit"))
     status = 0
     if "S" in args.part and env.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
-        env.setdefault("PYTHONPYCACHEPREFIX", str(Path(__file__).resolve().parent.parent / ".cache" / "pycache"))
+        env.setdefault("PYTHONPYCACHEPREFIX", str(cache / "pycache"))
     if "S" in args.part and not args.dry_run:
         subprocess.run([sys.executable, "-c", "import streamedit.bench_run"], env=env, check=True)
     for part in args.part:

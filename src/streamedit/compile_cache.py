@@ -131,7 +131,9 @@ def cache_stats() -> dict:
 
 # ---------------------------------------------------------------------------------------- precompile
 STATS: dict[str, int] = {"loaded": 0, "compiled": 0, "fallback": 0, "stale": 0}
-SECONDS: dict[str, float] = {}  # "<how>:<name>" -> seconds its first call spent getting it (loaded/compiled/...)
+# "<how>:<name>" -> seconds spent getting a function for a new signature: loading or compiling the artifact
+# (a fallback's torch.compile runs inside its first call, not here)
+SECONDS: dict[str, float] = {}
 PRECOMPILE_BACKENDS = ("inductor", "aot_eager")  # backends whose output aot_compile can serialise
 
 
@@ -217,7 +219,10 @@ class Precompiled:
         sig = (tuple((tuple(a.shape), str(a.dtype), str(a.device)) for a in args), self.variant())
         fn = self._fns.get(sig)
         if fn is None:
+            t0 = time.perf_counter()
             fn = self._fns[sig] = self._prepare(args, sig)
+            how = f"{self.sources[-1]}:{self.name}"
+            SECONDS[how] = SECONDS.get(how, 0.0) + time.perf_counter() - t0
         try:
             return fn(*args)
         except RuntimeError as exc:  # a Python value the artifact was specialised on has changed
@@ -246,17 +251,16 @@ class Precompiled:
         return compile_fn(self.method, self.mode, self.backend, **self.options)
 
     def _prepare(self, args, sig):
-        t0 = time.perf_counter()
         path = self._path(sig)
         fn = self._load(path, args)
         if fn is not None:
-            return self._served("loaded", fn, t0)
+            return self._served("loaded", fn)
         try:
             aot = self._aot_compiler().aot_compile((args, {}))
         except Exception as exc:  # noqa: BLE001  (graph break, backend without serialisation, old torch)
             return self._fallback(f"cannot precompile {self.name}: {exc}")
         self._save(aot, path)
-        return self._served("compiled", functools.partial(aot, self.owner), t0)
+        return self._served("compiled", functools.partial(aot, self.owner))
 
     def _load(self, path: Path, args):
         meta = path.with_suffix(".json")
@@ -296,9 +300,7 @@ class Precompiled:
             self._plain = self._torch_compile()
         return self._served("fallback", self._plain)
 
-    def _served(self, how: str, fn, t0: float | None = None):
-        if t0 is not None:
-            SECONDS[f"{how}:{self.name}"] = SECONDS.get(f"{how}:{self.name}", 0.0) + time.perf_counter() - t0
+    def _served(self, how: str, fn):
         STATS[how] += 1
         self.sources.append(how)
         return fn
