@@ -139,3 +139,14 @@ def test_compiled_without_key_or_with_another_backend_is_plain_torch_compile():
         assert not isinstance(fn, Precompiled)
         x = torch.randn(2, 8)
         assert torch.allclose(fn(x), eager(obj, x), atol=1e-6)
+
+
+def test_prepare_loads_without_running(private_cache):
+    """prepare() gets the function for a signature: compiled (saved), then loaded by a new object; once."""
+    x = torch.randn(3, 8)
+    assert precompiled(Scaler()).prepare(x) == "compiled"
+    second = Scaler(seed=1)
+    fn = precompiled(second)
+    assert fn.prepare(x) == "loaded" and fn.prepare(x) == "loaded" and fn.sources == ["loaded"]
+    assert set(compile_cache.SECONDS) == {"compiled:toy", "loaded:toy"}
+    assert torch.allclose(fn(x), eager(second, x), atol=1e-6) and fn.sources == ["loaded"]

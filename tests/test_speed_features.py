@@ -110,6 +110,35 @@ def test_static_graph_buffers_outputs_and_recaptures():
     assert g.captures == 3 and len(calls) == 4
 
 
+def test_warm_main_loads_then_captures_on_a_worker(tiny_models, tmp_path, monkeypatch):
+    """Warm start: the saved main function is loaded on the caller's thread and its graph captured on a
+    worker; the batch that follows replays that capture (no second one) and gives the cold path's output."""
+    from streamedit import compile_cache
+
+    monkeypatch.setenv("STREAMEDIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compile_cache, "STATS", dict.fromkeys(compile_cache.STATS, 0))
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen), \
+        torch.randn(2, 300, 64, generator=gen)
+
+    def graphed_denoiser():
+        den = Denoiser(tiny_models, 1, 64).compile(None, backend="aot_eager", cache_key="k")
+        den.fused = StaticGraph(den.fused, "cpu", name="main")  # what compile() makes on CUDA
+        return den
+
+    torch._dynamo.reset()
+    cold = graphed_denoiser()
+    assert cold.warm_main(2, (300, 64)) is None and not cold.warmed_on_worker  # compiled here: nothing to overlap
+    ref = cold.fused(*inputs).clone()
+    warm = graphed_denoiser()
+    future = warm.warm_main(2, (300, 64))
+    assert future is not None and warm.warmed_on_worker
+    future.result()
+    assert warm.fused.fn.sources == ["loaded"] and warm.fused.captures == 1
+    assert torch.equal(warm.fused(*inputs), ref) and warm.fused.captures == 1
+    torch._dynamo.reset()
+
+
 def test_fused_generate_sees_lllite_cond_updates(tiny_models):
     """The compiled U-Net (+ decode) function reads the adapter's in-place cond buffers at every call.
 

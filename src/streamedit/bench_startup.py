@@ -84,7 +84,7 @@ def _probe(spec: dict) -> dict:
     t0 = spec["t_launch"]
     import torch  # noqa: F401  (import time is part of the startup)
 
-    from . import compile_cache
+    from . import compile_cache, graphs
     from .bench_run import bench_frames
     from .cli import load
     from .engine import EngineConfig, StreamEngine
@@ -107,6 +107,7 @@ def _probe(spec: dict) -> dict:
             "total_s": time.time() - t0, "cache": compile_cache.cache_stats(),
             "compile_phases_s": _compile_phases(),
             "precompiled": dict(compile_cache.STATS), "precompiled_s": dict(compile_cache.SECONDS),
+            "graphs_s": dict(graphs.CAPTURE_SECONDS), "main_warmed_on_worker": engine.denoiser.warmed_on_worker,
             "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "device": _device_name(models.device)}
 
 

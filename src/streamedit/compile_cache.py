@@ -209,26 +209,37 @@ class Precompiled:
         self._fns: dict = {}  # signature -> callable(*args)
         self._plain = None
         self.sources: list[str] = []  # how each signature was served: "loaded" | "compiled" | "fallback"
+        self._served_as: dict = {}  # signature -> its entry of sources
 
     def __reduce__(self):
         # dynamo pickles the traced method's ``self`` with its guards; when this callable hangs off
         # that object (the Denoiser holds its compiled functions) it stands there as a name only
         return (str, (f"<precompiled {self.name}>",))
 
-    def __call__(self, *args):
+    def prepare(self, *args) -> str:
+        """Get the function for these inputs (load or compile it) without running it: how it was served."""
+        return self._served_as[self._get(args)[0]]
+
+    def _get(self, args):
         sig = (tuple((tuple(a.shape), str(a.dtype), str(a.device)) for a in args), self.variant())
         fn = self._fns.get(sig)
         if fn is None:
             t0 = time.perf_counter()
             fn = self._fns[sig] = self._prepare(args, sig)
+            self._served_as[sig] = self.sources[-1]
             how = f"{self.sources[-1]}:{self.name}"
             SECONDS[how] = SECONDS.get(how, 0.0) + time.perf_counter() - t0
+        return sig, fn
+
+    def __call__(self, *args):
+        sig, fn = self._get(args)
         try:
             return fn(*args)
         except RuntimeError as exc:  # a Python value the artifact was specialised on has changed
             if "GuardManager check failed" not in str(exc):
                 raise
             fn = self._fns[sig] = self._fallback(f"precompiled {self.name} no longer fits: {exc}")
+            self._served_as[sig] = "fallback"
             return fn(*args)
 
     def _path(self, sig) -> Path:

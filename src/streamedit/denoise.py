@@ -28,12 +28,13 @@ reads their current contents at every call.
 from __future__ import annotations
 
 import copy
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 from diffusers.pipelines.dreamlite.pipeline_dreamlite_mobile import calculate_shift
 
-from .compile_cache import compiled
+from .compile_cache import Precompiled, compiled
 from .graphs import StaticGraph, compile_fn, inductor_mode, wants_graph
 
 
@@ -71,6 +72,7 @@ class Denoiser:
         self.unet = unet if unet is not None else models.unet
         self.vae = vae if vae is not None else models.vae
         self.fused = None  # compiled generate(): the engine calls it instead of denoise + decode
+        self.warmed_on_worker = False  # warm_main started the first call on a worker thread
         self.decode_fn = None  # compiled decode (VAE compiled, U-Net not); None: decode()
         self._encode_fn = self.encode_source
         self._encode_graph = None
@@ -152,7 +154,7 @@ class Denoiser:
         static_mode = inductor_mode(mode) if graph else mode  # for what StaticGraph captures
         if unet and vae:
             fused = compiled(self.generate, static_mode, backend, cache_key, "main")
-            self.fused = StaticGraph(fused, self.models.device) if graph else fused
+            self.fused = StaticGraph(fused, self.models.device, name="main") if graph else fused
         elif unet:  # the paper's recipe: the U-Net alone, in cudagraph trees
             for t in (self.timesteps, self.time_ids, *self.dts):  # constant inputs: no copy into the trees
                 torch._dynamo.mark_static_address(t)
@@ -162,8 +164,53 @@ class Denoiser:
         if vae:
             self._encode_fn = compiled(self._encode_target, static_mode, backend, cache_key, "encode")
             if graph:
-                self._encode_graph = StaticGraph(self._encode_fn, self.models.device)
+                self._encode_graph = StaticGraph(self._encode_fn, self.models.device, name="encode")
         return self
+
+
+    def warm_main(self, batch: int, embeds_shape: tuple[int, int]) -> Future | None:
+        """Get the main function ready for a first batch of ``batch`` frames while the caller goes on.
+
+        For a warm start (engine, first batch): the saved function is loaded here, on the caller's
+        thread (Python holding the GIL), and its first call and CUDA-graph capture run on a worker
+        thread, which the caller joins (``.result()``) before the first batch's own call. That first
+        call is cuDNN/cuBLAS set-up with the GIL released (4.0 s of a 29 s warm start on the H100,
+        docs/benchmarks.md), so it overlaps what the caller loads next (the TE). None when there is
+        nothing saved to load: a compile runs in the usual order, on one thread.
+        """
+        # a graph's inputs are its own contiguous buffers: the signature known here is the one it will
+        # call with (a bare function would see the callers' strides: channels_last latents, expanded embeds)
+        if not (isinstance(self.fused, StaticGraph) and isinstance(self.fused.fn, Precompiled)):
+            return None
+        fn = self.fused.fn
+        device, dtype = self.models.device, self.models.dtype
+        latents = (batch, self.models.vae.config.latent_channels, self.latent_size, self.latent_size)
+        inputs = (torch.zeros(latents, dtype=dtype, device=device), torch.zeros(latents, dtype=dtype, device=device),
+                  torch.zeros((batch, *embeds_shape), dtype=dtype, device=device))
+        if fn.prepare(*inputs) != "loaded":
+            return None
+        stream = None
+        if device.type == "cuda":
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))  # the zeros
+        self.warmed_on_worker = True
+        worker = ThreadPoolExecutor(1, thread_name_prefix="streamedit-warm")
+        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())  # thread-local, and guarded
+        future = worker.submit(_first_call, self.fused, inputs, stream, modes)
+        worker.shutdown(wait=False)
+        return future
+
+
+def _first_call(fn, inputs, stream, modes) -> None:
+    """``fn(*inputs)`` once on ``stream`` (a StaticGraph: its warm-up and capture), finished on return."""
+    grad, inference = modes
+    with torch.set_grad_enabled(grad), torch.inference_mode(inference):
+        if stream is None:
+            fn(*inputs)
+            return
+        with torch.cuda.stream(stream):
+            fn(*inputs)
+        stream.synchronize()
 
 
 def channels_last_vae(models):

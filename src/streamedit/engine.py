@@ -137,6 +137,8 @@ class StreamEngine:
         self._encoded_prompt = None  # prompt of the last batch sent to the GPU
         self._last_out = None  # last stylized frame handed out (re-emitted for skipped frames)
         self._inflight = 0  # batches encoded but not handed out yet
+        self._main_warm = None  # Future of the main graph's first call on a worker (Denoiser.warm_main)
+        self._main_warm_started = False
 
     # ---- public API -------------------------------------------------------------------------
     def set_prompt(self, prompt: str) -> None:
@@ -307,6 +309,10 @@ class StreamEngine:
         if batch.plan is not None:
             entry["cond"] = batch.plan.reason if batch.plan.refresh else "reuse"
             entry["cut_at"] = batch.plan.cut_at
+        if not self._main_warm_started:  # warm start: the main graph's set-up overlaps the TE's loading
+            self._main_warm_started = True
+            if cfg.warm_on_worker and self.denoiser.fused is not None and hasattr(self.te, "output_shape"):
+                self._main_warm = self.denoiser.warm_main(bsz, self.te.output_shape(prompt))
         with self._stream(self.side_stream):
             ev = {"te0": self._event(self.side_stream)}
             if not reuse:
@@ -340,6 +346,9 @@ class StreamEngine:
             return self._generate_on_main(batch)
 
     def _generate_on_main(self, batch: _Batch) -> _Batch:
+        if self._main_warm is not None:
+            self._main_warm.result()  # its capture is done (or its error raised here)
+            self._main_warm = None
         noise, source, embeds, done, ev = batch.tensors
         if done is not None:
             self.main_stream.wait_event(done)

@@ -38,6 +38,7 @@ class EngineConfig:
     compile_backend: str = "inductor"  # e.g. "aot_eager" to trace without code generation (tests)
     channels_last: bool = True  # the compiled VAE runs a channels_last copy
     precompile: bool = True  # save compiled functions whole; a later launch loads them untraced (compile_cache)
+    warm_on_worker: bool = True  # loaded main graph: first call + capture on a thread beside the TE's loading
     profile: bool = False  # per-component CUDA-event timings in `engine.batch_log`
     prefetch: int = 2  # batches prepared ahead on the host
     low_latency: bool = False  # schedule: hand a batch out as soon as it is done (engine.run)

@@ -11,7 +11,18 @@ still uses cudagraph trees.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+
 import torch
+
+# "<name>:warmup1|warmup2|...|capture" -> seconds of each StaticGraph's first captures in this process
+# (device-synchronised; the startup probe reports them)
+CAPTURE_SECONDS: dict[str, float] = {}
+# one capture at a time: torch.cuda.graph() starts with a device sync and empty_cache(), which must not
+# run while another thread captures (the engine captures the main graph on a worker, Denoiser.warm_main)
+_CAPTURE_LOCK = threading.Lock()
 
 # torch.compile modes that include cudagraph trees -> the same inductor mode without them
 CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
@@ -48,8 +59,8 @@ class StaticGraph:
     semantics (buffers, overwritten outputs, re-captures counted in ``captures``) are the same.
     """
 
-    def __init__(self, fn, device, warmup: int = 2):
-        self.fn, self.device, self.warmup = fn, torch.device(device), warmup
+    def __init__(self, fn, device, warmup: int = 2, name: str = "graph"):
+        self.fn, self.device, self.warmup, self.name = fn, torch.device(device), warmup, name
         self.captures = 0
         self._sig = self._graph = self._out = None
         self._inputs: list[torch.Tensor] = []
@@ -83,10 +94,21 @@ class StaticGraph:
         warm = torch.cuda.Stream(self.device)
         warm.wait_stream(current)
         with torch.cuda.stream(warm):
-            for _ in range(self.warmup):
-                self.fn(*self._inputs)
+            for i in range(self.warmup):
+                with self._timed(f"warmup{i + 1}", warm):
+                    self.fn(*self._inputs)
         current.wait_stream(warm)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with (_CAPTURE_LOCK, self._timed("capture", current),
+              torch.cuda.graph(graph, capture_error_mode="thread_local")):
             self._out = self.fn(*self._inputs)
         self._graph = graph
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str, stream):
+        """Add the phase's seconds (host work and the stream's queued work) to :data:`CAPTURE_SECONDS`."""
+        t0 = time.perf_counter()
+        yield
+        stream.synchronize()
+        key = f"{self.name}:{phase}"
+        CAPTURE_SECONDS[key] = CAPTURE_SECONDS.get(key, 0.0) + time.perf_counter() - t0

@@ -210,6 +210,11 @@ class FastTextEncoderRunner(TextEncoderRunner):
         self.span = (start, end)
         self._prompt = prompt
 
+    def output_shape(self, prompt: str) -> tuple[int, int]:
+        """(tokens after the dropped prefix, hidden size): what :meth:`encode` returns per frame."""
+        self.set_prompt(prompt)
+        return self.c["cos"].shape[1], self.lm.config.hidden_size
+
     # ---- per-batch, static ----------------------------------------------------------------------
     def prepare_images(self, frames: list[np.ndarray]) -> torch.Tensor:
         host = torch.from_numpy(np.stack(frames))
@@ -321,5 +326,5 @@ class FastTextEncoderRunner(TextEncoderRunner):
             mode = options.pop("mode", inductor_mode(mode))
         self._fn = compiled(self._forward, mode, backend, cache_key, "te", fullgraph=True, dynamic=False,
                             variant=lambda: (self.span, tuple(self.c["cos"].shape)), **options)
-        self._graph = StaticGraph(self._fn, self.device) if graph else None
+        self._graph = StaticGraph(self._fn, self.device, name="te") if graph else None
         return self

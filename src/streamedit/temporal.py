@@ -196,7 +196,7 @@ class TemporalConditioner:
         from .graphs import StaticGraph
 
         if len(slots) not in self._graphs:
-            self._graphs[len(slots)] = StaticGraph(self.adapter.set_cond_rows, images.device)
+            self._graphs[len(slots)] = StaticGraph(self.adapter.set_cond_rows, images.device, name="cond")
         self._graphs[len(slots)](images, rows)
 
     def remember(self, outputs: torch.Tensor, count: int) -> None:
