@@ -75,6 +75,31 @@ def test_saved_then_loaded_by_a_new_object_with_live_weights(private_cache):
     assert torch.allclose(fn(x), eager(second, x), atol=1e-6)  # in-place changes are seen (no copy)
 
 
+def test_weights_are_checked_by_metadata_not_by_guards(private_cache):
+    """The weights' tensor guards are not saved (loading each one costs a fake tensor); their shapes,
+    strides, dtypes, devices and requires_grad are, and a model whose weights differ compiles again."""
+    x = torch.randn(3, 8)
+    precompiled(Scaler())(x)
+    (saved,) = (private_cache / "precompiled").glob("*.bin")
+    weights = json.loads(saved.with_suffix(".json").read_text())["weights"]
+    assert len(weights) == 4 and all("_parameters[" in name for name in weights)  # 2 Linears x (weight, bias)
+    same = Scaler(seed=3)
+    torch._dynamo.reset()
+    fn = precompiled(same)
+    assert torch.allclose(fn(x), eager(same, x), atol=1e-6) and fn.sources == ["loaded"]
+    # (one artifact per input signature: each compile below replaces the saved one)
+    wide = Scaler(seed=1)
+    wide.net = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 4))  # same inputs and output, wider
+    torch._dynamo.reset()
+    fn = precompiled(wide)
+    assert torch.allclose(fn(x), eager(wide, x), atol=1e-6) and fn.sources == ["compiled"]
+    frozen = Scaler(seed=2)
+    frozen.net.requires_grad_(False)
+    torch._dynamo.reset()
+    fn = precompiled(frozen)  # the artifact for requires_grad=True weights does not fit
+    assert torch.allclose(fn(x), eager(frozen, x), atol=1e-6) and fn.sources == ["compiled"]
+
+
 def test_new_shape_gets_its_own_artifact():
     obj, fn = Scaler(), None
     fn = precompiled(obj)

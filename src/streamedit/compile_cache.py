@@ -152,15 +152,48 @@ UNSERIALISABLE_GUARDS = frozenset(("DICT_VERSION", "NN_MODULE", "ID_MATCH", "FUN
                                    "MODULE_MATCH", "CLOSURE_MATCH", "WEAKREF_ALIVE"))
 
 
-def serialisable_guards(entries) -> list[bool]:
+def serialisable_guards(entries, weights: dict | None = None) -> list[bool]:
     """Keep every guard that can be saved: tensor metadata, Python constants, types, global state.
 
     Dropped: guards on globals and identity guards (which code object a decorator wraps, which
     attention processor class a module calls). Identity is not stable across processes; what they
     protect against is the code changing, which the artifact's source checksums catch instead.
+
+    With ``weights`` (a dict), the tensor guards on module parameters and buffers are dropped too and
+    their metadata is written into it instead, by source name: :class:`Precompiled` checks it at load.
+    Loading each saved tensor guard builds a fake tensor (and a stack trace with it): on the H100 host
+    the ~2,200 of the three functions cost ~6 s under cProfile (docs/benchmarks.md, tenth session).
     """
-    return [not (g.is_global or g.guard_type in UNSERIALISABLE_GUARDS
-                 or UNSERIALISABLE_GUARDS.intersection(g.derived_guard_types)) for g in entries]
+    keep = []
+    for g in entries:
+        ok = not (g.is_global or g.guard_type in UNSERIALISABLE_GUARDS
+                  or UNSERIALISABLE_GUARDS.intersection(g.derived_guard_types))
+        if ok and weights is not None and g.guard_type == "TENSOR_MATCH" and g.has_value and _is_weight(g):
+            weights[g.name] = tensor_meta(g.value)
+            ok = False
+        keep.append(ok)
+    return keep
+
+
+def _is_weight(entry) -> bool:
+    return isinstance(entry.value, torch.nn.Parameter) or "._buffers[" in entry.name
+
+
+def tensor_meta(t: torch.Tensor) -> list:
+    """What dynamo's TENSOR_MATCH guard compares, in JSON: shape, strides, dtype, device, requires_grad."""
+    return [list(t.shape), list(t.stride()), str(t.dtype), str(t.device), bool(t.requires_grad)]
+
+
+def weights_match(saved: dict, f_locals: dict) -> bool:
+    """Each saved weight, looked up by its guard's source name in the call's locals, has its saved metadata."""
+    for name, meta in saved.items():
+        try:
+            value = eval(name, {"__builtins__": {}}, f_locals)  # noqa: S307  (dynamo's own source names)
+        except Exception:  # noqa: BLE001  (a module renamed or gone)
+            return False
+        if not isinstance(value, torch.Tensor) or tensor_meta(value) != meta:
+            return False
+    return True
 
 
 def _source_sums(modules) -> dict[str, str]:
@@ -194,6 +227,9 @@ class Precompiled:
     diffusers, an edited streamedit) the artifact is stale and is compiled again. Anything that
     goes wrong (a torch without ``aot_compile``, a graph break, something that does not serialise, a
     guard that fails) falls back to plain ``torch.compile`` with a warning: the same code, traced.
+    The weights' tensor guards are not saved; the ``.json`` holds their metadata instead and a load
+    checks it (:func:`serialisable_guards`): a model whose weights differ in shape, layout, dtype,
+    device or ``requires_grad`` compiles again, as a failed guard would.
 
     Loading stays on the calling thread: reading the artifacts ahead in a background thread while
     the engine was built gave nothing on the H100 (warm start 28.2 -> 27.7 s), as loading is Python
@@ -210,6 +246,7 @@ class Precompiled:
         self._plain = None
         self.sources: list[str] = []  # how each signature was served: "loaded" | "compiled" | "fallback"
         self._served_as: dict = {}  # signature -> its entry of sources
+        self._weights: dict = {}  # source name -> tensor_meta of the weights whose guards were dropped
 
     def __reduce__(self):
         # dynamo pickles the traced method's ``self`` with its guards; when this callable hangs off
@@ -252,7 +289,8 @@ class Precompiled:
 
         # torch.compile takes a mode or options, not both: the mode's inductor options + the filter
         options = dict(list_mode_options(self.mode) if self.backend == "inductor" and self.mode else {})
-        options["guard_filter_fn"] = serialisable_guards
+        self._weights = {}
+        options["guard_filter_fn"] = functools.partial(serialisable_guards, weights=self._weights)
         with torch._dynamo.config.patch(enable_aot_compile=True):  # torch 2.11 attaches .aot_compile only then
             return torch.compile(self.method, backend=self.backend, options=options, fullgraph=True, dynamic=False)
 
@@ -278,10 +316,14 @@ class Precompiled:
         if not (path.is_file() and meta.is_file()):
             return None
         try:
-            sums = json.loads(meta.read_text())["sources"]
+            saved = json.loads(meta.read_text())
+            sums = saved["sources"]
             if _source_sums(sums) != sums:
                 STATS["stale"] += 1
                 log.info("precompiled %s is stale (its source changed): compiling again", path.name)
+                return None
+            if not weights_match(saved.get("weights", {}), self._locals(args)):
+                log.info("precompiled %s does not fit these weights: compiling again", path.name)
                 return None
             with path.open("rb") as f:
                 aot = torch.compiler.load_compiled_function(f, f_globals=self.method.__func__.__globals__)
@@ -293,6 +335,12 @@ class Precompiled:
             return None
         return functools.partial(aot, self.owner)
 
+    def _locals(self, args) -> dict:
+        """The traced method's locals at a call: what dynamo's source names refer to."""
+        import inspect
+
+        return dict(inspect.signature(self.method.__func__).bind(self.owner, *args).arguments)
+
     def _save(self, aot, path: Path) -> None:
         try:
             modules = {s.module for s in aot.source_info().inlined_sources}
@@ -300,7 +348,8 @@ class Precompiled:
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             aot.save_compiled_function(str(tmp))
             tmp.replace(path)
-            tmp.write_text(json.dumps({"name": self.name, "torch": torch.__version__, "sources": _source_sums(modules)}))
+            tmp.write_text(json.dumps({"name": self.name, "torch": torch.__version__, "sources": _source_sums(modules),
+                                       "weights": self._weights}))
             tmp.replace(path.with_suffix(".json"))
         except Exception as exc:  # noqa: BLE001
             log.warning("could not save precompiled %s: %s", self.name, exc)
