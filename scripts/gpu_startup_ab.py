@@ -24,17 +24,9 @@ ap.add_argument("--set", dest="change", default="warm_on_worker=False", help="FI
 args = ap.parse_args()
 field, value = args.change.split("=", 1)
 value = json.loads(value.lower() if value in ("True", "False") else value)
-launch, measure = startup._launch, startup.measure_startup
-
-
-def _launch(spec, name, root, env, python_args=()):
-    if name.startswith("b"):
-        spec = {**spec, "config": {**spec["config"], field: value}}
-    return launch(spec, name, root, env, python_args)
-
-
-startup._launch = _launch
-startup.measure_startup = lambda *a, **k: measure(*a, launches=("cold", "b", "warm", "b2", "warm2"), **k)
+measure = startup.measure_startup
+startup.measure_startup = lambda *a, **k: measure(*a, launches=("cold", "b", "warm", "b2", "warm2"),
+                                                  overrides={"b": {field: value}, "b2": {field: value}}, **k)
 sys.argv = ["streamedit", "bench", "--model", "random:real", "--device", "cuda", "--dtype", "bfloat16", "--size",
             "512", "--batch", "8", "--lllite", "random", "--hooks", "down", "--cond-refresh", "8", "--source-fps", "0",
             "--rows", "best", "--startup-only", "--json", args.json_path]

@@ -351,6 +351,25 @@ def test_cache_dir_and_key(tiny_models, monkeypatch, tmp_path):
     assert key != compile_cache.artifact_key(tiny_models, EngineConfig(prompt="a", batch_size=4))
 
 
+def test_startup_overrides_change_only_their_launches(monkeypatch):
+    """An A/B of warm starts on one cache: each launch gets the config plus its own overrides."""
+    import streamedit.bench_startup as startup
+
+    seen = {}
+
+    def fake_launch(spec, name, root, env, python_args=()):
+        seen[name] = spec["config"]
+        np.save(Path(root) / f"{name}.npy", np.zeros((2, 2, 3), np.uint8))
+        return {"first_frame_s": 1.0}
+
+    monkeypatch.setattr(startup, "_launch", fake_launch)
+    out = startup.measure_startup("random:tiny", None, "cpu", "float32", EngineConfig(prompt="x"),
+                                  launches=("cold", "b", "warm"), overrides={"b": {"warm_on_worker": False}})
+    assert [seen[n]["warm_on_worker"] for n in ("cold", "b", "warm")] == [True, False, True]
+    assert seen["cold"]["prompt"] == seen["b"]["prompt"] == "x" and out["b_s"] == 1.0
+    assert out["first_frame_max_diff"] == 0
+
+
 @pytest.mark.parametrize("precompile", [True, False])
 def test_startup_second_launch_hits_the_cache(tmp_path, precompile):
     """Inductor on CPU, TE + U-Net + VAE compiled: the warm launch loads whole precompiled functions

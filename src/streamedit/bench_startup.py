@@ -31,8 +31,12 @@ LAUNCH_TIMEOUT_S = 1800
 
 
 def measure_startup(model: str, revision, device: str, dtype: str, config, launches=("cold", "warm"),
-                    profile_dir: str | None = None) -> dict:
-    """Launch the probe once per name in ``launches`` on one fresh cache folder; their reports."""
+                    profile_dir: str | None = None, overrides: dict[str, dict] | None = None) -> dict:
+    """Launch the probe once per name in ``launches`` on one fresh cache folder; their reports.
+
+    ``overrides``: launch name -> EngineConfig fields that launch changes (an A/B of warm starts on one
+    cache, scripts/gpu_startup_ab.py; the fields must not change the compiled graphs).
+    """
     spec = {"model": model, "revision": revision, "device": device, "dtype": dtype,
             "config": {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}}
     root = tempfile.mkdtemp(prefix="streamedit-startup-")
@@ -41,7 +45,8 @@ def measure_startup(model: str, revision, device: str, dtype: str, config, launc
     out: dict = {}
     try:
         for name in launches:
-            out[name] = _launch(spec, name, root, env)
+            changed = (overrides or {}).get(name, {})
+            out[name] = _launch({**spec, "config": {**spec["config"], **changed}}, name, root, env)
             out[f"{name}_s"] = out[name]["first_frame_s"]
         if profile_dir:
             Path(profile_dir).mkdir(parents=True, exist_ok=True)

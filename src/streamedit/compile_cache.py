@@ -246,7 +246,6 @@ class Precompiled:
         self._plain = None
         self.sources: list[str] = []  # how each signature was served: "loaded" | "compiled" | "fallback"
         self._served_as: dict = {}  # signature -> its entry of sources
-        self._weights: dict = {}  # source name -> tensor_meta of the weights whose guards were dropped
 
     def __reduce__(self):
         # dynamo pickles the traced method's ``self`` with its guards; when this callable hangs off
@@ -283,14 +282,14 @@ class Precompiled:
         digest = hashlib.sha256(repr(sig).encode()).hexdigest()[:16]
         return root() / "precompiled" / f"{self.key}-{self.name}-{digest}.bin"
 
-    def _aot_compiler(self):
-        """torch.compile of the whole method that keeps only guards that can be written to disk."""
+    def _aot_compiler(self, weights: dict):
+        """torch.compile of the whole method that keeps only guards that can be written to disk; the
+        weights' tensor guards go into ``weights`` as metadata instead (:func:`serialisable_guards`)."""
         from torch._inductor import list_mode_options
 
         # torch.compile takes a mode or options, not both: the mode's inductor options + the filter
         options = dict(list_mode_options(self.mode) if self.backend == "inductor" and self.mode else {})
-        self._weights = {}
-        options["guard_filter_fn"] = functools.partial(serialisable_guards, weights=self._weights)
+        options["guard_filter_fn"] = functools.partial(serialisable_guards, weights=weights)
         with torch._dynamo.config.patch(enable_aot_compile=True):  # torch 2.11 attaches .aot_compile only then
             return torch.compile(self.method, backend=self.backend, options=options, fullgraph=True, dynamic=False)
 
@@ -304,11 +303,12 @@ class Precompiled:
         fn = self._load(path, args)
         if fn is not None:
             return self._served("loaded", fn)
+        weights = {}  # filled while dynamo builds the guards
         try:
-            aot = self._aot_compiler().aot_compile((args, {}))
+            aot = self._aot_compiler(weights).aot_compile((args, {}))
         except Exception as exc:  # noqa: BLE001  (graph break, backend without serialisation, old torch)
             return self._fallback(f"cannot precompile {self.name}: {exc}")
-        self._save(aot, path)
+        self._save(aot, path, weights)
         return self._served("compiled", functools.partial(aot, self.owner))
 
     def _load(self, path: Path, args):
@@ -341,7 +341,7 @@ class Precompiled:
 
         return dict(inspect.signature(self.method.__func__).bind(self.owner, *args).arguments)
 
-    def _save(self, aot, path: Path) -> None:
+    def _save(self, aot, path: Path, weights: dict) -> None:
         try:
             modules = {s.module for s in aot.source_info().inlined_sources}
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -349,7 +349,7 @@ class Precompiled:
             aot.save_compiled_function(str(tmp))
             tmp.replace(path)
             tmp.write_text(json.dumps({"name": self.name, "torch": torch.__version__, "sources": _source_sums(modules),
-                                       "weights": self._weights}))
+                                       "weights": weights}))
             tmp.replace(path.with_suffix(".json"))
         except Exception as exc:  # noqa: BLE001
             log.warning("could not save precompiled %s: %s", self.name, exc)

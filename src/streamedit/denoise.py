@@ -167,7 +167,6 @@ class Denoiser:
                 self._encode_graph = StaticGraph(self._encode_fn, self.models.device, name="encode")
         return self
 
-
     def warm_main(self, batch: int, embeds_shape: tuple[int, int]) -> Future | None:
         """Get the main function ready for a first batch of ``batch`` frames while the caller goes on.
 
