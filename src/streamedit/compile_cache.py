@@ -137,14 +137,15 @@ SECONDS: dict[str, float] = {}
 PRECOMPILE_BACKENDS = ("inductor", "aot_eager")  # backends whose output aot_compile can serialise
 
 
-def compiled(method, mode: str | None, backend: str, key: str | None, name: str, variant=None, **options):
+def compiled(method, mode: str | None, backend: str, key: str | None, name: str, variant=None,
+             inductor: dict | None = None, **options):
     """A :class:`Precompiled` ``method`` when ``key`` is given and ``backend`` can be serialised, else
-    ``torch.compile(method, **options)`` (inductor's own caches only)."""
+    ``torch.compile(method, **options)`` (inductor's own caches only). ``inductor``: extra inductor options."""
     if key is not None and backend in PRECOMPILE_BACKENDS and hasattr(torch.compiler, "load_compiled_function"):
-        return Precompiled(method, key, name, mode, backend, variant, **options)
+        return Precompiled(method, key, name, mode, backend, variant, inductor, **options)
     from .graphs import compile_fn
 
-    return compile_fn(method, mode, backend, **options)
+    return compile_fn(method, mode, backend, inductor, **options)
 
 
 # guards dynamo cannot write to disk (torch._dynamo.guards.CheckFunctionManager lists the same)
@@ -237,9 +238,10 @@ class Precompiled:
     """
 
     def __init__(self, method, key: str, name: str, mode: str | None, backend: str = "inductor", variant=None,
-                 **options):
+                 inductor: dict | None = None, **options):
         self.owner = method.__self__  # artifacts take it as their first argument
         self.method, self.key, self.name, self.mode, self.backend = method, key, name, mode, backend
+        self.inductor = dict(inductor or {})  # extra inductor options: part of the artifact's file name
         self.variant = variant or (lambda: ())
         self.options = options  # for the fallback; aot_compile always traces the whole function
         self._fns: dict = {}  # signature -> callable(*args)
@@ -279,16 +281,16 @@ class Precompiled:
             return fn(*args)
 
     def _path(self, sig) -> Path:
-        digest = hashlib.sha256(repr(sig).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(repr((sig, sorted(self.inductor.items()))).encode()).hexdigest()[:16]
         return root() / "precompiled" / f"{self.key}-{self.name}-{digest}.bin"
 
     def _aot_compiler(self, weights: dict):
         """torch.compile of the whole method that keeps only guards that can be written to disk; the
         weights' tensor guards go into ``weights`` as metadata instead (:func:`serialisable_guards`)."""
-        from torch._inductor import list_mode_options
+        from .graphs import mode_options
 
-        # torch.compile takes a mode or options, not both: the mode's inductor options + the filter
-        options = dict(list_mode_options(self.mode) if self.backend == "inductor" and self.mode else {})
+        # torch.compile takes a mode or options, not both: the mode's inductor options + ours + the filter
+        options = {**mode_options(self.mode), **self.inductor} if self.backend == "inductor" else {}
         options["guard_filter_fn"] = functools.partial(serialisable_guards, weights=weights)
         with torch._dynamo.config.patch(enable_aot_compile=True):  # torch 2.11 attaches .aot_compile only then
             return torch.compile(self.method, backend=self.backend, options=options, fullgraph=True, dynamic=False)
@@ -296,7 +298,7 @@ class Precompiled:
     def _torch_compile(self):
         from .graphs import compile_fn
 
-        return compile_fn(self.method, self.mode, self.backend, **self.options)
+        return compile_fn(self.method, self.mode, self.backend, self.inductor, **self.options)
 
     def _prepare(self, args, sig):
         path = self._path(sig)

@@ -35,7 +35,8 @@ import torch
 from diffusers.pipelines.dreamlite.pipeline_dreamlite_mobile import calculate_shift
 
 from .compile_cache import Precompiled, compiled
-from .graphs import StaticGraph, compile_fn, inductor_mode, wants_graph
+from .graphs import CONV_NET_INDUCTOR, StaticGraph, compile_fn, inductor_mode, wants_graph
+from .kernels import fuse_tiny_vae
 
 
 def sigma_schedule(models, size: int, sigmas, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +154,7 @@ class Denoiser:
         graph = wants_graph(mode, self.models.device)
         static_mode = inductor_mode(mode) if graph else mode  # for what StaticGraph captures
         if unet and vae:
-            fused = compiled(self.generate, static_mode, backend, cache_key, "main")
+            fused = compiled(self.generate, static_mode, backend, cache_key, "main", inductor=CONV_NET_INDUCTOR)
             self.fused = StaticGraph(fused, self.models.device, name="main") if graph else fused
         elif unet:  # the paper's recipe: the U-Net alone, in cudagraph trees
             for t in (self.timesteps, self.time_ids, *self.dts):  # constant inputs: no copy into the trees
@@ -162,7 +163,8 @@ class Denoiser:
         elif vae:
             self.decode_fn = compile_fn(self._decode_target, mode, backend)
         if vae:
-            self._encode_fn = compiled(self._encode_target, static_mode, backend, cache_key, "encode")
+            self._encode_fn = compiled(self._encode_target, static_mode, backend, cache_key, "encode",
+                                       inductor=CONV_NET_INDUCTOR)
             if graph:
                 self._encode_graph = StaticGraph(self._encode_fn, self.models.device, name="encode")
         return self
@@ -212,9 +214,15 @@ def _first_call(fn, inputs, stream, modes) -> None:
         stream.synchronize()
 
 
-def channels_last_vae(models):
-    """A channels_last copy of the VAE, made once per model (TAESD: a few MB of weights)."""
-    key = ("vae_channels_last", id(models.vae))
+def channels_last_vae(models, fused: bool | None = None):
+    """A channels_last copy of the VAE, made once per model (TAESD: a few MB of weights).
+
+    ``fused`` (default: on CUDA): its conv + ReLU pairs as cuDNN fused convolutions
+    (:func:`streamedit.kernels.fuse_tiny_vae`; the same sums, one pass over memory fewer each).
+    """
+    fused = models.device.type == "cuda" if fused is None else fused
+    key = ("vae_channels_last", id(models.vae), fused)
     if key not in models.extras:
-        models.extras[key] = copy.deepcopy(models.vae).to(memory_format=torch.channels_last)
+        vae = copy.deepcopy(models.vae).to(memory_format=torch.channels_last)
+        models.extras[key] = fuse_tiny_vae(vae) if fused else vae
     return models.extras[key]

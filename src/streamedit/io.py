@@ -59,6 +59,14 @@ def resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
 
 
+def _open_input(path: Path):
+    """``av.open`` for reading, tolerating badly encoded metadata (PyAV < 19 asks for it; 19 removed the option)."""
+    try:
+        return av.open(str(path), metadata_errors="ignore")
+    except TypeError:
+        return av.open(str(path))
+
+
 def _ffmpeg_reason(e: Exception) -> str:
     return " ".join(str(getattr(e, "strerror", None) or e).split())  # always one line
 
@@ -93,7 +101,7 @@ class VideoSource:
         if p.is_file() and p.stat().st_size == 0:
             raise StreameditError(f"input file is empty: {p}")
         try:
-            self._container = av.open(str(p), metadata_errors="ignore")
+            self._container = _open_input(p)
         except (av.error.InvalidDataError, av.error.EOFError):
             raise StreameditError(f"not a readable video file (unknown format, or damaged): {p}") from None
         except (av.FFmpegError, OSError) as e:
@@ -297,7 +305,7 @@ class VideoWriter:
 
     def _setup_audio(self):
         try:
-            self._ain = av.open(str(self.source.path), metadata_errors="ignore")  # own demuxer: decode is elsewhere
+            self._ain = _open_input(self.source.path)  # own demuxer: decode is elsewhere
             src = next(s for s in self._ain.streams.audio if s.codec_context is not None)
             try:
                 self._aout, self._transcode = self._out.add_stream_from_template(src), False

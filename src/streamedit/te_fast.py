@@ -41,6 +41,7 @@ from transformers.vision_utils import get_vision_interpolation_indices_and_weigh
 from .fp8 import Fp8Linear, with_fp8_linears  # noqa: F401  (Fp8Linear: public name kept here)
 from .compile_cache import compiled
 from .graphs import StaticGraph, inductor_mode, wants_graph
+from .kernels import linear_gelu_tanh, with_prefix_causal
 from .text_encoder import TextEncoderRunner
 
 
@@ -94,13 +95,19 @@ class FastTextEncoderRunner(TextEncoderRunner):
     exactly like PIL's resize to the same size.
     """
 
-    def __init__(self, models, batch_size: int = 8, fp8: bool = False):
+    def __init__(self, models, batch_size: int = 8, fp8: bool = False, fused_kernels: bool = True):
         super().__init__(models)  # model, image_processor, size, text_inputs() and its cache
         self.batch_size = batch_size  # nominal; shapes come from each call (a new B: one more compile/graph)
         self.visual, self.lm = _hook_free(self.model.visual), _hook_free(self.model.language_model)
         if fp8:  # approximation: the vision blocks' and decoder layers' Linears in FP8 (mergers stay)
             self.visual = _shallow(self.visual, blocks=with_fp8_linears(self.visual.blocks))
             self.lm = _shallow(self.lm, layers=with_fp8_linears(self.lm.layers))
+        # exact kernel substitutions (kernels.py): flash's bottom-right causal attention over the cached
+        # prefix, and the vision MLP's tanh-GELU as a GEMM epilogue; CUDA only, the library path elsewhere
+        self.fused_kernels = fused_kernels
+        if fused_kernels:
+            self.lm = _shallow(self.lm, layers=with_prefix_causal(self.lm.layers))
+        self._gelu_epilogue = fused_kernels and self.visual.config.hidden_act == "gelu_pytorch_tanh"
         self.device = models.device
         self.te_dtype = next(self.model.parameters()).dtype
         ip = self.image_processor
@@ -258,6 +265,12 @@ class FastTextEncoderRunner(TextEncoderRunner):
                                       attention_mask=None, scaling=attn.scaling, dropout=0.0, is_causal=False)
         return attn.proj(out.reshape(b, n, -1))
 
+    def _vision_mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
+        """``Qwen3VLVisionMLP.forward``; fc1 + tanh-GELU as one GEMM where :func:`linear_gelu_tanh` applies."""
+        if self._gelu_epilogue and type(mlp.linear_fc1) is nn.Linear:
+            return mlp.linear_fc2(linear_gelu_tanh(x, mlp.linear_fc1))
+        return mlp(x)
+
     def _forward(self, frames: torch.Tensor) -> torch.Tensor:
         """(B,H,W,3) uint8 on the device -> (B, L - prefix, hidden). No host syncs, static shapes."""
         c, v, lm = self.c, self.visual, self.lm
@@ -273,7 +286,7 @@ class FastTextEncoderRunner(TextEncoderRunner):
         deepstack = []
         for i, blk in enumerate(v.blocks):  # Qwen3VLVisionBlock.forward
             h = h + self._vision_attention(blk.attn, blk.norm1(h))
-            h = h + blk.mlp(blk.norm2(h))
+            h = h + self._vision_mlp(blk.mlp, blk.norm2(h))
             if i in v.deepstack_visual_indexes:  # mergers take 2x2 blocks of consecutive tokens per image
                 merger = v.deepstack_merger_list[v.deepstack_visual_indexes.index(i)]
                 deepstack.append(merger(h).view(b, self.n_tokens, -1))
