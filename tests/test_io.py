@@ -304,3 +304,23 @@ def test_read_frames_none_keeps_the_stored_size(tmp_path):
     clip = make_test_clip(tmp_path / "c.mp4", frames=3, width=96, height=64)
     assert read_frames(clip)[0].shape == (64, 96, 3)
     assert read_frames(clip, size=32)[0].shape == (32, 32, 3)
+
+
+def test_opens_inputs_with_pyav_without_metadata_errors(tmp_path, monkeypatch):
+    """PyAV 19 dropped ``av.open(metadata_errors=...)``: inputs still open and decode."""
+    inp = make_test_clip(tmp_path / "in.mp4", frames=8, width=64, height=64, fps=24, audio=True)
+    real_open = av.open
+    seen = []
+
+    def open_without_option(*args, **kwargs):
+        if "metadata_errors" in kwargs:
+            raise TypeError("open() got an unexpected keyword argument 'metadata_errors'")
+        seen.append(args[1:2])
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(av, "open", open_without_option)
+    src = open_video(inp, size=32)
+    frames = list(src.frames())
+    src.close()
+    assert len(frames) == 8 and frames[0].shape == (32, 32, 3)
+    assert () in seen  # the input was opened for reading, without the option
