@@ -214,15 +214,14 @@ def _first_call(fn, inputs, stream, modes) -> None:
         stream.synchronize()
 
 
-def channels_last_vae(models, fused: bool | None = None):
+def channels_last_vae(models):
     """A channels_last copy of the VAE, made once per model (TAESD: a few MB of weights).
 
-    ``fused`` (default: on CUDA): its conv + ReLU pairs as cuDNN fused convolutions
-    (:func:`streamedit.kernels.fuse_tiny_vae`; the same sums, one pass over memory fewer each).
+    On CUDA its residual blocks run as cuDNN fused convolutions (:func:`streamedit.kernels.fuse_tiny_vae`;
+    the same sums, one pass over memory fewer each).
     """
-    fused = models.device.type == "cuda" if fused is None else fused
-    key = ("vae_channels_last", id(models.vae), fused)
+    key = ("vae_channels_last", id(models.vae))
     if key not in models.extras:
         vae = copy.deepcopy(models.vae).to(memory_format=torch.channels_last)
-        models.extras[key] = fuse_tiny_vae(vae) if fused else vae
+        models.extras[key] = fuse_tiny_vae(vae) if models.device.type == "cuda" else vae
     return models.extras[key]

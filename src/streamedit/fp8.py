@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import shallow
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 
@@ -69,12 +71,10 @@ def with_fp8_linears(module: nn.Module) -> nn.Module:
 
     The shared model (the reference runner, other engines) is left untouched.
     """
-    from .te_fast import _shallow
-
     if isinstance(module, nn.Linear):
         aligned = module.in_features % 16 == 0 and module.out_features % 16 == 0
         return Fp8Linear(module) if aligned else module
-    return _shallow(module, **{n: with_fp8_linears(m) for n, m in module._modules.items() if m is not None})
+    return shallow(module, **{n: with_fp8_linears(m) for n, m in module._modules.items() if m is not None})
 
 
 def check_fp8_device(device) -> str | None:

@@ -26,6 +26,13 @@ from torch import nn
 PREFIX_CAUSAL = "streamedit_prefix_causal"  # the attention implementation name registered with transformers
 
 
+def shallow(module: nn.Module, **children: nn.Module) -> nn.Module:
+    """A copy of ``module`` sharing parameters and buffers, with its own child table (``children`` swapped)."""
+    new = copy.copy(module)
+    new._modules = {**module._modules, **children}
+    return new
+
+
 def _flash_ok(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
 
@@ -62,12 +69,10 @@ def with_prefix_causal(layers: nn.ModuleList) -> nn.ModuleList:
     register_prefix_causal()
     out = []
     for layer in layers:
-        attn = copy.copy(layer.self_attn)
-        attn.config = copy.copy(attn.config)
+        attn = shallow(layer.self_attn)
+        attn.config = copy.copy(attn.config)  # the attention reads its implementation from its config
         attn.config._attn_implementation = PREFIX_CAUSAL
-        new = copy.copy(layer)
-        new._modules = {**layer._modules, "self_attn": attn}
-        out.append(new)
+        out.append(shallow(layer, self_attn=attn))
     return nn.ModuleList(out)
 
 
@@ -82,54 +87,50 @@ def linear_gelu_tanh(x: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
     return torch._addmm_activation(fc.bias, flat, fc.weight.t(), use_gelu=True).view(*x.shape[:-1], -1)
 
 
-# ---- TAESD: cuDNN conv + bias (+ add) + ReLU ---------------------------------------------------------
-def _conv_out(x, weight, stride, padding):
-    h = (x.shape[2] + 2 * padding - weight.shape[2]) // stride + 1
-    w = (x.shape[3] + 2 * padding - weight.shape[3]) // stride + 1
-    return torch.empty((x.shape[0], weight.shape[0], h, w), dtype=x.dtype, device=x.device,
+# ---- TAESD: cuDNN conv + bias (+ add) + ReLU, for the blocks' 3x3 / stride 1 / padding 1 convs -----------
+def _same_size(x, weight):
+    return torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last)
 
 
-@torch.library.custom_op("streamedit::conv_relu", mutates_args=())
-def conv_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
-    """``relu(conv2d(x, weight, bias))``, channels_last out; one cuDNN fused kernel on CUDA."""
+@torch.library.custom_op("streamedit::conv3x3_relu", mutates_args=())
+def conv3x3_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``relu(conv2d(x, weight, bias, padding=1))``, channels_last out; one cuDNN fused kernel on CUDA."""
     x = x.contiguous(memory_format=torch.channels_last)
     if x.is_cuda:
-        out = torch.cudnn_convolution_relu(x, weight, bias, (stride, stride), (padding, padding), (1, 1), 1)
+        out = torch.cudnn_convolution_relu(x, weight, bias, (1, 1), (1, 1), (1, 1), 1)
     else:
-        out = F.relu(F.conv2d(x, weight, bias, stride, padding))
+        out = F.relu(F.conv2d(x, weight, bias, padding=1))
     return out.contiguous(memory_format=torch.channels_last)
 
 
-@conv_relu.register_fake
-def _(x, weight, bias, stride, padding):
-    return _conv_out(x, weight, stride, padding)
+@conv3x3_relu.register_fake
+def _(x, weight, bias):
+    return _same_size(x, weight)
 
 
-@torch.library.custom_op("streamedit::conv_add_relu", mutates_args=())
-def conv_add_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, z: torch.Tensor, stride: int,
-                  padding: int) -> torch.Tensor:
-    """``relu(conv2d(x, weight, bias) + z)``, channels_last out; one cuDNN fused kernel on CUDA."""
+@torch.library.custom_op("streamedit::conv3x3_add_relu", mutates_args=())
+def conv3x3_add_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``relu(conv2d(x, weight, bias, padding=1) + z)``, channels_last out; one cuDNN fused kernel on CUDA."""
     x = x.contiguous(memory_format=torch.channels_last)
     z = z.contiguous(memory_format=torch.channels_last)
     if x.is_cuda:
-        out = torch.cudnn_convolution_add_relu(x, weight, z, 1.0, bias, (stride, stride), (padding, padding),
-                                               (1, 1), 1)
+        out = torch.cudnn_convolution_add_relu(x, weight, z, 1.0, bias, (1, 1), (1, 1), (1, 1), 1)
     else:
-        out = F.relu(F.conv2d(x, weight, bias, stride, padding) + z)
+        out = F.relu(F.conv2d(x, weight, bias, padding=1) + z)
     return out.contiguous(memory_format=torch.channels_last)
 
 
-@conv_add_relu.register_fake
-def _(x, weight, bias, z, stride, padding):
-    return _conv_out(x, weight, stride, padding)
+@conv3x3_add_relu.register_fake
+def _(x, weight, bias, z):
+    return _same_size(x, weight)
 
 
 def _fusable(conv) -> bool:
-    """A square, undilated, ungrouped conv with a bias and channel counts cuDNN's fusion engines take."""
-    return (isinstance(conv, nn.Conv2d) and conv.bias is not None and conv.groups == 1 and conv.dilation == (1, 1)
-            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple) and len(set(conv.padding)) == 1
-            and len(set(conv.stride)) == 1 and conv.in_channels % 8 == 0 and conv.out_channels % 8 == 0)
+    """A 3x3, stride 1, padding 1 conv with a bias, in channel counts cuDNN's fusion engines take."""
+    return (isinstance(conv, nn.Conv2d) and conv.bias is not None and conv.kernel_size == (3, 3)
+            and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and conv.in_channels % 8 == 0 and conv.out_channels % 8 == 0)
 
 
 class FusedTinyBlock(nn.Module):
@@ -141,15 +142,15 @@ class FusedTinyBlock(nn.Module):
 
     def forward(self, x):
         c0, c1, c2 = self.conv[0], self.conv[2], self.conv[4]
-        h = conv_relu(x, c0.weight, c0.bias, 1, 1)
-        h = conv_relu(h, c1.weight, c1.bias, 1, 1)
-        return conv_add_relu(h, c2.weight, c2.bias, self.skip(x), 1, 1)
+        h = conv3x3_relu(x, c0.weight, c0.bias)
+        h = conv3x3_relu(h, c1.weight, c1.bias)
+        return conv3x3_add_relu(h, c2.weight, c2.bias, self.skip(x))
 
 
 def _block_fusable(block) -> bool:
     seq = getattr(block, "conv", None)
     return (type(block).__name__ == "AutoencoderTinyBlock" and isinstance(seq, nn.Sequential) and len(seq) == 5
-            and all(_fusable(seq[i]) and seq[i].stride == (1, 1) and seq[i].padding == (1, 1) for i in (0, 2, 4))
+            and all(_fusable(seq[i]) for i in (0, 2, 4))
             and all(isinstance(seq[i], nn.ReLU) for i in (1, 3)) and isinstance(block.fuse, nn.ReLU))
 
 
@@ -165,10 +166,5 @@ def fuse_tiny_vae(vae):
     parts = [getattr(vae, n, None) for n in ("encoder", "decoder")]
     if not all(isinstance(getattr(p, "layers", None), nn.Sequential) for p in parts):
         return vae
-    new = copy.copy(vae)
-    new._modules = dict(vae._modules)
-    for name in ("encoder", "decoder"):
-        part = copy.copy(getattr(vae, name))
-        part._modules = {**part._modules, "layers": _fuse_sequential(part.layers)}
-        new._modules[name] = part
-    return new
+    return shallow(vae, **{name: shallow(part, layers=_fuse_sequential(part.layers))
+                           for name, part in zip(("encoder", "decoder"), parts)})

@@ -25,7 +25,6 @@ those modules; the shared model is not modified.
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import torch
@@ -41,7 +40,7 @@ from transformers.vision_utils import get_vision_interpolation_indices_and_weigh
 from .fp8 import Fp8Linear, with_fp8_linears  # noqa: F401  (Fp8Linear: public name kept here)
 from .compile_cache import compiled
 from .graphs import StaticGraph, inductor_mode, wants_graph
-from .kernels import linear_gelu_tanh, with_prefix_causal
+from .kernels import linear_gelu_tanh, shallow, with_prefix_causal
 from .text_encoder import TextEncoderRunner
 
 
@@ -63,13 +62,6 @@ class _PrefixKV:
         return k, v
 
 
-def _shallow(module: nn.Module, **children: nn.Module) -> nn.Module:
-    """A copy of ``module`` sharing parameters and buffers, with its own child table (``children`` swapped)."""
-    new = copy.copy(module)
-    new._modules = {**module._modules, **children}
-    return new
-
-
 def _hook_free(module: nn.Module) -> nn.Module:
     """A copy of the module tree sharing every parameter, with empty forward-hook tables.
 
@@ -77,7 +69,7 @@ def _hook_free(module: nn.Module) -> nn.Module:
     time anything asks for ``output_hidden_states`` (diffusers' pipeline does); they are useless
     here and split the compiled graph. Fresh tables also keep hooks added later off this copy.
     """
-    new = _shallow(module, **{n: _hook_free(m) for n, m in module._modules.items() if m is not None})
+    new = shallow(module, **{n: _hook_free(m) for n, m in module._modules.items() if m is not None})
     for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
                  "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
         if hasattr(module, name):
@@ -100,13 +92,13 @@ class FastTextEncoderRunner(TextEncoderRunner):
         self.batch_size = batch_size  # nominal; shapes come from each call (a new B: one more compile/graph)
         self.visual, self.lm = _hook_free(self.model.visual), _hook_free(self.model.language_model)
         if fp8:  # approximation: the vision blocks' and decoder layers' Linears in FP8 (mergers stay)
-            self.visual = _shallow(self.visual, blocks=with_fp8_linears(self.visual.blocks))
-            self.lm = _shallow(self.lm, layers=with_fp8_linears(self.lm.layers))
+            self.visual = shallow(self.visual, blocks=with_fp8_linears(self.visual.blocks))
+            self.lm = shallow(self.lm, layers=with_fp8_linears(self.lm.layers))
         # exact kernel substitutions (kernels.py): flash's bottom-right causal attention over the cached
         # prefix, and the vision MLP's tanh-GELU as a GEMM epilogue; CUDA only, the library path elsewhere
         self.fused_kernels = fused_kernels
         if fused_kernels:
-            self.lm = _shallow(self.lm, layers=with_prefix_causal(self.lm.layers))
+            self.lm = shallow(self.lm, layers=with_prefix_causal(self.lm.layers))
         self._gelu_epilogue = fused_kernels and self.visual.config.hidden_act == "gelu_pytorch_tanh"
         self.device = models.device
         self.te_dtype = next(self.model.parameters()).dtype
