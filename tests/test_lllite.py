@@ -173,6 +173,56 @@ def test_cond_batch_tiling_and_cfg_batch(unet):
         run(unet, *inputs())
 
 
+@torch.no_grad()
+def test_batched_cond_embedding_equals_each_modules_convs(unet):
+    """One GEMM per layer for all hooks (lllite_cond) = each hook's own strided convs (fp32), also
+    after a weight changes in place (the packed weights are rebuilt)."""
+    adapter = randomize(LLLiteAdapter.for_unet(unet, hooks="all", cond_size=COND))
+    groups = adapter._by_stride()
+    assert sorted(groups) == [8, 16, 32] and max(len(m) for m in groups.values()) > 1
+    images = cond_images(3)
+
+    def check():
+        got = adapter.embed(images)
+        assert adapter._embedder  # the batched path ran
+        for stride, mods in groups.items():
+            for i, m in enumerate(mods):
+                want = m.conditioning1(images).permute(0, 2, 3, 1)
+                assert torch.allclose(got[stride][:, :, :, i], want, atol=1e-5)
+
+    check()
+    mods = groups[32]
+    mods[-1].conditioning1[0].weight.mul_(-2.0)  # in place: same address, new version
+    mods[0].conditioning1[-1].bias.add_(1.0)
+    check()
+
+
+@torch.no_grad()
+def test_cond_buffers_one_per_stride_survive_to(unet):
+    adapter = randomize(LLLiteAdapter.for_unet(unet, hooks="all", cond_size=COND))
+    apply_lllite(unet, adapter)
+    images = cond_images()
+    adapter.set_cond_image(images)
+
+    def shared():  # every hook of a stride views one buffer
+        return all(len({m.cond_emb.untyped_storage().data_ptr() for m in mods}) == 1
+                   for mods in adapter._by_stride().values())
+
+    before = [m.cond_emb.clone() for _, m in adapter.items()]
+    for (_, m), ref in zip(adapter.items(), before):
+        assert torch.allclose(ref, m.embed(images), atol=1e-5)
+    assert shared()
+    adapter.to(torch.float64)  # each view is moved on its own; the buffers are rebuilt with the contents
+    assert shared()
+    for (_, m), ref in zip(adapter.items(), before):
+        assert m.cond_emb.dtype == torch.float64 and torch.equal(m.cond_emb, ref.double())
+    adapter.set_cond_rows(cond_images(1, seed=5).double(), torch.tensor([1]))
+    for (_, m), ref in zip(adapter.items(), before):
+        assert torch.equal(m.cond_emb[0], ref[0].double())
+        assert torch.allclose(m.cond_emb[1], m.embed(cond_images(1, seed=5).double())[0])
+    adapter.to(torch.float32)
+
+
 def test_hook_subset_counts_real_unet_on_meta():
     from diffusers import DreamLiteUNetModel
 

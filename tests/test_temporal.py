@@ -120,6 +120,16 @@ def test_farneback_warp_aligns_translated_frames():
     assert err < 0.25 * np.abs(a[inner].astype(np.float32) - b[inner]).mean()
 
 
+def test_warp_is_grid_sample_at_pixel_plus_flow():
+    g = torch.Generator().manual_seed(0)
+    images, flows = torch.rand(2, 3, 24, 40, generator=g), torch.randn(2, 24, 40, 2, generator=g) * 3
+    ys, xs = torch.meshgrid(torch.arange(24.0), torch.arange(40.0), indexing="ij")
+    grid = torch.stack([(xs + flows[..., 0]) / 39 * 2 - 1, (ys + flows[..., 1]) / 23 * 2 - 1], dim=-1)
+    want = torch.nn.functional.grid_sample(images, grid, padding_mode="border", align_corners=True)
+    assert torch.allclose(warp(images, flows), want, atol=1e-5)
+    assert torch.allclose(warp(images, torch.zeros_like(flows)), images, atol=1e-5)
+
+
 @pytest.mark.parametrize("flow_size", [32])
 def test_reduced_resolution_flow_scales_vectors(flow_size):
     a = _textured(6, 96)
@@ -164,12 +174,14 @@ def test_staggered_refresh_rebuilds_each_slot_every_n_batches(tiny_models, monke
     assert len(flows) == 8  # one flow per staggered slot, none for the start batch
     # each write changes exactly its own row of every hook's buffer, to the embedding of its image
     images, rows = writes[-1]
+    assert images.is_floating_point()  # the warped output's uint8 values, mapped to [-1, 1] as set_cond_image does
+    assert torch.equal(images, torch.round((images + 1.0) * 127.5).clamp(0, 255) / 127.5 - 1.0)
     after = [m.cond_emb for _, m in adapter.items()]
     for (_, m), before, now in zip(adapter.items(), snapshots[-1], after):
         others = [i for i in range(4) if i not in rows]
         assert torch.equal(now[others], before[others])
         with torch.no_grad():
-            expect = m.embed(images.float() / 127.5 - 1.0)
+            expect = m.embed(images if images.is_floating_point() else images.float() / 127.5 - 1.0)
         assert torch.allclose(now[rows], expect, atol=1e-6)
     assert not torch.equal(after[0][rows], snapshots[-1][0][rows])
 

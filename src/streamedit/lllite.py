@@ -199,6 +199,8 @@ class LLLiteAdapter(nn.Module):
         self.config = config
         self.inference_mode = True
         self._alloc: tuple[int, int, int] | None = None  # (batch, height, width) of the buffers
+        self._buffers_by_stride: dict[int, torch.Tensor] = {}  # see allocate()
+        self._embedder = None  # lllite_cond.CondEmbedder once used (False: a layout it cannot batch)
         self.lllite = nn.ModuleDict({
             _key(hook): LLLiteModule(hook, in_dim, stride, config.cond_emb_dim, config.mlp_dim, config.dropout)
             for hook, (in_dim, stride) in specs.items()})
@@ -235,17 +237,42 @@ class LLLiteAdapter(nn.Module):
         return self._alloc[0] if self._alloc else 0
 
     def allocate(self, batch: int, height: int | None = None, width: int | None = None) -> None:
-        """(Re)create the inference buffers for ``batch`` cond images of ``height x width`` pixels."""
+        """(Re)create the inference buffers for ``batch`` cond images of ``height x width`` pixels.
+
+        The hooks of one stride share one buffer (batch, h, 2w, hooks, cond_emb_dim): each module's
+        ``cond_emb`` is its (batch, h*2w, cond_emb_dim) view, so a refresh writes the whole group at once.
+        """
         height = height or self.config.cond_size
         width = width or height
         param = next(self.parameters())
-        for _, m in self.items():
-            if height % m.stride or width % m.stride:
-                raise StreameditError(f"LLLite cond image {height}x{width} is not a multiple of {m.stride} "
-                                      f"(stride of hook {m.hook})")
-            tokens = (height // m.stride) * (2 * width // m.stride)
-            m.cond_emb = torch.zeros(batch, tokens, self.config.cond_emb_dim, device=param.device, dtype=param.dtype)
+        for stride, mods in self._by_stride().items():
+            if height % stride or width % stride:
+                raise StreameditError(f"LLLite cond image {height}x{width} is not a multiple of {stride} "
+                                      f"(stride of hook {mods[0].hook})")
+            shape = (batch, height // stride, 2 * width // stride, len(mods), self.config.cond_emb_dim)
+            self._share(torch.zeros(shape, device=param.device, dtype=param.dtype), mods)
         self._alloc = (batch, height, width)
+
+    def _by_stride(self) -> dict[int, list[LLLiteModule]]:
+        groups: dict[int, list[LLLiteModule]] = {}
+        for _, m in self.items():
+            groups.setdefault(m.stride, []).append(m)
+        return groups
+
+    def _share(self, buffer: torch.Tensor, mods: list[LLLiteModule]) -> None:
+        self._buffers_by_stride[mods[0].stride] = buffer
+        for i, m in enumerate(mods):
+            m.cond_emb = buffer[:, :, :, i].flatten(1, 2)
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.half() move every module's view on its own: gather them into one buffer per stride again
+        out = super()._apply(fn, recurse)
+        if self._alloc is not None:
+            b, h, w = self._alloc
+            for stride, mods in self._by_stride().items():
+                shape = (b, h // stride, 2 * w // stride, self.config.cond_emb_dim)
+                self._share(torch.stack([m.cond_emb.reshape(shape) for m in mods], dim=3), mods)
+        return out
 
     def set_cond_image(self, images: torch.Tensor) -> None:
         """Embed cond images: (B,3,H,W) uint8 in [0,255] or float in [-1,1], on the adapter's device.
@@ -267,9 +294,31 @@ class LLLiteAdapter(nn.Module):
             self.allocate(max(b, self._alloc[0] if self._alloc else 0), h, w)
         rows = torch.arange(self._alloc[0], device=param.device) % b
         with torch.no_grad():
-            for _, m in self.items():
-                emb = m.embed(images)
-                m.cond_emb.copy_(emb if b == self._alloc[0] else emb[rows])
+            for stride, emb in self.embed(images).items():
+                self._left_half(stride).copy_(emb if b == self._alloc[0] else emb[rows])
+
+    def embed(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Inference: every hook's cond embedding of (B,3,H,W) images in [-1,1], as {stride: (B, h, w,
+        hooks, cond_emb_dim)} (the hooks in ``_by_stride`` order), without the zero source half."""
+        if self._embedder is None:
+            from .lllite_cond import CondEmbedder, patch_layout
+
+            groups = self._by_stride()
+            self._embedder = CondEmbedder(groups) if patch_layout(groups) else False
+        if self._embedder:
+            return self._embedder(images)
+        return {stride: torch.stack([m.conditioning1(images).permute(0, 2, 3, 1) for m in mods], dim=3)
+                for stride, mods in self._by_stride().items()}
+
+    def sync_cond_weights(self) -> None:
+        """Repack the batched conditioning weights if they changed (before replaying a captured refresh)."""
+        if self._embedder:
+            self._embedder.sync()
+
+    def _left_half(self, stride: int) -> torch.Tensor:
+        """The generated half of a stride's buffer (the source half stays zero)."""
+        buffer = self._buffers_by_stride[stride]
+        return buffer[:, :, : buffer.shape[2] // 2]
 
     def _as_input(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
@@ -286,8 +335,8 @@ class LLLiteAdapter(nn.Module):
             raise StreameditError("LLLite: set_cond_rows needs buffers of the image size (allocate() first)")
         images = self._as_input(images)
         with torch.no_grad():
-            for _, m in self.items():
-                m.cond_emb.index_copy_(0, rows, m.embed(images))
+            for stride, emb in self.embed(images).items():
+                self._left_half(stride).index_copy_(0, rows, emb)
 
     def set_multiplier(self, value: float | torch.Tensor) -> None:
         """Strength of the adapter (0 = off), written in place into every module's buffer."""

@@ -20,12 +20,14 @@ Work split, so nothing here sits on the main stream's critical path:
 ``(k - j) % refresh_every == 0``, so every slot is still rebuilt every ``refresh_every`` batches
 but each batch pays for ``B / refresh_every`` flows and cond CNNs (one at B = 8, N = 8) rather than
 every N-th batch paying for B of them (the p95 spike of the full refresh). The start and scene cuts
-still refresh every slot. With ``graph`` (CUDA), the cond CNNs + in-place row writes replay from one
-CUDA graph per row count.
+still refresh every slot. With ``graph`` (CUDA), a staggered refresh (flow upload, warp, the cond
+CNNs of all hooks as a few GEMMs, :mod:`streamedit.lllite_cond`, and the
+in-place row writes) replays from one CUDA graph: it sits on the main stream's critical path.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,14 +53,26 @@ def farneback(target: np.ndarray, source: np.ndarray, size: int | None = None) -
     return flow
 
 
+def warp_output(prev: torch.Tensor, flows: torch.Tensor) -> torch.Tensor:
+    """A (3,H,W) uint8 output warped by each of (n,H,W,2) flows: (n,3,H,W) float32 holding the uint8
+    values (rounded, clamped to [0, 255])."""
+    flows = flows.to(prev.device, non_blocking=True)
+    images = prev.float().unsqueeze(0).expand(len(flows), -1, -1, -1)
+    return warp(images, flows).round_().clamp_(0, 255)
+
+
+@functools.cache
+def _identity_grid(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """grid_sample's coordinates of each pixel (align_corners) and the pixel -> coordinate scale."""
+    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=device)
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    return torch.stack([xs, ys], dim=-1) * scale - 1.0, scale
+
+
 def warp(images: torch.Tensor, flows: torch.Tensor) -> torch.Tensor:
     """Backward-warp (B,C,H,W) images with (B,H,W,2) pixel flows: out(x) = images(x + flow(x))."""
-    b, _, h, w = images.shape
-    ys, xs = torch.meshgrid(torch.arange(h, device=flows.device), torch.arange(w, device=flows.device),
-                            indexing="ij")
-    gx = (xs + flows[..., 0]) * (2.0 / max(w - 1, 1)) - 1.0
-    gy = (ys + flows[..., 1]) * (2.0 / max(h - 1, 1)) - 1.0
-    grid = torch.stack([gx, gy], dim=-1).to(images.dtype)
+    base, scale = _identity_grid(images.shape[2], images.shape[3], flows.device)
+    grid = torch.addcmul(base, flows, scale).to(images.dtype)  # one kernel: a refresh is latency-bound
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
@@ -105,7 +119,7 @@ class TemporalConditioner:
         self.adapter = adapter
         self.refresh_every = refresh_every
         self.stagger = stagger
-        self._graphs = {} if graph else None  # row count -> StaticGraph of adapter.set_cond_rows
+        self._graphs = {} if graph else None  # (function, row count) -> StaticGraph (see _run)
         self._rows = {}  # slots -> device index tensor (made once per pattern)
         self._batch = -1
         self.cuts = SceneCutDetector() if cut_refresh else None
@@ -160,44 +174,46 @@ class TemporalConditioner:
         """Write the cond embedding for this batch; ``inputs`` are the (B,H,W,3) uint8 source frames."""
         if not plan.refresh:
             return
-        if plan.slots is not None:  # staggered: the previous output warped onto the slots' frames
-            self._write(self._warped(plan, timings), plan.slots)
+        if plan.slots is not None:  # staggered: the previous output warped onto the slots' frames, one graph
+            self._run(self._warp_into_rows, (self._flows(plan, timings), self._prev_output), plan.slots)
             return
         cond = inputs.permute(0, 3, 1, 2)
         if plan.flows and self._prev_output is not None:
-            warped = self._warped(plan, timings)
+            warped = warp_output(self._prev_output, self._flows(plan, timings)).to(torch.uint8)
             cond = torch.cat([warped, cond[len(warped):]]) if len(warped) < len(cond) else warped
         if self._graphs is not None and len(cond) == self.adapter.rows:
-            self._write(cond, tuple(range(len(cond))))
+            self._run(self.adapter.set_cond_rows, (cond,), tuple(range(len(cond))))
         else:
             self.adapter.set_cond_image(cond)
 
-    def _warped(self, plan: CondPlan, timings: dict) -> torch.Tensor:
-        """(n,3,H,W) uint8: the last output warped by the plan's flows (waited for here)."""
+    def _warp_into_rows(self, flows: torch.Tensor, prev: torch.Tensor, rows: torch.Tensor) -> None:
+        self.adapter.set_cond_rows(warp_output(prev, flows).div_(127.5).sub_(1.0), rows)  # = uint8 -> [-1, 1]
+
+    def _flows(self, plan: CondPlan, timings: dict) -> torch.Tensor:
+        """(n,H,W,2) float32 flows of the plan (waited for here), on the host (pinned on CUDA)."""
         t0 = time.perf_counter()
         results = [f.result() for f in plan.flows]
         timings["flow_wait_ms"] = 1e3 * (time.perf_counter() - t0)
         timings["flow_cpu_ms"] = sum(ms for _, ms in results)
-        device = self._prev_output.device
         flows = torch.from_numpy(np.stack([flow for flow, _ in results]))
-        if device.type == "cuda":
-            flows = flows.pin_memory()  # a pageable source would make the copy synchronous
-        flows = flows.to(device, non_blocking=True)
-        prev = self._prev_output.float().unsqueeze(0).expand(len(results), -1, -1, -1)
-        return warp(prev, flows).round().clamp(0, 255).to(torch.uint8)
+        return flows.pin_memory() if self._prev_output.device.type == "cuda" else flows
 
-    def _write(self, images: torch.Tensor, slots: tuple[int, ...]) -> None:
+    def _run(self, fn, inputs: tuple, slots: tuple[int, ...]) -> None:
+        """``fn(*inputs, rows)`` for these batch slots, replayed from a CUDA graph (one per function and
+        row count) when graphs are on: a refresh is many small kernels, latency-bound."""
         if slots not in self._rows:
-            self._rows[slots] = torch.tensor(slots, device=images.device)
+            self._rows[slots] = torch.tensor(slots, device=next(self.adapter.parameters()).device)
         rows = self._rows[slots]
+        self.adapter.sync_cond_weights()  # a replay reads the packed weights without running Python
         if self._graphs is None:
-            self.adapter.set_cond_rows(images, rows)
+            fn(*inputs, rows)
             return
         from .graphs import StaticGraph
 
-        if len(slots) not in self._graphs:
-            self._graphs[len(slots)] = StaticGraph(self.adapter.set_cond_rows, images.device, name="cond")
-        self._graphs[len(slots)](images, rows)
+        key = (fn.__name__, len(slots))
+        if key not in self._graphs:
+            self._graphs[key] = StaticGraph(fn, rows.device, name="cond")
+        self._graphs[key](*inputs, rows)
 
     def remember(self, outputs: torch.Tensor, count: int) -> None:
         """Keep the last real decoded frame of this batch (device tensor) for the next refresh."""
