@@ -200,6 +200,7 @@ class LLLiteAdapter(nn.Module):
         self.inference_mode = True
         self._alloc: tuple[int, int, int] | None = None  # (batch, height, width) of the buffers
         self._buffers_by_stride: dict[int, torch.Tensor] = {}  # see allocate()
+        self._groups: dict[int, list[LLLiteModule]] = {}  # see _by_stride()
         self._embedder = None  # lllite_cond.CondEmbedder once used (False: a layout it cannot batch)
         self.lllite = nn.ModuleDict({
             _key(hook): LLLiteModule(hook, in_dim, stride, config.cond_emb_dim, config.mlp_dim, config.dropout)
@@ -254,10 +255,11 @@ class LLLiteAdapter(nn.Module):
         self._alloc = (batch, height, width)
 
     def _by_stride(self) -> dict[int, list[LLLiteModule]]:
-        groups: dict[int, list[LLLiteModule]] = {}
-        for _, m in self.items():
-            groups.setdefault(m.stride, []).append(m)
-        return groups
+        """The hooks grouped by conditioning stride, in hook order (fixed once the adapter is built)."""
+        if not self._groups:
+            for _, m in self.items():
+                self._groups.setdefault(m.stride, []).append(m)
+        return self._groups
 
     def _share(self, buffer: torch.Tensor, mods: list[LLLiteModule]) -> None:
         self._buffers_by_stride[mods[0].stride] = buffer

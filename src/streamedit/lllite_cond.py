@@ -52,6 +52,11 @@ class CondEmbedder:
     def __init__(self, groups: dict[int, list]):
         self.groups = groups
         self.params = [p for mods in groups.values() for m in mods for c in _convs(m) for p in (c.weight, c.bias)]
+        first = _convs(next(iter(groups.values()))[0])[0]
+        self.first_kernel = first.kernel_size[0]
+        # per stride: (hooks, first layer's channels, kernel of each later layer); fixed with the modules
+        self.layout = {stride: (len(mods), _convs(mods[0])[0].out_channels,
+                                [c.kernel_size[0] for c in _convs(mods[0])[1:]]) for stride, mods in groups.items()}
         self._key = None
         self._packed: dict = {}
 
@@ -84,26 +89,21 @@ class CondEmbedder:
 
     def __call__(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
         self.sync()
-        b = images.shape[0]
-        first = _convs(next(iter(self.groups.values()))[0])[0]
-        k = first.kernel_size[0]
+        b, k = images.shape[0], self.first_kernel
         h, w = images.shape[2] // k, images.shape[3] // k
         weight, bias = self._packed["first"]
         y = torch.addmm(bias, _patches(images.permute(0, 2, 3, 1), k), weight.t())  # every hook's layer 1
         y_relu = torch.relu(y)
         out, col = {}, 0
-        for stride, mods in self.groups.items():
-            n, depth = len(mods), len(_convs(mods[0]))
-            c = _convs(mods[0])[0].out_channels
-            x = (y_relu if depth > 1 else y)[:, col: col + n * c].reshape(b, h, w, n, c)
+        for stride, (n, c, kernels) in self.layout.items():
+            x = (y_relu if kernels else y)[:, col: col + n * c].reshape(b, h, w, n, c)
             col += n * c
-            for d in range(1, depth):
+            for d, kd in enumerate(kernels, start=1):
                 weight, bias = self._packed[stride, d]
-                kd = _convs(mods[0])[d].kernel_size[0]
                 hd, wd = x.shape[1] // kd, x.shape[2] // kd
                 z = torch.baddbmm(bias, _patches(x, kd), weight)  # (n, B*hd*wd, out)
                 x = z.transpose(0, 1).reshape(b, hd, wd, n, z.shape[-1])
-                if d < depth - 1:
+                if d < len(kernels):
                     x = torch.relu(x)
             out[stride] = x
         return out

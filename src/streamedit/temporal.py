@@ -204,7 +204,6 @@ class TemporalConditioner:
         if slots not in self._rows:
             self._rows[slots] = torch.tensor(slots, device=next(self.adapter.parameters()).device)
         rows = self._rows[slots]
-        self.adapter.sync_cond_weights()  # a replay reads the packed weights without running Python
         if self._graphs is None:
             fn(*inputs, rows)
             return
@@ -213,6 +212,8 @@ class TemporalConditioner:
         key = (fn.__name__, len(slots))
         if key not in self._graphs:
             self._graphs[key] = StaticGraph(fn, rows.device, name="cond")
+        else:
+            self.adapter.sync_cond_weights()  # a replay reads the packed weights without running Python
         self._graphs[key](*inputs, rows)
 
     def remember(self, outputs: torch.Tensor, count: int) -> None:
