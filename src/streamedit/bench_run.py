@@ -98,10 +98,9 @@ def count_flops(models, config, frames) -> dict:
     cfg = dataclasses.replace(config, compile=False, compile_vae=False, pipeline=False, profile=False,
                               low_latency=False, skip_similar=None)
     batch = [frames[i % len(frames)] for i in range(cfg.batch_size)]
-    engine = StreamEngine(models, cfg)
     counters = {k: FlopCounterMode(display=False, custom_mapping={op: _attention_flops for op in sdpa})
                 for k in ("te", "cond", "total")}
-    try:
+    with StreamEngine(models, cfg) as engine:  # closed (graphs, buffers, adapter patch) before the row's engine
         te_batch = 1 if cfg.te_batch_one else cfg.batch_size
         images = engine.te.prepare_images(batch[:te_batch])
         with counters["te"]:
@@ -111,8 +110,6 @@ def count_flops(models, config, frames) -> dict:
                 engine.adapter.set_cond_image(torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).to(models.device))
         with counters["total"]:
             engine.process(batch)
-    finally:
-        engine.close()
     return {k: c.get_total_flops() for k, c in counters.items()}
 
 
@@ -154,9 +151,10 @@ def run_row(models, config, frames, count: int, fps: float, warmup: int) -> dict
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    engine = StreamEngine(models, config)
     source, out_t = SimulatedSource(frames, count, fps), []
-    try:
+    # closed on the way out, even on an error: its graphs, pools and adapter patch must not outlive the row
+    # (the next row's engine captures graphs of its own on the same device and U-Net)
+    with StreamEngine(models, config) as engine:
         # Untimed batches before the camera starts (compile, CUDA-graph warm-up and capture, allocator), as
         # a live app would: else frames captured during a minutes-long compile flood the timed stream.
         t = time.perf_counter()
@@ -165,8 +163,6 @@ def run_row(models, config, frames, count: int, fps: float, warmup: int) -> dict
         engine.batch_log.clear()
         for _ in engine.run(iter(source)):
             out_t.append(time.perf_counter())
-    finally:
-        engine.close()
     blog = engine.batch_log
     full = count // bsz
     counted = range(warmup, full)  # batch indices kept by the warm-up rule

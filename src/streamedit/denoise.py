@@ -169,6 +169,13 @@ class Denoiser:
                 self._encode_graph = StaticGraph(self._encode_fn, self.models.device, name="encode")
         return self
 
+    def release(self) -> None:
+        """Drop the CUDA graphs of the main and encode functions (and their static buffers); the compiled
+        functions stay, a later call captures again. The caller makes sure no replay is still queued."""
+        for graph in (self.fused, self._encode_graph):
+            if isinstance(graph, StaticGraph):
+                graph.release()
+
     def warm_main(self, batch: int, embeds_shape: tuple[int, int]) -> Future | None:
         """Get the main function ready for a first batch of ``batch`` frames while the caller goes on.
 

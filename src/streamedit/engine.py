@@ -46,6 +46,7 @@ import torch
 from .denoise import Denoiser
 from .engine_config import (LOW_LATENCY, EngineConfig, attach_adapter, clean_prompt, model_strength, start_reader,
                             to_working, validate)
+from .errors import StreameditError
 from .models import warn_unknown_instruction
 from .text_encoder import TextEncoderRunner
 
@@ -78,6 +79,7 @@ class _Batch:
 class StreamEngine:
     def __init__(self, models, config: EngineConfig):
         validate(models, config)
+        self._prompt = clean_prompt(config.prompt)  # before anything is built or patched
         self.models, self.config = models, config
         self.device = models.device
         self.cuda = self.device.type == "cuda"
@@ -100,18 +102,29 @@ class StreamEngine:
         else:
             self.te = TextEncoderRunner(models)
         self.adapter = attach_adapter(models, config)  # patches the U-Net: before compiling it
-        self.temporal = None
-        if self.adapter is not None or (config.cut_refresh and config.te_refresh_every > 1):
-            from .temporal import TemporalConditioner
+        self._owns_adapter = self.adapter is not None and self.adapter is not config.lllite  # close frees its buffers
+        try:  # a failure past this point must not leave the shared U-Net patched
+            self.temporal = None
+            if self.adapter is not None or (config.cut_refresh and config.te_refresh_every > 1):
+                from .temporal import TemporalConditioner
 
-            self.temporal = TemporalConditioner(
-                self.adapter, config.cond_refresh_every, config.cut_refresh, config.motion_refresh, config.flow_size,
-                stagger=config.cond_stagger, graph=self.cuda and config.compile and self.adapter is not None)
-        self.denoiser = Denoiser(models, config.steps, config.size, strength=model_strength(models, config))
-        if config.compile or config.vae_compiled:
-            self.denoiser.compile(config.compile_mode, config.compile_backend, unet=config.compile,
-                                  vae=config.vae_compiled, channels_last=config.channels_last,
-                                  cache_key=precompile_key)
+                self.temporal = TemporalConditioner(
+                    self.adapter, config.cond_refresh_every, config.cut_refresh, config.motion_refresh,
+                    config.flow_size, stagger=config.cond_stagger,
+                    graph=self.cuda and config.compile and self.adapter is not None)
+            self.denoiser = Denoiser(models, config.steps, config.size, strength=model_strength(models, config))
+            if config.compile or config.vae_compiled:
+                self.denoiser.compile(config.compile_mode, config.compile_backend, unet=config.compile,
+                                      vae=config.vae_compiled, channels_last=config.channels_last,
+                                      cache_key=precompile_key)
+        except BaseException:
+            if self.temporal is not None:
+                self.temporal.close()
+            if self.adapter is not None:
+                from .lllite import remove_lllite
+
+                remove_lllite(models.unet)
+            raise
         self.main_stream = None
         if self.cuda:  # the main stream is the critical path: at high priority the TE fills its gaps
             self.main_stream = (torch.cuda.Stream(self.device, priority=-100) if config.main_priority
@@ -122,7 +135,6 @@ class StreamEngine:
         self.batch_log: list[dict] = []
         self.stats = {"batches": 0, "frames": 0, "te_calls": 0, "te_frames": 0, "skipped_frames": 0,
                       "skipped_batches": 0}
-        self._prompt = clean_prompt(config.prompt)
         warn_unknown_instruction(models, self._prompt)
         self._te_prompt = None  # prompt of the cached TE output
         self._te_cache = None
@@ -143,6 +155,8 @@ class StreamEngine:
         self._inflight = 0  # batches encoded but not handed out yet
         self._main_warm = None  # Future of the main graph's first call on a worker (Denoiser.warm_main)
         self._main_warm_started = False
+        self._reader = None  # (thread, stop event) of the low-latency schedule's reader
+        self._closed = False
 
     # ---- public API -------------------------------------------------------------------------
     def set_prompt(self, prompt: str) -> None:
@@ -156,6 +170,7 @@ class StreamEngine:
 
     def run(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Stylize a stream of HxWx3 uint8 RGB frames; yields the same number, in order."""
+        self._check_open()
         try:
             if self.config.low_latency:
                 yield from self._run_latency_first(frames)
@@ -169,6 +184,10 @@ class StreamEngine:
                 self._inflight = 0
                 if self._similar is not None:
                     self._similar.reset()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StreameditError("this engine is closed: build a new StreamEngine")
 
     def process(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         """Synchronous form of :meth:`run` for callers that hold a batch already (live serving)."""
@@ -189,7 +208,8 @@ class StreamEngine:
 
     def _run_latency_first(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """The low_latency schedule (module docstring): never wait for an input to hand out an output."""
-        ready, stop, end = start_reader(self._batches(frames), self._prepare, max(1, self.config.prefetch))
+        ready, stop, end, thread = start_reader(self._batches(frames), self._prepare, max(1, self.config.prefetch))
+        self._reader = (thread, stop)
         pending = None  # launched on the GPU, not handed out yet
         try:
             while True:
@@ -295,6 +315,7 @@ class StreamEngine:
 
     def _encode(self, batch: _Batch) -> _Batch:
         """Side stream: TE (unless its output is reused) and VAE encode of the source frames."""
+        self._check_open()  # a generator of run() resumed after close()
         cfg, bsz = self.config, self.config.batch_size
         prompt = self._prompt
         self._inflight += 1
@@ -426,11 +447,55 @@ class StreamEngine:
             self._cache_key = None
 
     def close(self) -> None:
-        """Stop the worker threads and detach the adapter from the (shared) U-Net."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Release everything this engine owns, in an order that is safe with CUDA graphs. Idempotent.
+
+        1. its threads: the prefetch pool, the low-latency reader, the flow pool and the main graph's
+           first call on a worker (Denoiser.warm_main) finish or are cancelled: nothing queues GPU work after;
+        2. its streams are synchronised: no kernel of it is still running;
+        3. the LLLite patch comes off the shared U-Net (the next engine on these models patches its own);
+        4. its CUDA graphs (each takes its private memory pool along), then the tensors they read and wrote:
+           static buffers, TE constants, cond rows, the last output, the cond buffers of an adapter it built;
+        5. garbage collection, then synchronize + empty_cache, under the capture lock (graphs.release_memory):
+           no other engine's capture is in flight while destructors run and memory goes back to the driver.
+
+        The prompt, ``stats`` and ``batch_log`` stay readable; running the engine again raises.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._reader is not None:  # a run() left suspended has not stopped its reader yet
+            thread, stop = self._reader
+            stop.set()
+            thread.join(timeout=5.0)  # it may be preparing one batch, or waiting for the caller's frames
+        if self._main_warm is not None:
+            try:
+                self._main_warm.result()
+            except Exception as exc:  # noqa: BLE001  (its error was never raised: the engine never ran a batch)
+                log.debug("main graph warm-up failed before close: %s", exc)
+            self._main_warm = None
         if self.temporal is not None:
             self.temporal.close()
+        if self.cuda:
+            for stream in {self.main_stream, self.side_stream, self.copy_stream}:
+                stream.synchronize()
         if self.adapter is not None:
             from .lllite import remove_lllite
 
             remove_lllite(self.models.unet)
+        if self.temporal is not None:
+            self.temporal.release()
+        self.denoiser.release()
+        self.te.release()
+        if self._owns_adapter:
+            self.adapter.release_buffers()
+        self._te_cache = self._te_prompt = None
+        from .graphs import release_memory
+
+        release_memory(self.device)
+
+    def __enter__(self) -> "StreamEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -154,7 +154,7 @@ def adapter_path(lllite):
 def start_reader(items, prepare, maxsize: int):
     """A daemon thread putting ``prepare(item)`` for each item on a bounded queue, then ``end``.
 
-    Returns (queue, stop event, end marker). An exception (source or preparation) is put on the
+    Returns (queue, stop event, end marker, thread). An exception (source or preparation) is put on the
     queue for the consumer to raise; setting ``stop`` ends the thread at its next put and closes
     ``items`` (so a generator source runs its cleanup).
     """
@@ -181,5 +181,6 @@ def start_reader(items, prepare, maxsize: int):
         finally:
             items.close()
 
-    threading.Thread(target=read, daemon=True, name="streamedit-reader").start()
-    return ready, stop, end
+    thread = threading.Thread(target=read, daemon=True, name="streamedit-reader")
+    thread.start()
+    return ready, stop, end, thread

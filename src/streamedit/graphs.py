@@ -7,11 +7,27 @@ main one) are compiled *without* them (:func:`inductor_mode`) and captured here 
 :class:`StaticGraph`, into a plain ``torch.cuda.CUDAGraph`` that replays on whatever stream is
 current at the call. Only the paper's recipe (U-Net compiled alone, the ``reference`` bench row)
 still uses cudagraph trees.
+
+Lifetimes (issue 23: ``bench --rows best,reference`` died with ``unspecified launch failure``):
+cuBLAS and cuBLASLt keep one workspace per (handle, stream), allocated by the caching allocator at
+the first matmul on that stream and kept in a process-wide map. A capture bakes the workspace's
+address into its graph. Every capture here runs on the one stream ``torch.cuda.graph`` captures on
+by default, so before this the first matmul captured in the process put that workspace in *its*
+graph's private pool and every later graph (of any engine) reused it; cudagraph trees (the
+``reference`` row) empty the map before and after each warm-up and recording, the first engine's
+pool became free once its graphs were gone, the next ``empty_cache`` returned it to the driver,
+and the next engine's graph replayed a GEMM into unmapped memory. :func:`capture_guard` therefore
+empties the map before and after each capture, as cudagraph trees do: each graph gets a workspace
+in its own pool, which lives exactly as long as the graph. It also holds the capture lock and
+pauses Python's garbage collector for the capture, so no destructor of another engine's tensors
+or graphs runs inside it; :func:`release_memory` (engine teardown) runs the collector and empties
+the allocator's cache under the same lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 import time
 
@@ -21,8 +37,49 @@ import torch
 # (device-synchronised; the startup probe reports them)
 CAPTURE_SECONDS: dict[str, float] = {}
 # one capture at a time: torch.cuda.graph() starts with a device sync and empty_cache(), which must not
-# run while another thread captures (the engine captures the main graph on a worker, Denoiser.warm_main)
+# run while another thread captures (the engine captures the main graph on a worker, Denoiser.warm_main);
+# engine teardown (release_memory) takes it too
 _CAPTURE_LOCK = threading.Lock()
+
+
+def _clear_blas_workspaces() -> None:
+    """Drop cuBLAS/cuBLASLt's per-(handle, stream) workspaces: the next matmul allocates a new one."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+
+
+@contextlib.contextmanager
+def capture_guard():
+    """Around one graph capture: the capture lock, the garbage collector paused (no foreign destructor
+    inside the capture) and the cuBLAS workspaces emptied before and after (see the module docstring).
+
+    Emptying after the capture leaves the graph's workspace a free block of the graph's own pool, as
+    cudagraph trees leave theirs: nothing else allocates from that pool, so it stays the graph's
+    scratch memory until the graph is dropped, and then goes with the pool.
+    """
+    with _CAPTURE_LOCK:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            _clear_blas_workspaces()
+            yield
+        finally:
+            _clear_blas_workspaces()
+            if enabled:
+                gc.enable()
+
+
+def release_memory(device) -> None:
+    """Collect garbage, then (CUDA) synchronize and return cached memory, with no capture in flight."""
+    with _CAPTURE_LOCK:
+        gc.collect()
+        if torch.device(device).type == "cuda" and torch.cuda.is_initialized():
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            host_empty = getattr(torch._C, "_host_emptyCache", None)  # cached pinned blocks (torch >= 2.5)
+            if host_empty is not None:
+                host_empty()
 
 # torch.compile modes that include cudagraph trees -> the same inductor mode without them
 CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
@@ -87,6 +144,14 @@ class StaticGraph:
     def __reduce__(self):  # pickled as its name only (see compile_cache.Precompiled.__reduce__)
         return (str, ("<StaticGraph>",))
 
+    def release(self) -> None:
+        """Drop the graph (its private memory pool goes with it), then the static buffers it read and
+        wrote. The next call captures again. The caller makes sure no replay is still queued."""
+        self._graph = None
+        self._out = None
+        self._inputs = []
+        self._sig = None
+
     def __call__(self, *inputs: torch.Tensor, key=()):
         sig = (tuple((tuple(x.shape), x.dtype) for x in inputs), key)
         if sig != self._sig:
@@ -118,7 +183,7 @@ class StaticGraph:
                     self.fn(*self._inputs)
         current.wait_stream(warm)
         graph = torch.cuda.CUDAGraph()
-        with (_CAPTURE_LOCK, self._timed("capture", current),
+        with (capture_guard(), self._timed("capture", current),
               torch.cuda.graph(graph, capture_error_mode="thread_local")):
             self._out = self.fn(*self._inputs)
         self._graph = graph

@@ -254,6 +254,14 @@ class LLLiteAdapter(nn.Module):
             self._share(torch.zeros(shape, device=param.device, dtype=param.dtype), mods)
         self._alloc = (batch, height, width)
 
+    def release_buffers(self) -> None:
+        """Drop the inference buffers and the packed conditioning weights (``allocate`` makes new ones)."""
+        self._buffers_by_stride = {}
+        for _, m in self.items():
+            m.cond_emb = torch.zeros(0, device=m.multiplier.device, dtype=m.multiplier.dtype)
+        self._alloc = None
+        self._embedder = None
+
     def _by_stride(self) -> dict[int, list[LLLiteModule]]:
         """The hooks grouped by conditioning stride, in hook order (fixed once the adapter is built)."""
         if not self._groups:

@@ -305,6 +305,15 @@ class FastTextEncoderRunner(TextEncoderRunner):
             return out.to(self.models.dtype, copy=True)  # the next replay overwrites the graph's output
         return self._fn(frames.to(self.device, non_blocking=True)).to(self.models.dtype)
 
+    def release(self) -> None:
+        """Drop the CUDA graph (its pool goes with it), then the per-size and per-prompt constants it
+        read. The runner is done after this (the engine's close)."""
+        super().release()
+        if self._graph is not None:
+            self._graph.release()
+        self.c.clear()
+        self._prompt = None
+
     # ---- compilation -------------------------------------------------------------------------
     def compile(self, mode: str | None = "max-autotune-no-cudagraphs", backend: str = "inductor",
                 cache_key: str | None = None, **options):

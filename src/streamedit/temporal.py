@@ -221,7 +221,17 @@ class TemporalConditioner:
         self._prev_output = outputs[count - 1].permute(2, 0, 1)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Cancel queued flows and wait for the running ones (host work only)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def release(self) -> None:
+        """Drop the refresh graphs (their pools go with them), then the device tensors they read."""
+        for graph in (self._graphs or {}).values():
+            graph.release()
+        if self._graphs is not None:
+            self._graphs.clear()
+        self._rows.clear()
+        self._prev_output = None
 
 
 def _timed(fn, *args):

@@ -39,6 +39,10 @@ class TextEncoderRunner:
         self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._device_text: tuple[str, dict[str, torch.Tensor]] | None = None  # (prompt, ids on device)
 
+    def release(self) -> None:
+        """Drop the device tensors kept between batches (the prompt's token ids)."""
+        self._device_text = None
+
     def prepare_images(self, frames: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """Frames (HxWx3 uint8) -> pixel_values / image_grid_thw, as the processor makes them."""
         images = [Image.fromarray(f).resize((self.size, self.size), resample=Image.LANCZOS) for f in frames]

@@ -222,7 +222,8 @@ class Session:
                 self.loop.call_soon_threadsafe(self.fail, f"engine error: {msg}")
         finally:
             if engine is not None and hasattr(engine, "close"):
-                engine.close()
+                with self._engine_lock:  # its teardown (sync, gc, empty_cache) not in the middle of another batch
+                    engine.close()
 
     def _apply_prompt(self, engine) -> int | None:
         """Hand a pending prompt to the engine; returns stats.sent at the time it was requested."""
