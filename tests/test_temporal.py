@@ -165,7 +165,6 @@ def test_staggered_refresh_rebuilds_each_slot_every_n_batches(tiny_models, monke
     real_fb = temporal.farneback
     monkeypatch.setattr(temporal, "farneback", lambda *a: (flows.append(1), real_fb(*a))[1])
     list(engine.run(frames))
-    engine.close()
     log = engine.batch_log
     assert log[0]["cond"] == "start" and all(e["cond"] == "stagger" for e in log[1:])
     stagger_rows = [rows for _, rows in writes if len(rows) == 1]
@@ -184,6 +183,7 @@ def test_staggered_refresh_rebuilds_each_slot_every_n_batches(tiny_models, monke
             expect = m.embed(images if images.is_floating_point() else images.float() / 127.5 - 1.0)
         assert torch.allclose(now[rows], expect, atol=1e-6)
     assert not torch.equal(after[0][rows], snapshots[-1][0][rows])
+    engine.close()  # after the checks: close() frees the cond buffers of an adapter the engine built
 
 
 def test_set_cond_rows_equals_full_set_cond_image(tiny_models):
