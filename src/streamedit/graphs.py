@@ -81,6 +81,7 @@ def release_memory(device) -> None:
             if host_empty is not None:
                 host_empty()
 
+
 # torch.compile modes that include cudagraph trees -> the same inductor mode without them
 CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
