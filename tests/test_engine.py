@@ -76,6 +76,26 @@ def test_prompt_embeddings_match_upstream(tiny_models, frames):
     assert (ours[0:1] - stock).abs().max() > 1e-1
 
 
+@pytest.mark.parametrize("te_fast", [False, True])
+def test_te_size_256_mask_reaches_the_unet(tiny_models, frames, te_fast):
+    """The paper's TE view pads the sequence to 256 tokens; the U-Net sees the mask, so the pad rows carry
+    no weight: the engine's latents equal the U-Net on the unpadded embeddings without a mask."""
+    engine = _engine(tiny_models, batch_size=2, te_size=256, te_fast=te_fast)
+    calls, denoise = [], engine.denoiser.denoise
+    engine.denoiser.denoise = lambda *args: (calls.append([a.clone() for a in args]), denoise(*args))[1]
+    list(engine.run(frames[:2]))
+    (noise, source, embeds, mask), = calls
+    prefix = tiny_models.edit_prefix_len
+    assert embeds.shape[1] == mask.shape[1] == 256 - prefix and mask.shape[0] == 2
+    real = int(mask[0].sum())
+    assert 0 < real < 256 - prefix and not embeds[:, real:].any()
+    ours = denoise(noise, source, embeds, mask)
+    unpadded = denoise(noise, source, embeds[:, :real])
+    assert (ours - unpadded).abs().max() < 1e-5
+    # without the mask the zero pad rows would be attended to: the comparison can fail
+    assert (denoise(noise, source, embeds) - unpadded).abs().max() > 1e-3
+
+
 def test_pipelined_equals_sequential(tiny_models, frames):
     a = list(_engine(tiny_models, batch_size=4, fixed_noise=False, pipeline=True).run(frames))
     b = list(_engine(tiny_models, batch_size=4, fixed_noise=False, pipeline=False).run(frames))
@@ -133,6 +153,8 @@ def test_padding_keeps_every_frame_in_order(tiny_models, frames):
 
 
 def test_bad_config_and_prompt(tiny_models):
+    with pytest.raises(StreameditError, match="te-size"):
+        _engine(tiny_models, te_size=384)
     with pytest.raises(StreameditError, match="empty"):
         _engine(tiny_models, prompt="   ")
     with pytest.raises(StreameditError, match="steps"):
