@@ -94,6 +94,10 @@ def model_strength(models, config: EngineConfig) -> float:
 
 
 def validate(models, config: EngineConfig) -> None:
+    from .denoise import sigma_schedule
+    from .models import check_scheduler
+
+    check_scheduler(models.scheduler)
     if not 0.0 < model_strength(models, config) <= 1.0:
         raise StreameditError(f"--strength must be in (0, 1], got {config.strength}")
     if not 1 <= config.steps <= 4:
@@ -119,6 +123,11 @@ def validate(models, config: EngineConfig) -> None:
     step = models.vae_scale_factor * 4  # the U-Net downsamples the latent twice
     if config.size < step or config.size % step:
         raise StreameditError(f"--size must be a multiple of {step}, got {config.size}")
+    strength = model_strength(models, config)
+    sigmas, _ = sigma_schedule(models, config.size, np.linspace(strength, strength / config.steps, config.steps))
+    if not torch.isfinite(sigmas).all():  # e.g. shift_terminal with one step
+        raise StreameditError(f"the model's scheduler gives a non-finite schedule for --steps {config.steps}: "
+                              f"{[round(float(s), 4) for s in sigmas]}")
 
 
 def attach_adapter(models, config: EngineConfig):
