@@ -57,9 +57,10 @@ def test_stylize_unusual_sources(tmp_path, pix_fmt, size):
 
 def test_te_size_option(tmp_path):
     src = make_test_clip(tmp_path / "in.mp4", frames=4, width=64, height=64)
-    code, out, err = _run("stylize", str(src), "-o", str(tmp_path / "out.mp4"), "-p", "sketch", *FAST, "--te-size", "256")
+    args = ("stylize", str(src), "-o", str(tmp_path / "out.mp4"), "-p", "sketch", *FAST, "--te-size")
+    code, out, err = _run(*args, "256")
     assert code == 0 and "4 frames in" in out, err
-    code, _, err = _run("stylize", str(src), "-o", str(tmp_path / "out.mp4"), "-p", "sketch", *FAST, "--te-size", "300")
+    code, _, err = _run(*args, "300")
     assert code == 2 and "--te-size" in err and "Traceback" not in err
 
 

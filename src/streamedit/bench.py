@@ -160,8 +160,8 @@ def select_rows(matrix: bool, rows: str | None, compile_: bool, lllite: str | No
 @click.option("--json", "json_path", default=None, help="Write one JSON line per row here.")
 @click.option("--plot", "plot_path", default=None, help="Write a PNG (batch wall over time, latency CDF).")
 def bench_command(model, revision, device, dtype, prompt, batch, steps, size, count, source_fps, clip, hold, te_size,
-                  compile_, skip_similar, warmup, matrix, rows, sets, startup, startup_only, startup_profile, seed, json_path,
-                  plot_path, **temporal):
+                  compile_, skip_similar, warmup, matrix, rows, sets, startup, startup_only, startup_profile, seed,
+                  json_path, plot_path, **temporal):
     """Throughput and latency of the engine on a simulated real-time source."""
     import torch
 

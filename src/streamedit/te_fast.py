@@ -1,8 +1,8 @@
 """Static-shape, sync-free Qwen3-VL conditioning: :class:`TextEncoderRunner` for a fixed size and prompt.
 
 With a fixed TE view (``te_size`` 512 or 256, text_encoder.TE_VIEWS) and prompt, every shape in the TE
-is static: each frame gives the same token ids and a 1x32x32 (1x16x16) patch grid. Everything that depends only on (size, prompt) and the
-weights is computed once, on the device, with the model's own code:
+is static: each frame gives the same token ids and a 1x32x32 (1x16x16) patch grid. Everything that
+depends only on (size, prompt) and the weights is computed once, on the device, with the model's own code:
 
 * per size: the uint8 -> pixel-value table (read off the image processor run on a probe image
   holding every byte value), the interpolated learned position embeddings and the vision rotary
@@ -87,7 +87,8 @@ class FastTextEncoderRunner(TextEncoderRunner):
     rescale/normalize and patchify run on the device inside ``encode``. Working sizes other than
     the TE view's are resized with ``F.interpolate(antialias=True)`` rounded to uint8: bicubic for
     512, which approximates (is not equal to) upstream's PIL LANCZOS, bilinear for 256, which
-    approximates PIL BILINEAR; at the TE size it is the identity, exactly like PIL's resize to the same size.
+    approximates PIL BILINEAR; at the TE size it is the identity, exactly like PIL's resize to the
+    same size.
     """
 
     def __init__(self, models, batch_size: int = 8, fp8: bool = False, fused_kernels: bool = True,
