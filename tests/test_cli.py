@@ -55,6 +55,15 @@ def test_stylize_unusual_sources(tmp_path, pix_fmt, size):
     assert n == 5 and abs(w - size[0]) <= 1 and abs(h - size[1]) <= 1
 
 
+def test_te_size_option(tmp_path):
+    src = make_test_clip(tmp_path / "in.mp4", frames=4, width=64, height=64)
+    args = ("stylize", str(src), "-o", str(tmp_path / "out.mp4"), "-p", "sketch", *FAST, "--te-size")
+    code, out, err = _run(*args, "256")
+    assert code == 0 and "4 frames in" in out, err
+    code, _, err = _run(*args, "300")
+    assert code == 2 and "--te-size" in err and "Traceback" not in err
+
+
 def test_bad_inputs_give_one_line_and_exit_2(tmp_path):
     good = make_test_clip(tmp_path / "ok.mp4", frames=4, width=64, height=64)
     text = tmp_path / "notes.txt"
@@ -101,6 +110,12 @@ def test_long_prompt_is_truncated_with_a_warning(tmp_path):
     src = make_test_clip(tmp_path / "in.mp4", frames=4, width=64, height=64)
     code, _, err = _run("stylize", str(src), "-o", str(tmp_path / "o.mp4"), "-p", "x" * 5000, *FAST)
     assert code == 0 and "truncated" in err
+
+
+def test_info_prints_the_feature_convention():
+    code, out, err = _run("info", "--model", "random:tiny")
+    assert code == 0, err
+    assert "text-encoder features: last decoder layer before the final norm" in out
 
 
 def test_info_real_builds_on_meta():

@@ -6,6 +6,23 @@ import torch
 from PIL import Image
 
 from streamedit import EngineConfig, StreameditError, StreamEngine
+from streamedit.kernels import shallow
+from streamedit.text_encoder import prenorm_model
+
+
+def upstream_pipeline(models):
+    """diffusers' pipeline over the same weights, fed DreamLite's features.
+
+    DreamLite-mobile was trained with transformers 4.57, whose ``hidden_states[-1]`` (what the pipeline
+    reads) is the last decoder layer's output before the final norm; transformers >= 5 returns the
+    normed output there. The pipeline's text encoder is a parameter-sharing copy without that norm,
+    so the reference computes the trained features on any transformers version.
+    """
+    pipe = models.pipeline()
+    te = models.text_encoder
+    pipe.text_encoder = shallow(te, model=prenorm_model(te.model))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _engine(models, **kw):
@@ -23,8 +40,7 @@ def _capture_latents(engine):
 
 @pytest.mark.parametrize("steps", [1, 4])
 def test_matches_diffusers_pipeline(tiny_models, frames, steps):
-    pipe = tiny_models.pipeline()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = upstream_pipeline(tiny_models)
     engine = _engine(tiny_models, steps=steps)
     latents = _capture_latents(engine)
     outs = list(engine.run(frames[:2]))
@@ -42,7 +58,7 @@ def test_matches_diffusers_pipeline(tiny_models, frames, steps):
 
 
 def test_prompt_embeddings_match_upstream(tiny_models, frames):
-    pipe = tiny_models.pipeline()
+    pipe = upstream_pipeline(tiny_models)
     engine = _engine(tiny_models)
     images = engine.te.prepare_images(frames[:2])
     ours = engine.te.encode("oil painting", images, 2)
@@ -54,6 +70,30 @@ def test_prompt_embeddings_match_upstream(tiny_models, frames):
         assert ref.shape == ours[i:i + 1].shape and bool(mask.all())
         assert (ours[i:i + 1] - ref).abs().max() < 1e-5
     assert (ours[0] - ours[1]).abs().max() > 1e-3  # frames really change the conditioning
+    # the stock pipeline on transformers >= 5 reads the normed output: not what DreamLite was trained on
+    stock, _ = tiny_models.pipeline().encode_prompt("edit", [upstream_wrapped], torch.device("cpu"), torch.float32,
+                                                    image=Image.fromarray(frames[0]))
+    assert (ours[0:1] - stock).abs().max() > 1e-1
+
+
+@pytest.mark.parametrize("te_fast", [False, True])
+def test_te_size_256_mask_reaches_the_unet(tiny_models, frames, te_fast):
+    """The paper's TE view pads the sequence to 256 tokens; the U-Net sees the mask, so the pad rows carry
+    no weight: the engine's latents equal the U-Net on the unpadded embeddings without a mask."""
+    engine = _engine(tiny_models, batch_size=2, te_size=256, te_fast=te_fast)
+    calls, denoise = [], engine.denoiser.denoise
+    engine.denoiser.denoise = lambda *args: (calls.append([a.clone() for a in args]), denoise(*args))[1]
+    list(engine.run(frames[:2]))
+    (noise, source, embeds, mask), = calls
+    prefix = tiny_models.edit_prefix_len
+    assert embeds.shape[1] == mask.shape[1] == 256 - prefix and mask.shape[0] == 2
+    real = int(mask[0].sum())
+    assert 0 < real < 256 - prefix and not embeds[:, real:].any()
+    ours = denoise(noise, source, embeds, mask)
+    unpadded = denoise(noise, source, embeds[:, :real])
+    assert (ours - unpadded).abs().max() < 1e-5
+    # without the mask the zero pad rows would be attended to: the comparison can fail
+    assert (denoise(noise, source, embeds) - unpadded).abs().max() > 1e-3
 
 
 def test_pipelined_equals_sequential(tiny_models, frames):
@@ -113,6 +153,8 @@ def test_padding_keeps_every_frame_in_order(tiny_models, frames):
 
 
 def test_bad_config_and_prompt(tiny_models):
+    with pytest.raises(StreameditError, match="te-size"):
+        _engine(tiny_models, te_size=384)
     with pytest.raises(StreameditError, match="empty"):
         _engine(tiny_models, prompt="   ")
     with pytest.raises(StreameditError, match="steps"):

@@ -100,3 +100,57 @@ def test_folder_without_video_processor_loads_where_torchvision_exists(tmp_path,
     monkeypatch.setattr(proc, "has_torchvision", lambda: True)
     loaded = load_models(str(tmp_path / "m"), device="cpu", dtype=torch.float32)
     assert isinstance(loaded.processor, proc.ImageOnlyQwen3VLProcessor)
+
+
+LEGACY_BLOCKS = {  # the names the published unet/config.json uses (diffusers maps them to the DreamLite blocks)
+    "down_block_types": ["CrossAttnDownRemoveSelfAttnBlock2D", "CrossAttnDownRemoveSelfAttnBlock2D",
+                         "CrossAttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpRemoveSelfAttnBlock2DV1", "UpBlock2D"],
+}
+
+
+def _hub_layout(models, path):
+    """A folder laid out like carlofkl/DreamLite-mobile, revision ``diffusers`` (saved with transformers 4.57):
+    legacy block names in unet/config.json, a 4.57 text-encoder config, Qwen3-VL-2B's processor files
+    (the fast image processor's preprocessor_config.json and a video processor config) in processor/."""
+    models.save_pretrained(path)
+    unet = path / "unet" / "config.json"
+    unet.write_text(json.dumps({**json.loads(unet.read_text()), **LEGACY_BLOCKS}, indent=2))
+    te = path / "text_encoder" / "config.json"
+    config = json.loads(te.read_text())
+    text = config["text_config"]
+    rope = text.pop("rope_parameters")
+    text["rope_theta"] = rope.pop("rope_theta")
+    text["rope_scaling"] = rope
+    config["torch_dtype"] = config.pop("dtype")
+    config["transformers_version"] = "4.57.3"
+    te.write_text(json.dumps(config, indent=2))
+    index = path / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "tokenizer": ["transformers", "Qwen2TokenizerFast"]}))
+    proc_dir = path / "processor"
+    ip = json.loads((proc_dir / "processor_config.json").read_text())["image_processor"]
+    (proc_dir / "processor_config.json").unlink()
+    common = {k: ip[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "size")}
+    (proc_dir / "preprocessor_config.json").write_text(json.dumps(
+        {**common, "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast"}))
+    (proc_dir / "video_preprocessor_config.json").write_text(json.dumps(
+        {**common, "processor_class": "Qwen3VLProcessor", "video_processor_type": "Qwen3VLVideoProcessor"}))
+    return path
+
+
+def test_loads_a_folder_laid_out_like_the_hub_branch(tmp_path, tiny_models, frames):
+    path = _hub_layout(tiny_models, tmp_path / "DreamLite-mobile")
+    assert json.loads((path / "unet" / "config.json").read_text())["mid_block_type"] == "UNetMidBlock2DCrossAttn"
+    loaded = load_models(str(path), device="cpu", dtype=torch.float32)
+    assert [type(b).__name__ for b in loaded.unet.down_blocks] == [
+        "DreamLiteCrossAttnNoSelfAttnDownBlock2D", "DreamLiteCrossAttnNoSelfAttnDownBlock2D",
+        "DreamLiteCrossAttnDownBlock2D"]
+    assert type(loaded.unet.mid_block).__name__ == "DreamLiteUNetMidBlock2DCrossAttn"
+    assert hook_split(loaded.unet) == hook_split(tiny_models.unet)
+    assert loaded.edit_prefix_len == tiny_models.edit_prefix_len
+    assert loaded.text_encoder.config.text_config.rope_parameters["mrope_section"] == [2, 3, 3]
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(tiny_models, name).state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(np.array_equal(x, y) for x, y in zip(_outputs(tiny_models, frames), _outputs(loaded, frames)))

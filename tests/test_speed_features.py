@@ -317,6 +317,9 @@ def test_fp8_replaces_only_aligned_linears_and_agrees(tiny_models):
     frames = torch.from_numpy(np.stack([scene(t, 512) for t in (0, 7)]))
     agree = te_fp8_agreement(tiny_models, frames, "oil painting")
     assert 0.99 < agree["cosine_mean"] <= 1.0 and agree["cosine_min"] > 0.9 and 0 < agree["rel_l2"] < 0.1
+    small = torch.from_numpy(np.stack([scene(t, 256) for t in (0, 7)]))  # the paper's view: real tokens only
+    agree = te_fp8_agreement(tiny_models, small, "oil painting", te_size=256)
+    assert 0.99 < agree["cosine_mean"] <= 1.0 and agree["cosine_min"] > 0.9 and 0 < agree["rel_l2"] < 0.1
     assert not any(isinstance(m, Fp8Linear) for m in tiny_models.text_encoder.modules())
 
 

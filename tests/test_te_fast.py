@@ -27,8 +27,8 @@ def smooth_frames(size, n=3, seed=0):
     return out
 
 
-def reference(models, prompt, frames_512):
-    ref = TextEncoderRunner(models)
+def reference(models, prompt, frames_512, te_size=512):
+    ref = TextEncoderRunner(models, te_size=te_size)
     return ref.encode(prompt, ref.prepare_images(frames_512), len(frames_512))
 
 
@@ -88,6 +88,51 @@ def test_encode_matches_reference_at_512(tiny_models, prompts):
         assert ours.shape == ref.shape and ours.dtype == ref.dtype
         assert (ours - ref).abs().max() <= TOL
         assert (ours[0] - ours[1]).abs().max() > 1e-3  # frames really change the conditioning
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_te_size_256_matches_reference(mid_models, attn):
+    """The paper's view: 16x16 grid (64 image tokens), sequence padded to 256 tokens, pad rows zero."""
+    mid_models.text_encoder.set_attn_implementation(attn)
+    try:
+        fast = FastTextEncoderRunner(mid_models, 3, te_size=256)
+        exact = TextEncoderRunner(mid_models, te_size=256)
+        assert fast.grid == (1, 16, 16) and fast.n_tokens == 64
+        frames = smooth_frames(256, seed=5)
+        lengths = set()
+        for prompt in ("oil painting", "make it look like a lego city at sunset"):
+            ref = reference(mid_models, prompt, frames, te_size=256)
+            ours = fast.encode(prompt, fast.prepare_images(frames), 3)
+            mask = exact.text_mask(prompt)
+            real = int(mask.sum())
+            assert ref.shape == ours.shape == (3, 256 - mid_models.edit_prefix_len, 128)
+            assert torch.equal(fast.text_mask(prompt), mask) and bool(mask[0, :real].all())
+            assert fast.output_shape(prompt) == tuple(ours.shape[1:])
+            assert (ours - ref).abs().max() <= TOL, (attn, prompt, (ours - ref).abs().max())
+            assert not ref[:, real:].any() and not ours[:, real:].any()  # pad rows: zeros
+            assert (ours[0, :real] - ours[1, :real]).abs().max() > 1e-3
+            lengths.add(real)
+        assert len(lengths) == 2  # two prompt lengths, one padded output length
+        with torch.no_grad():  # the padded output keeps the forward one graph
+            explain = torch._dynamo.explain(fast._forward)(fast.prepare_images(frames))
+        assert explain.graph_count == 1 and explain.graph_break_count == 0, explain.break_reasons
+        torch._dynamo.reset()
+    finally:
+        mid_models.text_encoder.set_attn_implementation("sdpa")
+
+
+def test_te_size_256_resize_approximates_bilinear(tiny_models):
+    fast = FastTextEncoderRunner(tiny_models, 3, te_size=256)
+    frames = smooth_frames(64) + smooth_frames(512, n=1)
+    for group in (frames[:3], frames[3:]):  # upscale 64 -> 256 and downscale 512 -> 256
+        ours = fast.resize(fast.prepare_images(group)).permute(0, 2, 3, 1).numpy().astype(int)
+        pil = np.stack([np.asarray(Image.fromarray(f).resize((256, 256), Image.BILINEAR)) for f in group]).astype(int)
+        assert np.abs(ours - pil).mean() < 1.0
+    # the device resize then feeds the same model path as the processor on those pixels
+    host = fast.prepare_images(smooth_frames(64))
+    resized = [f for f in fast.resize(host).permute(0, 2, 3, 1).numpy()]
+    ref = reference(tiny_models, "oil painting", resized, 256)
+    assert (fast.encode("oil painting", host, 3) - ref).abs().max() <= TOL
 
 
 def test_encode_matches_reference_resize_path(tiny_models):
@@ -177,14 +222,15 @@ def test_fp8_path(tiny_models):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("size,te_batch_one", [(512, False), (64, True)])
-def test_engine_te_fast_flag(tiny_models, size, te_batch_one):
+@pytest.mark.parametrize("size,te_batch_one,te_size", [(512, False, 512), (64, True, 512), (256, False, 256)])
+def test_engine_te_fast_flag(tiny_models, size, te_batch_one, te_size):
     from streamedit import EngineConfig, StreamEngine
 
     frames = smooth_frames(size, n=3)
 
     def run(**kw):
-        cfg = EngineConfig(prompt="oil painting", batch_size=2, size=size, seed=3, te_batch_one=te_batch_one, **kw)
+        cfg = EngineConfig(prompt="oil painting", batch_size=2, size=size, seed=3, te_batch_one=te_batch_one,
+                           te_size=te_size, **kw)
         engine = StreamEngine(tiny_models, cfg)
         try:
             return list(engine.run(frames)), engine
@@ -194,7 +240,7 @@ def test_engine_te_fast_flag(tiny_models, size, te_batch_one):
     (base, _), (fast, engine) = run(), run(te_fast=True)
     assert isinstance(engine.te, FastTextEncoderRunner) and len(fast) == 3
     diff = max(np.abs(x.astype(int) - y).max() for x, y in zip(base, fast))
-    if size == 512:  # the TE input is the frame itself: same conditioning, same frames
+    if size == te_size:  # the TE input is the frame itself: same conditioning, same frames
         assert diff <= 1
     else:  # 64 -> 512 resize: bicubic vs LANCZOS changes the conditioning slightly (measured: 1 level)
         assert diff <= 4

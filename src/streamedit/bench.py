@@ -26,7 +26,7 @@ import numpy as np
 from .bench_report import check_matplotlib, command_line, device_name, format_startup, format_table, save_plot
 from .bench_run import (BENCH_KEYS, FLOPS_METHOD, PREWARM_BATCHES, SimulatedSource, bench_frames,  # noqa: F401
                         count_flops, run_matrix, run_row)
-from .cli import lllite_options, load, model_options, resolve_device, temporal_config
+from .cli import lllite_options, load, model_options, resolve_device, te_size_option, temporal_config
 from .engine_config import LOW_LATENCY
 from .errors import StreameditError
 
@@ -140,6 +140,7 @@ def select_rows(matrix: bool, rows: str | None, compile_: bool, lllite: str | No
 @click.option("--hold", default=1, show_default=True, type=click.IntRange(1),
               help="Repeat each source frame N times (a low-motion source, for --skip-similar).")
 @lllite_options
+@te_size_option
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile U-Net and VAE (single run).")
 @click.option("--skip-similar", type=click.FloatRange(0), default=None,
               help="Similarity filter threshold (gray levels) for every row; see stylize --help.")
@@ -158,9 +159,9 @@ def select_rows(matrix: bool, rows: str | None, compile_: bool, lllite: str | No
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_path", default=None, help="Write one JSON line per row here.")
 @click.option("--plot", "plot_path", default=None, help="Write a PNG (batch wall over time, latency CDF).")
-def bench_command(model, revision, device, dtype, prompt, batch, steps, size, count, source_fps, clip, hold, compile_,
-                  skip_similar, warmup, matrix, rows, sets, startup, startup_only, startup_profile, seed, json_path,
-                  plot_path, **temporal):
+def bench_command(model, revision, device, dtype, prompt, batch, steps, size, count, source_fps, clip, hold, te_size,
+                  compile_, skip_similar, warmup, matrix, rows, sets, startup, startup_only, startup_profile, seed,
+                  json_path, plot_path, **temporal):
     """Throughput and latency of the engine on a simulated real-time source."""
     import torch
 
@@ -180,7 +181,7 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
     if plot_path and not startup_only:
         check_matplotlib()  # fail now, not after a long run
     base = dict(prompt=clean_prompt(prompt), batch_size=batch, steps=steps, size=size, seed=seed, profile=True,
-                skip_similar=skip_similar, **adapter)
+                skip_similar=skip_similar, te_size=te_size, **adapter)
     device, torch_dtype = resolve_device(device, dtype)
     if device == "cpu" and any({**o, **forced}.get("compile") for _, o in selected) and not startup_only:
         log.warning("torch.compile on CPU takes minutes; --set compile=False skips it")

@@ -238,7 +238,7 @@ def run_matrix(models, rows, base: dict, forced: dict, frames, count: int, fps: 
                 from .fp8 import te_fp8_agreement
 
                 batch = torch.from_numpy(np.stack([row_frames[i % len(row_frames)] for i in range(config.batch_size)]))
-                res["te_fp8_agreement"] = te_fp8_agreement(models, batch, config.prompt)
+                res["te_fp8_agreement"] = te_fp8_agreement(models, batch, config.prompt, config.te_size)
         except Exception as exc:  # one broken row must not cost the rest of a long GPU run
             if len(rows) == 1:
                 raise

@@ -111,6 +111,15 @@ def temporal_config(lllite, hooks, cond_refresh, lllite_multiplier, cut_refresh,
                 cut_refresh=cut_refresh, motion_refresh=motion_refresh, cond_stagger=cond_stagger, flow_size=flow_size)
 
 
+def te_size_option(fn):
+    """--te-size (EngineConfig.te_size), shared by stylize, bench and eval."""
+    return click.option("--te-size", type=click.Choice(["256", "512"]), default="512", show_default=True,
+                        callback=lambda ctx, param, value: int(value),
+                        help="The text encoder's view of a frame: 512 = upstream diffusers (LANCZOS, 256 image "
+                             "tokens); 256 = the streaming paper's (BILINEAR, 64 image tokens, sequence padded to "
+                             "256 tokens, mask passed to the U-Net).")(fn)
+
+
 def speed_options(fn):
     """--te-fp8 / --skip-similar / --low-latency / --main-priority (EngineConfig fields, the LOW_LATENCY preset)."""
     opts = [
@@ -205,11 +214,12 @@ def load(model: str, revision, device, dtype):
 @click.option("--te-batch-one", is_flag=True, help="Approximation: one TE pass per batch.")
 @click.option("--te-refresh", default=1, show_default=True, help="Approximation: reuse the TE output N batches.")
 @click.option("--keep-size", is_flag=True, help="Write the working size instead of scaling back to the input's.")
+@te_size_option
 @speed_options
 @lllite_options
 def stylize(input_path, output, prompt, model, revision, device, dtype, batch, steps, strength, size, seed, fixed_noise,
-            compile_, compile_mode, te_fast, te_batch_one, te_refresh, keep_size, te_fp8, skip_similar, low_latency,
-            main_priority, **temporal):
+            compile_, compile_mode, te_fast, te_batch_one, te_refresh, keep_size, te_size, te_fp8, skip_similar,
+            low_latency, main_priority, **temporal):
     """Stylize INPUT with an instruction and write OUTPUT (same fps, timestamps and audio)."""
     from tqdm import tqdm
 
@@ -218,8 +228,8 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
     from .models import working_size
 
     size = working_size(size, model)
-    fields = dict(batch_size=batch, compile=compile_, te_fast=te_fast, te_fp8=te_fp8, skip_similar=skip_similar,
-                  main_priority=main_priority)
+    fields = dict(batch_size=batch, compile=compile_, te_fast=te_fast, te_size=te_size, te_fp8=te_fp8,
+                  skip_similar=skip_similar, main_priority=main_priority)
     if low_latency:
         fields.update(low_latency_fields(click.get_current_context(), batch))
     config = EngineConfig(prompt=prompt, steps=steps, strength=strength, size=size, seed=seed, fixed_noise=fixed_noise,
@@ -285,6 +295,9 @@ def info(model, revision, device, dtype, lllite, hooks):
     split = hook_split(models.unet)
     click.echo(f"hook sites: {sum(split.values())} (down {split['down']} / mid {split['mid']} / up {split['up']})")
     click.echo(f"edit template prefix dropped from the TE output: {models.edit_prefix_len} tokens")
+    from .text_encoder import FEATURES
+
+    click.echo(f"text-encoder features: {FEATURES}")
     if lllite:
         from .lllite import LLLiteAdapter
 

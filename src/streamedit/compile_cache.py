@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 ENV = "STREAMEDIT_CACHE_DIR"
 # EngineConfig fields that change what is compiled (shapes, graphs, modes)
-GRAPH_FIELDS = ("batch_size", "steps", "size", "te_fast", "te_fp8", "te_batch_one", "compile", "compile_vae",
+GRAPH_FIELDS = ("batch_size", "steps", "size", "te_size", "te_fast", "te_fp8", "te_batch_one", "compile", "compile_vae",
                 "compile_mode", "compile_backend", "channels_last", "hooks")
 
 

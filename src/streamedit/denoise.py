@@ -99,7 +99,10 @@ class Denoiser:
         return self.vae.encode(x).latents
 
     @torch.no_grad()
-    def denoise(self, noise: torch.Tensor, source_latents: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    def denoise(self, noise: torch.Tensor, source_latents: torch.Tensor, embeds: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: (B, tokens) 1/0 over ``embeds`` (te_size 256: the padded sequence), the U-Net's
+        ``encoder_attention_mask``; None: every token counts."""
         batch, width = noise.shape[0], noise.shape[-1]
         latents = start_sample(noise, source_latents, self.start_sigma, self.scaling, self.shift)
         time_ids = self.time_ids.expand(batch, -1)
@@ -108,6 +111,7 @@ class Denoiser:
                 torch.cat([latents, source_latents], dim=3),
                 timestep=self.timesteps[i].expand(batch),
                 encoder_hidden_states=embeds,
+                encoder_attention_mask=mask,
                 added_cond_kwargs={"time_ids": time_ids},
                 return_dict=False,
             )[0][..., :width]
@@ -122,10 +126,11 @@ class Denoiser:
 
     # The two compile targets hold their own no_grad block instead of the decorator: a decorated
     # method's compiled code object would be the shared decorator wrapper's.
-    def generate(self, noise: torch.Tensor, source_latents: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    def generate(self, noise: torch.Tensor, source_latents: torch.Tensor, embeds: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """denoise + decode -> contiguous (B,H,W,3) uint8: the function compiled as one graph."""
         with torch.no_grad():
-            return self.decode(self.denoise(noise, source_latents, embeds)).contiguous()
+            return self.decode(self.denoise(noise, source_latents, embeds, mask)).contiguous()
 
     def _decode_target(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -176,7 +181,7 @@ class Denoiser:
             if isinstance(graph, StaticGraph):
                 graph.release()
 
-    def warm_main(self, batch: int, embeds_shape: tuple[int, int]) -> Future | None:
+    def warm_main(self, batch: int, embeds_shape: tuple[int, int], masked: bool = False) -> Future | None:
         """Get the main function ready for a first batch of ``batch`` frames while the caller goes on.
 
         For a warm start (engine, first batch): the saved function is loaded here, on the caller's
@@ -195,6 +200,8 @@ class Denoiser:
         latents = (batch, self.models.vae.config.latent_channels, self.latent_size, self.latent_size)
         inputs = (torch.zeros(latents, dtype=dtype, device=device), torch.zeros(latents, dtype=dtype, device=device),
                   torch.zeros((batch, *embeds_shape), dtype=dtype, device=device))
+        if masked:  # te_size 256: the text mask is the fourth input (long, like the TE's attention mask)
+            inputs += (torch.ones((batch, embeds_shape[0]), dtype=torch.long, device=device),)
         if fn.prepare(*inputs) != "loaded":
             return None
         stream = None

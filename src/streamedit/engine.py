@@ -96,11 +96,11 @@ class StreamEngine:
         if config.te_fast:
             from .te_fast import FastTextEncoderRunner
 
-            self.te = FastTextEncoderRunner(models, config.batch_size, fp8=config.te_fp8)
+            self.te = FastTextEncoderRunner(models, config.batch_size, fp8=config.te_fp8, te_size=config.te_size)
             if config.compile:
                 self.te.compile(config.compile_mode, backend=config.compile_backend, cache_key=precompile_key)
         else:
-            self.te = TextEncoderRunner(models)
+            self.te = TextEncoderRunner(models, te_size=config.te_size)
         self.adapter = attach_adapter(models, config)  # patches the U-Net: before compiling it
         self._owns_adapter = self.adapter is not None and self.adapter is not config.lllite  # close frees its buffers
         try:  # a failure past this point must not leave the shared U-Net patched
@@ -340,7 +340,8 @@ class StreamEngine:
         if not self._main_warm_started:  # warm start: the main graph's set-up overlaps the TE's loading
             self._main_warm_started = True
             if cfg.warm_on_worker and self.denoiser.fused is not None and hasattr(self.te, "output_shape"):
-                self._main_warm = self.denoiser.warm_main(bsz, self.te.output_shape(prompt))
+                self._main_warm = self.denoiser.warm_main(bsz, self.te.output_shape(prompt),
+                                                          masked=self.te.text_mask(prompt) is not None)
         with self._stream(self.side_stream):
             ev = {"te0": self._event(self.side_stream)}
             if not reuse:
@@ -351,6 +352,8 @@ class StreamEngine:
                 self.stats["te_frames"] += te_batch
             self._te_age += 1
             embeds = self._te_cache.expand(bsz, -1, -1)
+            mask = self.te.text_mask(self._te_prompt)  # te_size 256: the padded sequence's mask, for the U-Net
+            mask = mask.expand(bsz, -1) if mask is not None else None
             ev["te1"] = self._event(self.side_stream)
             frames = batch.host_frames.to(self.device, non_blocking=True)
             source = self.denoiser.encode(frames)
@@ -359,11 +362,11 @@ class StreamEngine:
             done = torch.cuda.Event() if self.cuda and cfg.pipeline else None
             if done is not None:
                 done.record(self.side_stream)
-                for t in (embeds, source, noise, frames):
+                for t in (embeds, source, noise, frames, *([mask] if mask is not None else [])):
                     t.record_stream(self.main_stream)
         batch.keep = [batch.host_frames, batch.images]
         batch.device_frames = frames
-        batch.tensors = (noise, source, embeds, done, ev)
+        batch.tensors = (noise, source, embeds, mask, done, ev)
         return batch
 
     def _generate(self, batch: _Batch) -> _Batch:
@@ -377,7 +380,8 @@ class StreamEngine:
         if self._main_warm is not None:
             self._main_warm.result()  # its capture is done (or its error raised here)
             self._main_warm = None
-        noise, source, embeds, done, ev = batch.tensors
+        noise, source, embeds, mask, done, ev = batch.tensors
+        text = (embeds,) if mask is None else (embeds, mask)  # the mask: te_size 256 only
         ev["main0"] = self._event(self.main_stream)  # main0 -> cond0: the main stream waiting for the side
         if done is not None:
             self.main_stream.wait_event(done)
@@ -387,9 +391,9 @@ class StreamEngine:
             self.temporal.apply(batch.plan, batch.device_frames, timings)
         ev["unet0"] = self._event(self.main_stream)
         if self.denoiser.fused is not None:  # U-Net x steps + decode + uint8: one compiled graph
-            images = self.denoiser.fused(noise, source, embeds)
+            images = self.denoiser.fused(noise, source, *text)
         else:
-            latents = self.denoiser.denoise(noise, source, embeds)
+            latents = self.denoiser.denoise(noise, source, *text)
             ev["unet1"] = self._event(self.main_stream)
             images = (self.denoiser.decode_fn or self.denoiser.decode)(latents)
         ev["dec1"] = self._event(self.main_stream)
@@ -411,7 +415,7 @@ class StreamEngine:
         else:
             host, batch.ready = images, None
         batch.output = host
-        batch.tensors = (None, None, None, None, ev)  # free device tensors early
+        batch.tensors = (None, None, None, None, None, ev)  # free device tensors early
         return batch
 
     def _finish(self, batch: _Batch) -> Iterator[np.ndarray]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .errors import StreameditError
-from .text_encoder import MAX_PROMPT_CHARS
+from .text_encoder import MAX_PROMPT_CHARS, TE_VIEWS
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class EngineConfig:
     te_batch_one: bool = False  # approximation: encode one frame per batch, broadcast
     te_refresh_every: int = 1  # approximation: reuse the TE output for N batches
     te_fast: bool = False  # static, sync-free TE (te_fast.py); compiled (+CUDA graph) with `compile`
+    te_size: int = 512  # the TE's view of a frame: 512 = upstream (LANCZOS); 256 = the paper's (text_encoder.TE_VIEWS)
     te_fp8: bool = False  # approximation: the fast TE's Linears in FP8 (fp8.py); needs te_fast + an FP8 GPU
     pipeline: bool = True  # overlap TE/VAE-encode of batch k+1 with denoise/decode of batch k
     main_priority: bool = False  # main stream (U-Net + decode) at high CUDA priority: the side stream fills gaps
@@ -93,6 +94,10 @@ def model_strength(models, config: EngineConfig) -> float:
 
 
 def validate(models, config: EngineConfig) -> None:
+    from .denoise import sigma_schedule
+    from .models import check_scheduler
+
+    check_scheduler(models.scheduler)
     if not 0.0 < model_strength(models, config) <= 1.0:
         raise StreameditError(f"--strength must be in (0, 1], got {config.strength}")
     if not 1 <= config.steps <= 4:
@@ -105,6 +110,8 @@ def validate(models, config: EngineConfig) -> None:
         raise StreameditError(f"te_refresh_every must be >= 1, got {config.te_refresh_every}")
     if config.skip_similar is not None and not config.skip_similar >= 0:
         raise StreameditError(f"--skip-similar must be >= 0 (gray levels), got {config.skip_similar}")
+    if config.te_size not in TE_VIEWS:
+        raise StreameditError(f"--te-size must be one of {', '.join(map(str, sorted(TE_VIEWS)))}, got {config.te_size}")
     if config.te_fp8:
         from .fp8 import check_fp8_device
 
@@ -116,6 +123,11 @@ def validate(models, config: EngineConfig) -> None:
     step = models.vae_scale_factor * 4  # the U-Net downsamples the latent twice
     if config.size < step or config.size % step:
         raise StreameditError(f"--size must be a multiple of {step}, got {config.size}")
+    strength = model_strength(models, config)
+    sigmas, _ = sigma_schedule(models, config.size, np.linspace(strength, strength / config.steps, config.steps))
+    if not torch.isfinite(sigmas).all():  # e.g. shift_terminal with one step
+        raise StreameditError(f"the model's scheduler gives a non-finite schedule for --steps {config.steps}: "
+                              f"{[round(float(s), 4) for s in sigmas]}")
 
 
 def attach_adapter(models, config: EngineConfig):

@@ -89,8 +89,8 @@ def check_fp8_device(device) -> str | None:
 
 
 @torch.no_grad()
-def te_fp8_agreement(models, frames: torch.Tensor, prompt: str) -> dict:
-    """How close the FP8 TE's output is to the exact one on the same (B,H,W,3) uint8 frames.
+def te_fp8_agreement(models, frames: torch.Tensor, prompt: str, te_size: int = 512) -> dict:
+    """How close the FP8 TE's output is to the exact one on the same (B,H,W,3) uint8 frames (TE view ``te_size``).
 
     Both run the uncompiled fast forward (the compiled one computes the same ops). Cosine
     similarity per output token over the hidden dim (mean and min over tokens and frames), and
@@ -99,8 +99,13 @@ def te_fp8_agreement(models, frames: torch.Tensor, prompt: str) -> dict:
     from .te_fast import FastTextEncoderRunner
 
     b = frames.shape[0]
-    ref = FastTextEncoderRunner(models, b).encode(prompt, frames, b).float()
-    fp8 = FastTextEncoderRunner(models, b, fp8=True).encode(prompt, frames, b).float()
+    runner = FastTextEncoderRunner(models, b, te_size=te_size)
+    ref = runner.encode(prompt, frames, b).float()
+    fp8 = FastTextEncoderRunner(models, b, fp8=True, te_size=te_size).encode(prompt, frames, b).float()
+    mask = runner.text_mask(prompt)
+    if mask is not None:  # te_size 256: the pad rows are zeros in both, not tokens
+        keep = mask[0].bool()
+        ref, fp8 = ref[:, keep], fp8[:, keep]
     cos = F.cosine_similarity(fp8, ref, dim=-1)
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
             "rel_l2": float((fp8 - ref).norm() / ref.norm().clamp(min=1e-12)), "frames": b}

@@ -225,6 +225,7 @@ def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, revi
     except Exception as exc:  # hub/network/format errors: one clear line for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StreameditError(f"could not load model {source!r}: {first}") from exc
+    check_scheduler(pipe.scheduler)
     pipe.to(device)
     tok = pipe.tokenizer
     # Upstream's 64 is exact for the Qwen tokenizer; other tokenizers are measured.
@@ -237,6 +238,26 @@ def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, revi
         except ValueError:
             log.warning("ignoring unreadable %s", meta)
     return Models(**{c: getattr(pipe, c) for c in COMPONENTS}, source=source, edit_prefix_len=prefix, extras=extras)
+
+
+def check_scheduler(scheduler) -> None:
+    """Refuse a scheduler whose steps denoise.py's written-out Euler step does not reproduce.
+
+    The sigmas and timesteps always come from the scheduler's own ``set_timesteps`` (time-shift type,
+    Karras / exponential / beta spacing and ``shift_terminal`` included), and the step
+    ``x + (s_next - s) * v`` equals ``scheduler.step`` for them (tests/test_scheduler.py). Not for
+    ``stochastic_sampling`` (re-noises every step), ``invert_sigmas`` (sigmas run 0 -> 1: the start
+    from noise and the strength start assume 1 = noise) or another scheduler class.
+    """
+    name = type(scheduler).__name__
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise StreameditError(f"scheduler {name} is not supported: streamedit's denoising loop is "
+                              "FlowMatchEulerDiscreteScheduler's Euler step")
+    cfg = scheduler.config
+    for key in ("stochastic_sampling", "invert_sigmas"):
+        if cfg.get(key, False):
+            raise StreameditError(f"scheduler config {key}=true is not supported: streamedit's Euler step "
+                                  "(denoise.py) reproduces only the deterministic flow-matching step from sigma 1")
 
 
 def default_strength(models: Models) -> float:

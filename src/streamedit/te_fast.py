@@ -1,8 +1,8 @@
 """Static-shape, sync-free Qwen3-VL conditioning: :class:`TextEncoderRunner` for a fixed size and prompt.
 
-With a fixed TE image size (512) and prompt, every shape in the TE is static: each frame gives the
-same token ids and a 1x32x32 patch grid. Everything that depends only on (size, prompt) and the
-weights is computed once, on the device, with the model's own code:
+With a fixed TE view (``te_size`` 512 or 256, text_encoder.TE_VIEWS) and prompt, every shape in the TE
+is static: each frame gives the same token ids and a 1x32x32 (1x16x16) patch grid. Everything that
+depends only on (size, prompt) and the weights is computed once, on the device, with the model's own code:
 
 * per size: the uint8 -> pixel-value table (read off the image processor run on a probe image
   holding every byte value), the interpolated learned position embeddings and the vision rotary
@@ -12,11 +12,13 @@ weights is computed once, on the device, with the model's own code:
   prefix (``edit_prefix_len``) from the library's text model with a ``DynamicCache``.
 
 The per-batch forward (:meth:`FastTextEncoderRunner._forward`) then calls the model's submodules
-(patch_embed, block norms/MLPs/qkv/proj, mergers, decoder layers, norm) with no ``.tolist()`` /
+(patch_embed, block norms/MLPs/qkv/proj, mergers, decoder layers; not the final norm: DreamLite's
+features are the last layer's pre-norm output, text_encoder.FEATURES) with no ``.tolist()`` /
 ``.item()`` / ``nonzero`` and no data-dependent shape, so ``torch.compile(fullgraph=True)`` and
-CUDA graphs apply. The output equals ``model(...).last_hidden_state[:, edit_prefix_len:]`` up to
-float reassociation (tests: <= 1e-4 in fp32). Constants are snapshots: rebuild the runner if the
-TE weights change.
+CUDA graphs apply. The output equals :class:`TextEncoderRunner`'s up to float reassociation (tests:
+<= 1e-4 in fp32). With ``te_size`` 256 the padded sequence's pad tokens are not computed: the real
+tokens see only earlier ones (causal, right padding), and the output's pad rows are zeros, as the
+exact runner's. Constants are snapshots: rebuild the runner if the TE weights change.
 
 ``fp8=True`` (an approximation, off by default; engine ``te_fp8``) runs the vision blocks' and
 decoder layers' Linears as e4m3 matmuls (:mod:`streamedit.fp8`) on a parameter-sharing copy of
@@ -29,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
@@ -82,13 +85,15 @@ class FastTextEncoderRunner(TextEncoderRunner):
 
     ``prepare_images`` only stacks the frames (uint8 (B,H,W,3), pinned on CUDA); resizing,
     rescale/normalize and patchify run on the device inside ``encode``. Working sizes other than
-    ``te_image_size`` are resized with ``F.interpolate(bicubic, antialias=True)`` rounded to uint8,
-    which approximates (is not equal to) upstream's PIL LANCZOS; at the TE size it is the identity,
-    exactly like PIL's resize to the same size.
+    the TE view's are resized with ``F.interpolate(antialias=True)`` rounded to uint8: bicubic for
+    512, which approximates (is not equal to) upstream's PIL LANCZOS, bilinear for 256, which
+    approximates PIL BILINEAR; at the TE size it is the identity, exactly like PIL's resize to the
+    same size.
     """
 
-    def __init__(self, models, batch_size: int = 8, fp8: bool = False, fused_kernels: bool = True):
-        super().__init__(models)  # model, image_processor, size, text_inputs() and its cache
+    def __init__(self, models, batch_size: int = 8, fp8: bool = False, fused_kernels: bool = True,
+                 te_size: int | None = None):
+        super().__init__(models, te_size)  # pre-norm model, image_processor, size, text_inputs() and its cache
         self.batch_size = batch_size  # nominal; shapes come from each call (a new B: one more compile/graph)
         self.visual, self.lm = _hook_free(self.model.visual), _hook_free(self.model.language_model)
         if fp8:  # approximation: the vision blocks' and decoder layers' Linears in FP8 (mergers stay)
@@ -114,6 +119,7 @@ class FastTextEncoderRunner(TextEncoderRunner):
         self.c: dict = {}  # device tensors read by _forward (updated in place when shapes allow)
         self._layout = 0  # bumped whenever a constant is re-allocated (CUDA graphs must be re-captured)
         self._prompt = None
+        self.n_pad = 0  # zero rows appended to the output (te_size 256: the sequence padded to 256 tokens)
         self._fn = self._forward  # the static forward, or its torch.compile wrapper
         self._graph = None  # graphs.StaticGraph of _fn when compiled with a CUDA-graph mode
         self._vision_constants()
@@ -173,6 +179,9 @@ class FastTextEncoderRunner(TextEncoderRunner):
         if prompt == self._prompt:
             return
         text = self.text_inputs(prompt)
+        real = int(text["attention_mask"][0].sum())  # right padding: the real tokens come first
+        n_pad = text["input_ids"].shape[1] - real
+        text = {k: v[:, :real] for k, v in text.items()}
         ids = text["input_ids"].to(self.device)
         grid = torch.tensor([self.grid], device=self.device)
         prefix = self.models.edit_prefix_len
@@ -207,12 +216,13 @@ class FastTextEncoderRunner(TextEncoderRunner):
             mask_function=causal_mask_function, attention_mask=None, allow_is_causal_skip=False,
             dtype=self.te_dtype, config=cfg, device=self.device))
         self.span = (start, end)
+        self.n_pad = n_pad
         self._prompt = prompt
 
     def output_shape(self, prompt: str) -> tuple[int, int]:
         """(tokens after the dropped prefix, hidden size): what :meth:`encode` returns per frame."""
         self.set_prompt(prompt)
-        return self.c["cos"].shape[1], self.lm.config.hidden_size
+        return self.c["cos"].shape[1] + self.n_pad, self.lm.config.hidden_size
 
     # ---- per-batch, static ----------------------------------------------------------------------
     def prepare_images(self, frames: list[np.ndarray]) -> torch.Tensor:
@@ -220,11 +230,12 @@ class FastTextEncoderRunner(TextEncoderRunner):
         return host.pin_memory() if self.device.type == "cuda" else host
 
     def resize(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B,H,W,3) uint8 -> (B,3,S,S) uint8 (approximates PIL LANCZOS; identity at the TE size)."""
+        """(B,H,W,3) uint8 -> (B,3,S,S) uint8 (approximates the view's PIL resample; identity at the TE size)."""
         x = frames.permute(0, 3, 1, 2)
         if tuple(x.shape[-2:]) == (self.size, self.size):
             return x
-        x = F.interpolate(x.float(), size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
+        mode = "bilinear" if self.resample == Image.BILINEAR else "bicubic"
+        x = F.interpolate(x.float(), size=(self.size, self.size), mode=mode, antialias=True, align_corners=False)
         return x.round().clamp(0, 255).to(torch.uint8)  # PIL resizes in 8 bit: keep a uint8 intermediate
 
     def _pixel_values(self, frames: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -293,7 +304,9 @@ class FastTextEncoderRunner(TextEncoderRunner):
             h = layer(h, position_embeddings=rope, attention_mask=c["mask"], past_key_values=cache)
             if i < len(deepstack):  # Qwen3VLTextModel._deepstack_process: h[image] += deepstack[i]
                 h = torch.cat([h[:, :s], h[:, s:e] + deepstack[i].to(h.dtype), h[:, e:]], dim=1)
-        return lm.norm(h)
+        if self.n_pad:  # the padded sequence's pad rows (masked in the U-Net)
+            h = torch.cat([h, h.new_zeros(b, self.n_pad, h.shape[-1])], dim=1)
+        return h  # before the final norm: DreamLite's features (text_encoder.FEATURES)
 
     @torch.no_grad()
     def encode(self, prompt: str, images: torch.Tensor, batch: int) -> torch.Tensor:
@@ -301,7 +314,7 @@ class FastTextEncoderRunner(TextEncoderRunner):
         self.set_prompt(prompt)
         frames = images[:batch]
         if self._graph is not None:  # the key: everything the capture baked in besides the input shape
-            out = self._graph(frames, key=(self._layout, self.span))
+            out = self._graph(frames, key=(self._layout, self.span, self.n_pad))
             return out.to(self.models.dtype, copy=True)  # the next replay overwrites the graph's output
         return self._fn(frames.to(self.device, non_blocking=True)).to(self.models.dtype)
 
@@ -339,6 +352,6 @@ class FastTextEncoderRunner(TextEncoderRunner):
         if backend == "inductor":
             mode = options.pop("mode", inductor_mode(mode))
         self._fn = compiled(self._forward, mode, backend, cache_key, "te", fullgraph=True, dynamic=False,
-                            variant=lambda: (self.span, tuple(self.c["cos"].shape)), **options)
+                            variant=lambda: (self.span, tuple(self.c["cos"].shape), self.n_pad), **options)
         self._graph = StaticGraph(self._fn, self.device, name="te") if graph else None
         return self

@@ -1,28 +1,50 @@
-"""Batched Qwen3-VL conditioning for edit mode, numerically the same as upstream's ``encode_prompt``.
+"""Batched Qwen3-VL conditioning for edit mode: upstream's ``encode_prompt`` with DreamLite's features.
 
 Upstream (``DreamLiteMobilePipeline.encode_prompt(mode="edit")``) formats the edit chat template,
 resizes the source frame to 512x512 (LANCZOS), runs the processor and the whole
-``Qwen3VLForConditionalGeneration`` with ``output_hidden_states=True``, takes the last hidden
-state and drops the template's system-prompt prefix. Here the work is split so it can be batched
-and overlapped:
+``Qwen3VLForConditionalGeneration`` with ``output_hidden_states=True``, takes ``hidden_states[-1]``
+and drops the template's system-prompt prefix. Here the work is split so it can be batched and
+overlapped:
 
 * ``prepare_images`` (CPU, runs in the engine's prefetch thread): resize + image processor;
 * ``text_inputs`` (once per prompt): the token ids do not depend on the frame, only on the
   prompt and the (fixed) image grid, so they are built once and broadcast over the batch;
-* ``encode`` (GPU, side stream): the base model only (``text_encoder.model``): the LM head's
-  logits (151936 x 2048 per token) are never needed, and ``last_hidden_state`` is what upstream's
-  ``hidden_states[-1]`` is.
+* ``encode`` (GPU, side stream): the base model only (``text_encoder.model``; the LM head's
+  logits, 151936 x 2048 per token, are never needed).
+
+Features (:data:`FEATURES`): DreamLite-mobile was trained with transformers 4.57, where
+``hidden_states[-1]`` is the output of the last decoder layer *before* the final RMSNorm;
+transformers >= 5 returns the normed ``last_hidden_state`` there (the model card's "block pattern
+artifacts"). Both runners return the pre-norm output on any transformers version: the exact one runs
+a parameter-sharing copy of the model whose final norm is the identity (its compute is skipped).
+Tests: ``test_te_golden.py`` (a 4.57.3 golden), ``test_engine.py`` (diffusers with the same features).
+
+``te_size`` (:data:`TE_VIEWS`): 512 is upstream's view (LANCZOS, 256 image tokens per frame, no
+padding); 256 is the streaming paper's (otanl/dreamlite-stream ``encode_prompt_edit_batch``):
+BILINEAR, 64 image tokens, the processor pads (right, the tokenizer's pad token) or truncates the
+sequence to 256 tokens, and the attention mask after the prefix goes to the U-Net with the embeddings.
+Pad rows of the embeddings are zeros: the U-Net's mask gives them no weight.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
+from .kernels import shallow
 from .processor import EDIT_INSTRUCTION, EDIT_TEMPLATE
 
+log = logging.getLogger(__name__)
+
 MAX_PROMPT_CHARS = 2000
+# te_size -> (PIL resample, token count the sequence is padded/truncated to; None: neither)
+TE_VIEWS = {512: (Image.LANCZOS, None), 256: (Image.BILINEAR, 256)}
+FEATURES = ("last decoder layer before the final norm (transformers 4.57 hidden_states[-1], "
+            "what DreamLite was trained on)")
 
 
 def edit_text(prompt: str) -> str:
@@ -30,12 +52,35 @@ def edit_text(prompt: str) -> str:
     return EDIT_TEMPLATE.format(EDIT_INSTRUCTION.format(prompt))
 
 
+def check_te_size(te_size: int) -> None:
+    if te_size not in TE_VIEWS:
+        raise ValueError(f"te_size must be one of {sorted(TE_VIEWS)}, got {te_size}")
+
+
+def check_features(config) -> None:
+    """The pre-norm feature is the last decoder layer's output; 4.57 records it before any deepstack add.
+    No published model adds deepstack features at its last layer; a toy config that did is refused."""
+    layers = config.text_config.num_hidden_layers
+    if len(config.vision_config.deepstack_visual_indexes) >= layers:
+        raise ValueError(f"deepstack reaches the last of the text model's {layers} decoder layers: "
+                         "the pre-norm feature convention is not defined for this configuration")
+
+
+def prenorm_model(model: nn.Module) -> nn.Module:
+    """A copy of ``Qwen3VLModel`` sharing every parameter whose language model's final norm is the identity:
+    its ``last_hidden_state`` is transformers 4.57's ``hidden_states[-1]``."""
+    return shallow(model, language_model=shallow(model.language_model, norm=nn.Identity()))
+
+
 class TextEncoderRunner:
-    def __init__(self, models):
+    def __init__(self, models, te_size: int | None = None):
         self.models = models
-        self.model = models.text_encoder.model  # Qwen3VLModel: no LM head
+        check_features(models.text_encoder.config)
+        self.model = prenorm_model(models.text_encoder.model)  # Qwen3VLModel, no LM head, no final norm
         self.image_processor = models.processor.image_processor
-        self.size = models.te_image_size
+        self.size = te_size or models.te_image_size
+        check_te_size(self.size)
+        self.resample, self.pad_to = TE_VIEWS[self.size]
         self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._device_text: tuple[str, dict[str, torch.Tensor]] | None = None  # (prompt, ids on device)
 
@@ -45,7 +90,7 @@ class TextEncoderRunner:
 
     def prepare_images(self, frames: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """Frames (HxWx3 uint8) -> pixel_values / image_grid_thw, as the processor makes them."""
-        images = [Image.fromarray(f).resize((self.size, self.size), resample=Image.LANCZOS) for f in frames]
+        images = [Image.fromarray(f).resize((self.size, self.size), resample=self.resample) for f in frames]
         out = self.image_processor(images=images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
@@ -53,21 +98,37 @@ class TextEncoderRunner:
         """input_ids / attention_mask / mm_token_type_ids for one frame (cached per prompt)."""
         if prompt not in self._text_cache:
             probe = Image.new("RGB", (self.size, self.size))
-            out = self.models.processor(text=[edit_text(prompt)], images=[probe], return_tensors="pt")
+            pad = dict(padding="max_length", max_length=self.pad_to, truncation=True) if self.pad_to else {}
+            out = self.models.processor(text=[edit_text(prompt)], images=[probe], return_tensors="pt", **pad)
+            if self.pad_to and out["attention_mask"].all():  # full: the paper's processor call truncated it
+                log.warning("te_size %d: the prompt fills all %d tokens; longer prompts are cut (as in the "
+                            "paper's code)", self.size, self.pad_to)
             keep = ("input_ids", "attention_mask", "mm_token_type_ids")
             self._text_cache = {prompt: {k: out[k] for k in keep if k in out}}  # one prompt at a time
         return self._text_cache[prompt]
+
+    def _device_inputs(self, prompt: str) -> dict[str, torch.Tensor]:
+        if self._device_text is None or self._device_text[0] != prompt:  # constant per prompt: copy once
+            self._device_text = (prompt, {k: v.to(self.models.device) for k, v in self.text_inputs(prompt).items()})
+        return self._device_text[1]
+
+    def text_mask(self, prompt: str) -> torch.Tensor | None:
+        """(1, tokens - prefix) mask of the embeddings for the U-Net (long, on the device); None unpadded."""
+        if not self.pad_to:
+            return None
+        return self._device_inputs(prompt)["attention_mask"][:, self.models.edit_prefix_len:]
 
     @torch.no_grad()
     def encode(self, prompt: str, images: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
         """(batch, tokens - prefix, hidden) prompt embeddings on the model's device/dtype."""
         device, dtype = self.models.device, self.models.dtype
-        if self._device_text is None or self._device_text[0] != prompt:  # constant per prompt: copy once
-            self._device_text = (prompt, {k: v.to(device) for k, v in self.text_inputs(prompt).items()})
-        text = {k: v.expand(batch, -1) for k, v in self._device_text[1].items()}
+        text = {k: v.expand(batch, -1) for k, v in self._device_inputs(prompt).items()}
         out = self.model(
             **text,
             pixel_values=images["pixel_values"].to(device, dtype, non_blocking=True),
             image_grid_thw=images["image_grid_thw"].to(device, non_blocking=True),
         )
-        return out.last_hidden_state[:, self.models.edit_prefix_len:].to(dtype)
+        embeds = out.last_hidden_state[:, self.models.edit_prefix_len:]
+        if self.pad_to:  # pad rows: zeros (masked in the U-Net)
+            embeds = embeds * self.text_mask(prompt)[..., None].to(embeds.dtype)
+        return embeds.to(dtype)

@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..cli import lllite_options, load, model_options, resolve_device, temporal_config
+from ..cli import lllite_options, load, model_options, resolve_device, te_size_option, temporal_config
 from ..clips import find_clips
 from ..errors import StreameditError
 
@@ -216,11 +216,12 @@ def summary_markdown(records: list[dict], meta: dict, comparison: list[dict] | N
 @click.option("--seed", default=0, show_default=True)
 @click.option("--fixed-noise", is_flag=True)
 @click.option("--max-frames", default=None, type=click.IntRange(2), help="Decode at most N frames per clip.")
+@te_size_option
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any other EngineConfig field.")
 @click.option("--save-videos", is_flag=True, help="Also write each stylized clip into --out.")
 def eval_command(clips, prompt, out_dir, model, revision, device, dtype, baseline, drift, drift_frames, window, cut_at,
                  detect_cuts, lpips_weights, clip_model, raft_weights, size, batch, steps, seed, fixed_noise,
-                 max_frames, sets, save_videos, **temporal):
+                 max_frames, te_size, sets, save_videos, **temporal):
     """Stylize each clip of --clips, measure it, and compare with a previous run."""
     import torch
 
@@ -235,7 +236,7 @@ def eval_command(clips, prompt, out_dir, model, revision, device, dtype, baselin
 
     size = working_size(size, model)
     base = dict(prompt=clean_prompt(prompt), batch_size=batch, steps=steps, size=size, seed=seed,
-                fixed_noise=fixed_noise, **temporal_config(**temporal))
+                fixed_noise=fixed_noise, te_size=te_size, **temporal_config(**temporal))
     config, _ = build_config(base, {}, parse_sets(sets))
     device, torch_dtype = resolve_device(device, dtype)
     models = load(model, revision, device, torch_dtype)

@@ -48,7 +48,7 @@ def _resolution(value: str) -> int:
 @click.option("--certfile", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TLS certificate (HTTPS): browsers give camera access only to https or localhost pages.")
 @click.option("--keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key.")
-def serve_command(host, port, model, revision, device, dtype, lllite, steps, token, prompt, size, max_size,
+def serve_command(host, port, model, revision, device, dtype, lllite, steps, te_size, token, prompt, size, max_size,
                   max_sessions, max_resolution, ice_hosts, cpu_threads, certfile, keyfile):
     """Serve a web page that stylizes the browser's camera (or a video file) live over WebRTC."""
     _need_server_deps()
@@ -78,7 +78,7 @@ def serve_command(host, port, model, revision, device, dtype, lllite, steps, tok
     config = ServerConfig(host=host, port=port, token=token, prompt=prompt, size=size, max_size=max_size,
                           max_sessions=max_sessions, max_input_pixels=_resolution(max_resolution),
                           ice_hosts=list(ice_hosts) or None, model_name=getattr(models, "source", "") or model)
-    server = Server(config, engine_factory(models, steps=steps, lllite=lllite))
+    server = Server(config, engine_factory(models, steps=steps, lllite=lllite, te_size=te_size))
     ssl_context = None
     if certfile:
         import ssl

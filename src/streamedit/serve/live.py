@@ -209,8 +209,8 @@ class LiveLoop:
 @click.option("--fps", default=30.0, show_default=True, help="Frame rate announced to the virtual camera.")
 @click.option("--save-dir", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Where 's' saves frames.")
-def live_command(camera, window, virtual_cam, vcam_device, model, revision, device, dtype, lllite, steps, prompt, size,
-                 fps, save_dir):
+def live_command(camera, window, virtual_cam, vcam_device, model, revision, device, dtype, lllite, steps, te_size,
+                 prompt, size, fps, save_dir):
     """Stylize a camera live into a window and/or a virtual camera (type a prompt + Enter to change it)."""
     if not (window or virtual_cam):
         raise click.UsageError("choose an output: --window and/or --virtual-cam")
@@ -228,7 +228,8 @@ def live_command(camera, window, virtual_cam, vcam_device, model, revision, devi
     cam = VirtualCamSink(size, fps, vcam_device) if virtual_cam else None
     cap = open_camera(camera)
     click.echo(f"loading {model} ...", err=True)
-    engine = LiveEngine(load_runtime(model, device, dtype, revision), prompt, size, steps=steps, lllite=lllite)
+    engine = LiveEngine(load_runtime(model, device, dtype, revision), prompt, size, steps=steps, lllite=lllite,
+                        te_size=te_size)
     pace = None if camera.isdigit() else (cap.get(cv2.CAP_PROP_FPS) or 30.0)
     grabber = Grabber(cap, pace).start()
     commands: queue.Queue = queue.Queue()

@@ -24,7 +24,7 @@ def load_runtime(model: str = DEFAULT_MODEL, device: str | None = None, dtype: s
 
 
 def live_model_options(fn):
-    """--model/--revision/--device/--dtype/--lllite/--steps with the same meaning as in `stylize`."""
+    """--model/--revision/--device/--dtype/--lllite/--steps/--te-size with the same meaning as in `stylize`."""
     import click
 
     opts = [
@@ -39,7 +39,9 @@ def live_model_options(fn):
     ]
     for opt in reversed(opts):
         fn = opt(fn)
-    return fn
+    from ..cli import te_size_option
+
+    return te_size_option(fn)
 
 
 def set_cpu_threads(models, threads: int | None = None) -> int | None:
@@ -76,12 +78,12 @@ class LiveEngine:
     """
 
     def __init__(self, models, prompt: str, size: int, steps: int = 1, lllite: str | None = None, seed: int = 0,
-                 lllite_multiplier: float = 1.0):
+                 lllite_multiplier: float = 1.0, te_size: int = 512):
         from .. import EngineConfig, StreamEngine
 
         fields = {f.name for f in dataclasses.fields(EngineConfig)}
         config = EngineConfig(prompt=prompt, batch_size=1, steps=steps, size=size, seed=seed, fixed_noise=True,
-                              pipeline=False, prefetch=0)
+                              pipeline=False, prefetch=0, te_size=te_size)
         if lllite is not None:
             if "lllite" not in fields:
                 raise StreameditError("--lllite: this build's engine has no LLLite support")
@@ -107,10 +109,10 @@ class LiveEngine:
         self.engine.close()
 
 
-def engine_factory(models, steps: int = 1, lllite: str | None = None):
+def engine_factory(models, steps: int = 1, lllite: str | None = None, te_size: int = 512):
     """``factory(prompt, size) -> engine`` for :class:`streamedit.serve.session.Session`."""
 
     def factory(prompt: str, size: int) -> LiveEngine:
-        return LiveEngine(models, prompt, size, steps=steps, lllite=lllite)
+        return LiveEngine(models, prompt, size, steps=steps, lllite=lllite, te_size=te_size)
 
     return factory
