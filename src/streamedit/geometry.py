@@ -17,10 +17,12 @@ MULTIPLE = 32  # DreamLite: vae_scale_factor 8 x the U-Net's two downsamplings (
 
 def working_shape(height: int, width: int, size: int, multiple: int = MULTIPLE, crop: bool = False) -> tuple[int, int]:
     """(height, width) of the working frames for a ``height x width`` input: the long side ``size``, the
-    short side the same aspect rounded to ``multiple`` (at least one multiple); a square with ``crop``."""
+    short side the same aspect rounded to the nearest ``multiple`` (at least one); a square with ``crop``.
+    The rounding changes the aspect by at most half a multiple; the output is scaled back to the input's
+    size, which undoes it."""
     if crop or height == width:
         return size, size
-    short = max(multiple, round(size * min(height, width) / max(height, width) / multiple) * multiple)
+    short = max(multiple, int(size * min(height, width) / max(height, width) / multiple + 0.5) * multiple)  # half up
     return (size, short) if height > width else (short, size)
 
 
