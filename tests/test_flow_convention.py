@@ -83,7 +83,8 @@ def test_reduced_flow_size_keeps_the_aspect_and_the_convention():
 def _adapter_file(unet, tmp_path, layout):
     source = LLLiteAdapter.for_unet(unet, hooks="down", cond_size=64)
     if layout == "paper":  # otanl/dreamlite-lllite LLLiteController.state_dict(), the released file's metadata
-        sd = {f"modules_dict.{h.replace('.', '__')}.{k}": t for h, m in source.items() for k, t in m.state_dict().items()}
+        sd = {f"modules_dict.{h.replace('.', '__')}.{k}": t
+              for h, m in source.items() for k, t in m.state_dict().items()}
         path = tmp_path / "temporal_lllite_step001440.safetensors"
         save_file(sd, str(path), {"kind": "temporal_lllite", "cond_emb_dim": "32", "mlp_dim": "64", "step": "1440"})
         return path

@@ -96,7 +96,7 @@ def count_flops(models, config, frames) -> dict:
                                        "_scaled_dot_product_cudnn_attention",
                                        "_scaled_dot_product_flash_attention_for_cpu") if hasattr(aten, n)]
     cfg = dataclasses.replace(config, compile=False, compile_vae=False, pipeline=False, profile=False,
-                              low_latency=False, skip_similar=None)
+                              low_latency=False, skip_similar=None, frame_size=frames[0].shape[:2])
     batch = [frames[i % len(frames)] for i in range(cfg.batch_size)]
     engine = StreamEngine(models, cfg)
     counters = {k: FlopCounterMode(display=False, custom_mapping={op: _attention_flops for op in sdpa})
@@ -154,7 +154,8 @@ def run_row(models, config, frames, count: int, fps: float, warmup: int) -> dict
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    engine = StreamEngine(models, config)
+    # set up (and compile) for the frames' working size at construction, as before any frame arrives
+    engine = StreamEngine(models, dataclasses.replace(config, frame_size=frames[0].shape[:2]))
     source, out_t = SimulatedSource(frames, count, fps), []
     try:
         # Untimed batches before the camera starts (compile, CUDA-graph warm-up and capture, allocator), as

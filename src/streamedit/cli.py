@@ -210,8 +210,8 @@ def load(model: str, revision, device, dtype):
 @speed_options
 @lllite_options
 def stylize(input_path, output, prompt, model, revision, device, dtype, batch, steps, strength, size, seed, fixed_noise,
-            compile_, compile_mode, te_fast, te_batch_one, te_refresh, keep_size, crop, te_fp8, skip_similar, low_latency,
-            main_priority, **temporal):
+            compile_, compile_mode, te_fast, te_batch_one, te_refresh, keep_size, crop, te_fp8, skip_similar,
+            low_latency, main_priority, **temporal):
     """Stylize INPUT with an instruction and write OUTPUT (same fps, timestamps and audio)."""
     from tqdm import tqdm
 
@@ -301,7 +301,8 @@ def info(model, revision, device, dtype, lllite, hooks):
         parts = {p: sum(h.startswith(p) for h in adapter.hooks) for p in ("down", "mid", "up")}
         click.echo(f"lllite: {lllite}: {len(adapter.hooks)} hooks (down {parts['down']} / mid {parts['mid']} / "
                    f"up {parts['up']}), cond_emb_dim {cfg.cond_emb_dim}, mlp_dim {cfg.mlp_dim}, "
-                   f"cond image {cfg.cond_size}, {sum(p.numel() for p in adapter.parameters()) / 1e6:.2f} M params")
+                   f"cond image {cfg.cond_size}, {sum(p.numel() for p in adapter.parameters()) / 1e6:.2f} M params, "
+                   f"flow convention {cfg.flow}")
         for hook in adapter.hooks:
             click.echo(f"  {hook}")
 

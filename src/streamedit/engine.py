@@ -135,7 +135,8 @@ class StreamEngine:
 
     def _setup(self, shape: tuple[int, int]) -> None:
         """Everything that depends on the working (h, w), or compiles under its cache key (one per working
-        size): the text encoder's compile, denoiser (latent shape, time_ids, shift), adapter buffers, compiled graphs."""
+        size): the text encoder's compile, denoiser (latent shape, time_ids, shift), adapter buffers, compiled
+        graphs."""
         models, config = self.models, self.config
         self.shape = shape
         precompile_key = None

@@ -67,7 +67,8 @@ def farneback(target: np.ndarray, source: np.ndarray, size: int | None = None) -
     return flow
 
 
-def cond_flow(frame: np.ndarray, prev: np.ndarray, size: int | None = None, convention: str = "backward") -> np.ndarray:
+def cond_flow(frame: np.ndarray, prev: np.ndarray, size: int | None = None,
+              convention: str = "backward") -> np.ndarray:
     """The displacement D (H,W,2) with ``cond(x) = out_prev(x + D(x))`` for input ``frame`` after input
     ``prev``, in the adapter's flow ``convention`` (module docstring)."""
     if convention == "forward":

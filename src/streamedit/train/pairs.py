@@ -195,7 +195,7 @@ def load_pair_file(path) -> tuple[dict[str, np.ndarray], dict]:
               help="Video file or folder of videos (repeatable).")
 @click.option("-p", "--prompt", "prompts", multiple=True, required=True, help="Edit instruction (repeatable).")
 @click.option("-o", "--output", required=True, help="Output folder for the pair files and manifest.json.")
-@click.option("--size", default=256, show_default=True, help="Working resolution (square).")
+@click.option("--size", default=256, show_default=True, help="Working resolution (square: clips are centre-cropped).")
 @click.option("--alpha", default=0.85, show_default=True, help="Weight of the teacher frame in the target blend.")
 @click.option("--max-frames", type=int, default=None, help="Use at most N frames of each clip.")
 @click.option("--exclude", multiple=True, help="Skip clips with this file name or stem (repeatable; held-out clips).")
