@@ -165,5 +165,5 @@ def test_cli_runs_tiny_model_into_virtual_camera(clip, fake_pyvirtualcam, tmp_pa
                                 input="watercolor\n")
     assert result.exit_code == 0, result.output + repr(result.exception)
     cam = fake_pyvirtualcam.instances[-1]
-    assert cam.width == cam.height == 64 and len(cam.frames) >= 1
+    assert (cam.width, cam.height) == (64, 32) and len(cam.frames) >= 1  # the 96x64 clip's aspect, long side 64
     assert "prompt: watercolor" in result.output and "stopped after" in result.output
