@@ -26,9 +26,14 @@ def upstream_pipeline(models):
 
 
 def _engine(models, **kw):
-    cfg = dict(prompt="oil painting", batch_size=1, steps=1, size=64, seed=3, fixed_noise=True)
+    cfg = dict(prompt="oil painting", batch_size=1, steps=1, size=64, seed=3, fixed_noise=True, frame_size=(64, 64))
     cfg.update(kw)
     return StreamEngine(models, EngineConfig(**cfg))
+
+
+def _wide(frames, width=96):
+    """The fixture's content at 64 x ``width`` (non-square; smooth, so a tiny model still tells frames apart)."""
+    return [np.ascontiguousarray(np.concatenate([f, f[:, ::-1]], axis=1)[:, :width]) for f in frames]
 
 
 def _capture_latents(engine):
@@ -38,17 +43,22 @@ def _capture_latents(engine):
     return seen
 
 
-@pytest.mark.parametrize("steps", [1, 4])
-def test_matches_diffusers_pipeline(tiny_models, frames, steps):
+@pytest.mark.parametrize("steps,width", [(1, 64), (4, 64), (1, 96), (4, 96)])
+def test_matches_diffusers_pipeline(tiny_models, frames, steps, width):
+    """Also at a non-square working size (64 x 96): latent shape, time_ids (W, H) and the shift's
+    sequence length all follow upstream's for that image."""
     pipe = upstream_pipeline(tiny_models)
-    engine = _engine(tiny_models, steps=steps)
+    frames = frames if width == 64 else _wide(frames, width)
+    engine = _engine(tiny_models, steps=steps, size=max(64, width), frame_size=(64, width))
+    assert engine.shape == (64, width)
     latents = _capture_latents(engine)
     outs = list(engine.run(frames[:2]))
     for frame, out, lat in zip(frames[:2], outs, latents):
         def upstream(output_type, seed=3):
-            return pipe("oil painting", image=Image.fromarray(frame), num_inference_steps=steps,
+            return pipe("oil painting", image=Image.fromarray(frame), num_inference_steps=steps,  # size: the image's
                         generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type).images
 
+        assert out.shape == frame.shape
         assert np.abs(out / 255.0 - upstream("np")[0]).max() <= 1 / 255
         ref_lat = upstream("latent")
         assert (lat - ref_lat).abs().max() < 1e-4
@@ -96,11 +106,29 @@ def test_te_size_256_mask_reaches_the_unet(tiny_models, frames, te_fast):
     assert (denoise(noise, source, embeds) - unpadded).abs().max() > 1e-3
 
 
-def test_pipelined_equals_sequential(tiny_models, frames):
-    a = list(_engine(tiny_models, batch_size=4, fixed_noise=False, pipeline=True).run(frames))
-    b = list(_engine(tiny_models, batch_size=4, fixed_noise=False, pipeline=False).run(frames))
-    assert len(a) == len(b) == len(frames)
+@pytest.mark.parametrize("width", [64, 96])
+def test_pipelined_equals_sequential(tiny_models, frames, width):
+    frames = frames if width == 64 else _wide(frames, width)
+    kw = dict(batch_size=4, fixed_noise=False, size=max(64, width), frame_size=(64, width))
+    a = list(_engine(tiny_models, pipeline=True, **kw).run(frames))
+    b = list(_engine(tiny_models, pipeline=False, **kw).run(frames))
+    assert len(a) == len(b) == len(frames) and a[0].shape == (64, width, 3)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_first_frame_decides_the_working_size(tiny_models, frames):
+    """Without frame_size the first frame's aspect fixes the working size: 128x72-ish input at size 96
+    works at 64 x 96 (short side rounded to 32), not squashed to 96 x 96; --crop-style works square."""
+    wide = [np.ascontiguousarray(np.repeat(f, 2, axis=1)[:, :114]) for f in frames[:3]]  # 64 x 114
+    engine = _engine(tiny_models, size=96, frame_size=None)
+    assert engine.shape is None and engine.denoiser is None
+    outs = list(engine.run(wide))
+    assert engine.shape == (64, 96) and engine.denoiser.latent_shape == (8, 12)
+    assert [o.shape for o in outs] == [(64, 96, 3)] * 3
+    assert engine.denoiser.time_ids.tolist() == [[96.0, 64.0]]  # upstream's (W, H)
+    cropped = _engine(tiny_models, size=64, frame_size=None, crop=True)
+    assert cropped.shape == (64, 64)
+    assert list(cropped.run(wide[:1]))[0].shape == (64, 64, 3)
 
 
 def test_batched_matches_per_frame(tiny_models, frames):

@@ -87,18 +87,26 @@ def test_loop_keys_pause_save_and_prompt(clip, tmp_path):
     assert "paused" in messages and "resumed" in messages
     # frames shown while paused repeat the last output: fewer processed than shown
     assert loop.processed < len(window.shown) == len(keys)
-    assert window.shown[0][0] == (64, 64, 3) and "q quit" in window.shown[0][2][-1]
+    # the 96x64 clip at long side 64 keeps its aspect (short side rounded to 32), not squashed to 64x64
+    assert window.shown[0][0] == (32, 64, 3) and "q quit" in window.shown[0][2][-1]
 
 
 def test_loop_feeds_virtual_camera_and_stops_at_end_of_video(clip, fake_pyvirtualcam):
-    cam = live.VirtualCamSink(64, 24)
+    cam = live.VirtualCamSink((32, 64), 24)  # the working (h, w) of the 96x64 clip at 64
     grabber = Grabber(open_camera(clip), pace_fps=400).start()
-    loop = LiveLoop(grabber, FakeEngine(), 64, vcam=cam, echo=lambda m: None)
+    loop = LiveLoop(grabber, FakeEngine(), (32, 64), vcam=cam, echo=lambda m: None)
     try:
         loop.run()  # ends by itself when the video ends
     finally:
         grabber.stop()
     assert loop.processed >= 1 and len(cam.cam.frames) == loop.processed
+    cropped = LiveLoop(Grabber(open_camera(clip), pace_fps=400).start(), FakeEngine(), 64, crop=True, max_frames=1,
+                       echo=lambda m: None)
+    try:
+        cropped.run()
+    finally:
+        cropped.grabber.stop()
+    assert cropped.shape == (64, 64) and cropped._last[0].shape == (64, 64, 3)
     assert loop.processed + grabber.latest.dropped >= 30  # every frame was either processed or dropped
 
 
@@ -157,5 +165,5 @@ def test_cli_runs_tiny_model_into_virtual_camera(clip, fake_pyvirtualcam, tmp_pa
                                 input="watercolor\n")
     assert result.exit_code == 0, result.output + repr(result.exception)
     cam = fake_pyvirtualcam.instances[-1]
-    assert cam.width == cam.height == 64 and len(cam.frames) >= 1
+    assert (cam.width, cam.height) == (64, 32) and len(cam.frames) >= 1  # the 96x64 clip's aspect, long side 64
     assert "prompt: watercolor" in result.output and "stopped after" in result.output

@@ -132,7 +132,8 @@ def select_rows(matrix: bool, rows: str | None, compile_: bool, lllite: str | No
 @click.option("--prompt", default="oil painting", show_default=True)
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1), help="Frames per batch.")
 @click.option("--steps", default=1, show_default=True, help="Denoising steps (1-4).")
-@click.option("--size", default=512, show_default=True, help="Working resolution (square).")
+@click.option("--size", default=512, show_default=True,
+              help="Working resolution: the long side (synthetic frames are square; a --clip keeps its aspect).")
 @click.option("--frames", "count", default=480, show_default=True, type=click.IntRange(1), help="Frames fed.")
 @click.option("--source-fps", default=30.0, show_default=True, type=click.FloatRange(0),
               help="Simulated camera rate; 0 = as fast as the engine takes frames (rows may set their own).")

@@ -96,7 +96,7 @@ def count_flops(models, config, frames) -> dict:
                                        "_scaled_dot_product_cudnn_attention",
                                        "_scaled_dot_product_flash_attention_for_cpu") if hasattr(aten, n)]
     cfg = dataclasses.replace(config, compile=False, compile_vae=False, pipeline=False, profile=False,
-                              low_latency=False, skip_similar=None)
+                              low_latency=False, skip_similar=None, frame_size=frames[0].shape[:2])
     batch = [frames[i % len(frames)] for i in range(cfg.batch_size)]
     counters = {k: FlopCounterMode(display=False, custom_mapping={op: _attention_flops for op in sdpa})
                 for k in ("te", "cond", "total")}
@@ -153,8 +153,9 @@ def run_row(models, config, frames, count: int, fps: float, warmup: int) -> dict
         torch.cuda.reset_peak_memory_stats()
     source, out_t = SimulatedSource(frames, count, fps), []
     # closed on the way out, even on an error: its graphs, pools and adapter patch must not outlive the row
-    # (the next row's engine captures graphs of its own on the same device and U-Net)
-    with StreamEngine(models, config) as engine:
+    # (the next row's engine captures graphs of its own on the same device and U-Net); set up (and compiled)
+    # for the frames' working size at construction, as before any frame arrives
+    with StreamEngine(models, dataclasses.replace(config, frame_size=frames[0].shape[:2])) as engine:
         # Untimed batches before the camera starts (compile, CUDA-graph warm-up and capture, allocator), as
         # a live app would: else frames captured during a minutes-long compile flood the timed stream.
         t = time.perf_counter()

@@ -98,9 +98,10 @@ def _probe(spec: dict) -> dict:
     models = load(spec["model"], spec["revision"], spec["device"], getattr(torch, spec["dtype"]))
     t_load = time.time() - t0
     config = EngineConfig(**spec["config"])
+    frames = bench_frames(None, config.size, config.batch_size)
+    config.frame_size = frames[0].shape[:2]  # the engine sets up and compiles here, not at the first frame
     engine = StreamEngine(models, config)
     t_engine = time.time() - t0
-    frames = bench_frames(None, config.size, config.batch_size)
     outputs = engine.run(frames)
     first = next(outputs)
     t_first = time.time() - t0

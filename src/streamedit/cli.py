@@ -204,7 +204,8 @@ def load(model: str, revision, device, dtype):
               help="Start sigma in (0, 1]: 1 starts from pure noise; lower starts from the noised source "
                    "(default: the model's own, 1 unless its streamedit.json says otherwise).")
 @click.option("--size", type=int, default=None,
-              help="Working resolution (square). Default: the model's own (256 for demo), else 512.")
+              help="Working resolution: the long side (the short side keeps the input's aspect, rounded to 32). "
+                   "Default: the model's own (256 for demo), else 512.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--fixed-noise", is_flag=True, help="Start every frame from the same noise (less flicker).")
 @click.option("--compile", "compile_", is_flag=True,
@@ -214,11 +215,12 @@ def load(model: str, revision, device, dtype):
 @click.option("--te-batch-one", is_flag=True, help="Approximation: one TE pass per batch.")
 @click.option("--te-refresh", default=1, show_default=True, help="Approximation: reuse the TE output N batches.")
 @click.option("--keep-size", is_flag=True, help="Write the working size instead of scaling back to the input's.")
+@click.option("--crop", is_flag=True, help="Centre-crop to a square (size x size) instead of keeping the aspect.")
 @te_size_option
 @speed_options
 @lllite_options
 def stylize(input_path, output, prompt, model, revision, device, dtype, batch, steps, strength, size, seed, fixed_noise,
-            compile_, compile_mode, te_fast, te_batch_one, te_refresh, keep_size, te_size, te_fp8, skip_similar,
+            compile_, compile_mode, te_fast, te_batch_one, te_refresh, keep_size, crop, te_size, te_fp8, skip_similar,
             low_latency, main_priority, **temporal):
     """Stylize INPUT with an instruction and write OUTPUT (same fps, timestamps and audio)."""
     from tqdm import tqdm
@@ -232,7 +234,8 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
                   skip_similar=skip_similar, main_priority=main_priority)
     if low_latency:
         fields.update(low_latency_fields(click.get_current_context(), batch))
-    config = EngineConfig(prompt=prompt, steps=steps, strength=strength, size=size, seed=seed, fixed_noise=fixed_noise,
+    config = EngineConfig(prompt=prompt, steps=steps, strength=strength, size=size, crop=crop, seed=seed,
+                          fixed_noise=fixed_noise,
                           compile_mode=compile_mode, te_batch_one=te_batch_one, te_refresh_every=te_refresh,
                           **fields, **temporal_config(**temporal))
     from .engine import clean_prompt
@@ -240,7 +243,8 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
     config.prompt = clean_prompt(prompt)  # fail on a bad prompt before any slow loading
     device, torch_dtype = resolve_device(device, dtype)
     check_speed_flags(config, device)
-    source = open_video(input_path, size=size, keep_size=keep_size)
+    source = open_video(input_path, size=size, keep_size=keep_size, crop=crop)
+    config.frame_size = (source.info.height, source.info.width)  # the engine sets up for this aspect
     written = 0
     t0 = time.perf_counter()
     restore = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
@@ -310,7 +314,8 @@ def info(model, revision, device, dtype, lllite, hooks):
         parts = {p: sum(h.startswith(p) for h in adapter.hooks) for p in ("down", "mid", "up")}
         click.echo(f"lllite: {lllite}: {len(adapter.hooks)} hooks (down {parts['down']} / mid {parts['mid']} / "
                    f"up {parts['up']}), cond_emb_dim {cfg.cond_emb_dim}, mlp_dim {cfg.mlp_dim}, "
-                   f"cond image {cfg.cond_size}, {sum(p.numel() for p in adapter.parameters()) / 1e6:.2f} M params")
+                   f"cond image {cfg.cond_size}, {sum(p.numel() for p in adapter.parameters()) / 1e6:.2f} M params, "
+                   f"flow convention {cfg.flow}")
         for hook in adapter.hooks:
             click.echo(f"  {hook}")
 

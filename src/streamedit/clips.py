@@ -39,10 +39,11 @@ def find_clips(entries, exclude=()) -> list[Path]:
     return clips
 
 
-def read_frames(path, size: int | None = None, max_frames: int | None = None) -> list[np.ndarray]:
-    """A clip's frames (RGB uint8): resized to ``size x size`` as the engine sees them, or as stored (None)."""
+def read_frames(path, size: int | None = None, max_frames: int | None = None, crop: bool = False) -> list[np.ndarray]:
+    """A clip's frames (RGB uint8): at the working size for ``size`` (the long side; io.py; ``crop``: the
+    centre square at ``size x size``), or as stored (None)."""
     frames = []
-    with open_video(path, size=size) as video:
+    with open_video(path, size=size, crop=crop) as video:
         for frame in video.frames():
             frames.append(frame)
             if max_frames and len(frames) >= max_frames:

@@ -64,8 +64,9 @@ def setup() -> str:
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
-def artifact_key(models, config) -> str:
-    """A file-name-safe hash of everything the compiled code depends on (not the weight values)."""
+def artifact_key(models, config, shape: tuple[int, int] | None = None) -> str:
+    """A file-name-safe hash of everything the compiled code depends on (not the weight values);
+    ``shape``: the working (h, w) (default: ``config.size`` square)."""
     device = models.device
     parts = {
         "torch": torch.__version__,
@@ -74,6 +75,7 @@ def artifact_key(models, config) -> str:
         "unet": _public(models.unet.config), "vae": _public(models.vae.config),
         "te": models.text_encoder.config.to_json_string(use_diff=False),
         "lllite": config.lllite is not None,
+        "shape": list(shape or (config.size, config.size)),
         "config": {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in GRAPH_FIELDS},
     }
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

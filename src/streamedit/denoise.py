@@ -39,13 +39,19 @@ from .graphs import CONV_NET_INDUCTOR, StaticGraph, compile_fn, inductor_mode, w
 from .kernels import fuse_tiny_vae
 
 
-def sigma_schedule(models, size: int, sigmas, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def hw(size) -> tuple[int, int]:
+    """A working size as (height, width): an int is a square."""
+    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+
+
+def sigma_schedule(models, size, sigmas, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(shifted sigmas with the terminal 0, timesteps) that the model's own scheduler makes from ``sigmas``
-    at working size ``size``, with upstream's resolution-dependent shift ``mu``."""
+    at working size ``size`` (side or (h, w)), with upstream's resolution-dependent shift ``mu`` (from the
+    image sequence length, latent h * w / 4)."""
     scheduler = copy.deepcopy(models.scheduler)  # set_timesteps mutates it
     cfg = scheduler.config
-    latent = size // models.vae_scale_factor
-    mu = calculate_shift(latent * latent // 4, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+    h, w = (v // models.vae_scale_factor for v in hw(size))
+    mu = calculate_shift(h * w // 4, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                          cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
     scheduler.set_timesteps(sigmas=np.asarray(sigmas, dtype=np.float64), device=device, mu=mu)
     return scheduler.sigmas, scheduler.timesteps
@@ -68,7 +74,8 @@ def vae_image(vae, latents: torch.Tensor, scaling: float, shift: float = 0.0) ->
 
 
 class Denoiser:
-    def __init__(self, models, steps: int, size: int, unet=None, vae=None, strength: float = 1.0):
+    def __init__(self, models, steps: int, size, unet=None, vae=None, strength: float = 1.0):
+        """``size``: the working size, a side (square) or (height, width)."""
         self.models = models
         self.unet = unet if unet is not None else models.unet
         self.vae = vae if vae is not None else models.vae
@@ -78,8 +85,8 @@ class Denoiser:
         self._encode_fn = self.encode_source
         self._encode_graph = None
         self.steps = steps
-        self.size = size
-        self.latent_size = size // models.vae_scale_factor
+        self.shape = height, width = hw(size)
+        self.latent_shape = (height // models.vae_scale_factor, width // models.vae_scale_factor)
         device, dtype = models.device, models.dtype
         self.strength = strength
         sigmas, timesteps = sigma_schedule(models, size, np.linspace(strength, strength / steps, steps), device)
@@ -87,7 +94,7 @@ class Denoiser:
         self.timesteps = timesteps.to(dtype)  # upstream feeds t.to(latents.dtype)
         # 0-dim float32 step sizes: dt * v then promotes like scheduler.step does.
         self.dts = [sigmas[i + 1] - sigmas[i] for i in range(steps)]
-        self.time_ids = torch.tensor([[size, size]], device=device, dtype=dtype)
+        self.time_ids = torch.tensor([[width, height]], device=device, dtype=dtype)  # upstream: (W, H)
         vae = self.vae.config
         self.scaling, self.shift = vae.scaling_factor, getattr(vae, "shift_factor", 0.0) or 0.0
 
@@ -197,7 +204,7 @@ class Denoiser:
             return None
         fn = self.fused.fn
         device, dtype = self.models.device, self.models.dtype
-        latents = (batch, self.models.vae.config.latent_channels, self.latent_size, self.latent_size)
+        latents = (batch, self.models.vae.config.latent_channels, *self.latent_shape)
         inputs = (torch.zeros(latents, dtype=dtype, device=device), torch.zeros(latents, dtype=dtype, device=device),
                   torch.zeros((batch, *embeds_shape), dtype=dtype, device=device))
         if masked:  # te_size 256: the text mask is the fourth input (long, like the TE's attention mask)

@@ -33,6 +33,7 @@ batch of only such frames launches nothing on the GPU (no TE, VAE or U-Net).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import queue
 import time
@@ -44,8 +45,8 @@ import numpy as np
 import torch
 
 from .denoise import Denoiser
-from .engine_config import (LOW_LATENCY, EngineConfig, attach_adapter, clean_prompt, model_strength, start_reader,
-                            to_working, validate)
+from .engine_config import (LOW_LATENCY, EngineConfig, attach_adapter, check_frame, clean_prompt, engine_shape,
+                            model_strength, start_reader, to_working, validate)
 from .errors import StreameditError
 from .models import warn_unknown_instruction
 from .text_encoder import TextEncoderRunner
@@ -83,22 +84,11 @@ class StreamEngine:
         self.models, self.config = models, config
         self.device = models.device
         self.cuda = self.device.type == "cuda"
-        self._cache_key = precompile_key = None
-        if config.compile or config.vae_compiled:
-            from . import compile_cache
-
-            compile_cache.setup()
-            key = compile_cache.artifact_key(models, config)
-            if config.precompile and config.compile_backend in compile_cache.PRECOMPILE_BACKENDS:
-                precompile_key = key  # whole functions on disk: inductor's mega-cache is not needed
-            elif not compile_cache.load_artifacts(key):
-                self._cache_key = key  # saved after batch 1
         if config.te_fast:
             from .te_fast import FastTextEncoderRunner
 
+            # compiled in _setup
             self.te = FastTextEncoderRunner(models, config.batch_size, fp8=config.te_fp8, te_size=config.te_size)
-            if config.compile:
-                self.te.compile(config.compile_mode, backend=config.compile_backend, cache_key=precompile_key)
         else:
             self.te = TextEncoderRunner(models, te_size=config.te_size)
         self.adapter = attach_adapter(models, config)  # patches the U-Net: before compiling it
@@ -112,11 +102,11 @@ class StreamEngine:
                     self.adapter, config.cond_refresh_every, config.cut_refresh, config.motion_refresh,
                     config.flow_size, stagger=config.cond_stagger,
                     graph=self.cuda and config.compile and self.adapter is not None)
-            self.denoiser = Denoiser(models, config.steps, config.size, strength=model_strength(models, config))
-            if config.compile or config.vae_compiled:
-                self.denoiser.compile(config.compile_mode, config.compile_backend, unet=config.compile,
-                                      vae=config.vae_compiled, channels_last=config.channels_last,
-                                      cache_key=precompile_key)
+            self.shape = self.denoiser = None  # set by _setup, once the working size is known
+            self._cache_key = None
+            shape = engine_shape(models, config)
+            if shape is not None:
+                self._setup(shape)
         except BaseException:
             if self.temporal is not None:
                 self.temporal.close()
@@ -158,6 +148,39 @@ class StreamEngine:
         self._reader = None  # (thread, stop event) of the low-latency schedule's reader
         self._closed = False
 
+    def _setup(self, shape: tuple[int, int]) -> None:
+        """Everything that depends on the working (h, w), or compiles under its cache key (one per working
+        size): the text encoder's compile, denoiser (latent shape, time_ids, shift), adapter buffers, compiled
+        graphs."""
+        models, config = self.models, self.config
+        self.shape = shape
+        precompile_key = None
+        if config.compile or config.vae_compiled:
+            from . import compile_cache
+
+            compile_cache.setup()
+            key = compile_cache.artifact_key(models, config, shape)
+            if config.precompile and config.compile_backend in compile_cache.PRECOMPILE_BACKENDS:
+                precompile_key = key  # whole functions on disk: inductor's mega-cache is not needed
+            elif not compile_cache.load_artifacts(key):
+                self._cache_key = key  # saved after batch 1
+        if config.te_fast and config.compile:
+            self.te.compile(config.compile_mode, backend=config.compile_backend, cache_key=precompile_key)
+        if self.adapter is not None:
+            self.adapter.allocate(config.batch_size, *shape)  # before the U-Net is compiled
+        self.denoiser = Denoiser(models, config.steps, shape, strength=model_strength(models, config))
+        if config.compile or config.vae_compiled:
+            self.denoiser.compile(config.compile_mode, config.compile_backend, unet=config.compile,
+                                  vae=config.vae_compiled, channels_last=config.channels_last,
+                                  cache_key=precompile_key)
+
+    def setup_for(self, frame_size: tuple[int, int]) -> tuple[int, int]:
+        """Fix the working size for input frames of ``frame_size`` (h, w), if not fixed yet (the first
+        frame of :meth:`run` does it otherwise); returns the working (h, w)."""
+        if self.shape is None:
+            self._setup(engine_shape(self.models, self.config, tuple(frame_size)))
+        return self.shape
+
     # ---- public API -------------------------------------------------------------------------
     def set_prompt(self, prompt: str) -> None:
         """Change the instruction; the next batch whose encoding has not started uses it."""
@@ -169,8 +192,16 @@ class StreamEngine:
         return self._prompt
 
     def run(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """Stylize a stream of HxWx3 uint8 RGB frames; yields the same number, in order."""
+        """Stylize a stream of HxWx3 uint8 RGB frames; yields the same number, in order, at the working
+        size (the first frame fixes it unless ``config.frame_size`` or ``crop`` did)."""
         self._check_open()
+        if self.shape is None:
+            frames = iter(frames)
+            first = next(frames, None)
+            if first is None:
+                return
+            self.setup_for(check_frame(first).shape[:2])
+            frames = itertools.chain([first], frames)
         try:
             if self.config.low_latency:
                 yield from self._run_latency_first(frames)
@@ -232,11 +263,11 @@ class StreamEngine:
 
     # ---- host side ------------------------------------------------------------------------
     def _batches(self, frames: Iterable[np.ndarray]) -> Iterator[tuple[int, list, int]]:
-        size, bsz = self.config.size, self.config.batch_size
+        shape, crop, bsz = self.shape, self.config.crop, self.config.batch_size
         chunk: list[np.ndarray] = []
         index = 0
         for frame in frames:
-            chunk.append(to_working(frame, size))
+            chunk.append(to_working(frame, shape, crop))
             if len(chunk) == bsz:
                 yield index, chunk, bsz
                 index, chunk = index + 1, []
@@ -280,7 +311,7 @@ class StreamEngine:
             yield fut.result()
 
     def _noise(self, batch: int) -> torch.Tensor:
-        shape = (1, self.models.vae.config.latent_channels, self.denoiser.latent_size, self.denoiser.latent_size)
+        shape = (1, self.models.vae.config.latent_channels, *self.denoiser.latent_shape)
         dtype = self.models.dtype
         if self.config.fixed_noise:
             if self._fixed_noise is None:  # what upstream draws for generator=Generator("cpu").manual_seed(seed)
@@ -489,7 +520,8 @@ class StreamEngine:
             remove_lllite(self.models.unet)
         if self.temporal is not None:
             self.temporal.release()
-        self.denoiser.release()
+        if self.denoiser is not None:  # None: no frame ever fixed the working size
+            self.denoiser.release()
         self.te.release()
         if self._owns_adapter:
             self.adapter.release_buffers()

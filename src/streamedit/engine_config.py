@@ -7,11 +7,11 @@ import queue
 import threading
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 
 from .errors import StreameditError
+from .geometry import fit, working_shape
 from .text_encoder import MAX_PROMPT_CHARS, TE_VIEWS
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,9 @@ class EngineConfig:
     batch_size: int = 8
     steps: int = 1  # distilled operating point; 1-4
     strength: float | None = None  # start sigma (denoise.py): 1 = pure noise; None: the model's default
-    size: int = 512
+    size: int = 512  # long side of the working size (geometry.py: the short side keeps the input's aspect)
+    crop: bool = False  # centre-crop frames to a square first (working size: size x size)
+    frame_size: tuple[int, int] | None = None  # (height, width) of the input frames; None: the first frame's
     seed: int = 0
     fixed_noise: bool = False  # every frame starts from the same noise (upstream's draw for `seed`)
     te_batch_one: bool = False  # approximation: encode one frame per batch, broadcast
@@ -77,13 +79,27 @@ def clean_prompt(prompt: str) -> str:
     return prompt
 
 
-def to_working(frame: np.ndarray, size: int) -> np.ndarray:
+def check_frame(frame) -> np.ndarray:
     frame = np.asarray(frame)
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
         raise StreameditError(f"frames must be HxWx3 uint8 RGB arrays, got shape {frame.shape} dtype {frame.dtype}")
-    if frame.shape[:2] != (size, size):
-        frame = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(frame)
+    return frame
+
+
+def to_working(frame: np.ndarray, shape: tuple[int, int], crop: bool = False) -> np.ndarray:
+    """A frame at the working (h, w): centre-cropped first with ``crop``, resized keeping the aspect
+    it had when the working size was chosen (a later frame of another aspect is fitted to it)."""
+    return fit(check_frame(frame), shape, crop)
+
+
+def engine_shape(models, config: EngineConfig, frame_size: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """The working (h, w) for ``config`` and an input of ``frame_size`` (else ``config.frame_size``); None
+    while it is unknown (no frame size yet, no crop)."""
+    frame_size = frame_size or config.frame_size
+    if frame_size is None and not config.crop:
+        return None
+    h, w = frame_size or (config.size, config.size)
+    return working_shape(int(h), int(w), config.size, models.vae_scale_factor * 4, config.crop)
 
 
 def model_strength(models, config: EngineConfig) -> float:
@@ -123,6 +139,9 @@ def validate(models, config: EngineConfig) -> None:
     step = models.vae_scale_factor * 4  # the U-Net downsamples the latent twice
     if config.size < step or config.size % step:
         raise StreameditError(f"--size must be a multiple of {step}, got {config.size}")
+    fs = config.frame_size
+    if fs is not None and (len(fs) != 2 or min(int(v) for v in fs) < 1):
+        raise StreameditError(f"frame_size must be (height, width) in pixels, got {fs}")
     strength = model_strength(models, config)
     sigmas, _ = sigma_schedule(models, config.size, np.linspace(strength, strength / config.steps, config.steps))
     if not torch.isfinite(sigmas).all():  # e.g. shift_terminal with one step
@@ -131,7 +150,8 @@ def validate(models, config: EngineConfig) -> None:
 
 
 def attach_adapter(models, config: EngineConfig):
-    """Load/build the LLLite adapter, patch it into the U-Net and size its buffers (before compile)."""
+    """Load/build the LLLite adapter and patch it into the U-Net (before compile); the engine sizes its
+    buffers for the working size (``adapter.allocate``)."""
     if config.lllite is None:
         return None
     from .lllite import LLLiteAdapter, apply_lllite
@@ -146,7 +166,6 @@ def attach_adapter(models, config: EngineConfig):
     else:
         adapter = LLLiteAdapter.load(adapter_path(config.lllite), models.unet, hooks=config.hooks)
     apply_lllite(models.unet, adapter, inference_mode=True)
-    adapter.allocate(config.batch_size, config.size, config.size)
     adapter.set_multiplier(config.lllite_multiplier)
     return adapter
 

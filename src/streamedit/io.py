@@ -1,8 +1,10 @@
 """Video file I/O on PyAV: decode any input to working-size RGB frames, encode results back.
 
-Geometry: each frame is *resized* (not cropped) to ``size x size`` for the model, and the writer
-resizes results back to the input's W x H. Non-square inputs are squashed while processing; the
-mapping is exactly invertible, so nothing is cropped away and output dimensions match the input.
+Geometry (:mod:`streamedit.geometry`): each frame is resized, keeping its aspect, to the working
+size: ``size`` is the long side, the short side is rounded to the model's multiple (1920x1080 at 512
+-> 512x288); nothing is squashed. The writer resizes results back to the input's W x H. With
+``crop`` frames are centre-cropped to a square first (``size x size``) and the output is that
+square at the input's resolution (1920x1080 -> 1080x1080). ``keep_size`` writes the working size.
 Downscaling uses ``cv2.INTER_AREA`` (no aliasing); upscaling ``cv2.INTER_CUBIC`` (sharper than
 linear at the same cost; Lanczos is ~8x slower at 1080p, too slow for real time).
 Rotated phone video (display-matrix rotation) is turned upright on decode; ``info`` reports the
@@ -30,6 +32,7 @@ import cv2
 import numpy as np
 
 from .errors import StreameditError
+from .geometry import MULTIPLE, fit, working_shape
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +55,6 @@ class VideoInfo:
     rotation: int = 0           # counter-clockwise degrees applied to make frames upright
 
 
-def resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
-    if img.shape[1] == width and img.shape[0] == height:
-        return img
-    shrink = width * height < img.shape[0] * img.shape[1]
-    return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
-
-
 def _open_input(path: Path):
     """``av.open`` for reading, tolerating badly encoded metadata (PyAV < 19 asks for it; 19 removed the option)."""
     try:
@@ -74,8 +70,9 @@ def _ffmpeg_reason(e: Exception) -> str:
 class VideoSource:
     """An opened input video. Use :func:`open_video`."""
 
-    def __init__(self, path: str | os.PathLike, size: int = 512, keep_size: bool = False):
-        self.path, self.keep_size = Path(path), keep_size
+    def __init__(self, path: str | os.PathLike, size: int = 512, keep_size: bool = False, crop: bool = False,
+                 multiple: int = MULTIPLE):
+        self.path, self.keep_size, self.crop = Path(path), keep_size, crop
         self.size = int(size) if size else None  # None: frames as stored (clips.read_frames)
         self._container = None
         first = self._start()  # fail here, before any processing, on unreadable input
@@ -86,6 +83,8 @@ class VideoSource:
         count = self._stream.frames or (round(duration * self._fps) if duration else None)
         has_audio = any(s.codec_context is not None for s in c.streams.audio)
         self.info = VideoInfo(w, h, self._fps, self._tb, count, has_audio, first.format.name, duration, rot)
+        # the working (height, width) of the frames yielded; None: as stored
+        self.shape = working_shape(h, w, self.size, multiple, crop) if self.size else None
 
     def _start(self):
         """(Re)open the file and decode the first frame, so empty/undecodable input fails early."""
@@ -159,8 +158,8 @@ class VideoSource:
         log.warning("%s: %s", self.path, msg)
 
     def frames(self):
-        """Yield HxWx3 uint8 RGB frames at ``size x size`` (as stored if ``size`` is None). A second call
-        starts over."""
+        """Yield HxWx3 uint8 RGB frames at the working ``shape`` (as stored if ``size`` is None). A second
+        call starts over."""
         if self._raw is None:
             self._start()
         raw, self._raw = self._raw, None
@@ -171,7 +170,7 @@ class VideoSource:
             rgb = frame.to_ndarray(format="rgb24", **kw)
             if self.info.rotation:
                 rgb = np.rot90(rgb, self.info.rotation // 90)
-            yield np.ascontiguousarray(rgb if self.size is None else resize(rgb, self.size, self.size))
+            yield np.ascontiguousarray(rgb) if self.shape is None else fit(rgb, self.shape, self.crop)
         self.exhausted = True
         self.close()
 
@@ -187,9 +186,11 @@ class VideoSource:
         self.close()
 
 
-def open_video(path: str | os.PathLike, size: int = 512, keep_size: bool = False) -> VideoSource:
-    """Open ``path`` for decoding; raises StreameditError (one line) if it is not a usable video."""
-    return VideoSource(path, size=size, keep_size=keep_size)
+def open_video(path: str | os.PathLike, size: int = 512, keep_size: bool = False, crop: bool = False,
+               multiple: int = MULTIPLE) -> VideoSource:
+    """Open ``path`` for decoding; raises StreameditError (one line) if it is not a usable video.
+    Frames come at the working size for ``size`` (the long side, module docstring)."""
+    return VideoSource(path, size=size, keep_size=keep_size, crop=crop, multiple=multiple)
 
 
 def _open_output(path: Path, source_path: Path | None = None):
@@ -279,7 +280,12 @@ class VideoWriter:
         self._closed, self._last_pts = False, None
         if source is not None:
             fps, tb, info = source.info.fps, source.info.time_base, source.info
-            size = (source.size, source.size) if source.keep_size else (info.width, info.height)
+            if source.keep_size and source.shape:
+                size = source.shape[::-1]
+            elif source.crop:  # the centre square, at the input's resolution
+                size = (min(info.width, info.height),) * 2
+            else:
+                size = (info.width, info.height)
         elif fps is None or size is None:
             raise ValueError("VideoWriter needs a source, or fps and size=(width, height)")
         else:
@@ -358,7 +364,7 @@ class VideoWriter:
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"expected HxWx3 uint8 RGB, got {rgb.dtype} {rgb.shape}")
         w, h = self.size
-        img = resize(rgb, w, h)
+        img = fit(rgb, (h, w))
         if w % 2 or h % 2:
             img = cv2.copyMakeBorder(img, 0, h % 2, 0, w % 2, cv2.BORDER_REPLICATE)
         if pts is None:

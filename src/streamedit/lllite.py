@@ -55,6 +55,9 @@ from .models import hook_sites
 log = logging.getLogger(__name__)
 
 HOOK_SUBSETS = ("all", "down", "mid", "up")
+# How the runtime builds the cond image (temporal.py): "backward" = flow current -> previous, previous output
+# sampled at x + F (ours); "forward" = flow previous -> current, sampled at x - F (the paper's released adapter)
+FLOW_CONVENTIONS = ("backward", "forward")
 _RESTORE = "_lllite_restore"  # host attribute: the instance forward it had before patching (or None)
 
 
@@ -68,6 +71,7 @@ class LLLiteConfig:
     vae_scale: int = 8  # pixels per latent cell: stride of the finest level
     dropout: float | None = None
     hooks: tuple[str, ...] = ()
+    flow: str = "backward"  # the flow convention it was trained with (FLOW_CONVENTIONS)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -208,15 +212,18 @@ class LLLiteAdapter(nn.Module):
 
     @classmethod
     def for_unet(cls, unet: nn.Module, hooks: str | list[str] = "down", cond_emb_dim: int = 32, mlp_dim: int = 64,
-                 cond_size: int = 512, vae_scale: int = 8, dropout: float | None = None) -> "LLLiteAdapter":
-        """A fresh (zero ``up``) adapter on the U-Net's device and dtype."""
+                 cond_size: int = 512, vae_scale: int = 8, dropout: float | None = None,
+                 flow: str = "backward") -> "LLLiteAdapter":
+        """A fresh (zero ``up``) adapter on the U-Net's device and dtype; ``flow``: its flow convention."""
+        if flow not in FLOW_CONVENTIONS:
+            raise StreameditError(f"LLLite flow convention must be one of {', '.join(FLOW_CONVENTIONS)}, got {flow!r}")
         names = select_hooks(unet, hooks)
         specs = {n: (unet.get_submodule(n).in_features, vae_scale * 2 ** hook_level(unet, n)) for n in names}
         worst = max((s for _, s in specs.values()), default=1)
         if cond_size % worst:
             raise StreameditError(f"LLLite cond_size {cond_size} must be a multiple of {worst} "
                                   "(the coarsest hooked block's stride)")
-        config = LLLiteConfig(cond_emb_dim, mlp_dim, cond_size, vae_scale, dropout, tuple(names))
+        config = LLLiteConfig(cond_emb_dim, mlp_dim, cond_size, vae_scale, dropout, tuple(names), flow)
         param = next(unet.parameters())
         with torch.device(param.device):
             adapter = cls(config, specs)

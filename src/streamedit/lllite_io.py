@@ -3,10 +3,13 @@
 * ``streamedit`` (written by :meth:`LLLiteAdapter.save`): keys ``<hook name>.<part>``, e.g.
   ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q.mid.0.weight``; metadata
   ``format=streamedit-lllite`` plus ``cond_emb_dim``, ``mlp_dim``, ``cond_size``, ``vae_scale``,
-  ``dropout`` and ``hooks`` (JSON list).
+  ``dropout``, ``hooks`` (JSON list) and ``flow`` (the flow convention, temporal.py; files written
+  before it existed are ``backward``).
 * ``dreamlite-lllite`` (otanl/dreamlite-lllite ``LLLiteController.state_dict()``): keys
   ``modules_dict.<hook name with '.' -> '__'>.<part>``; metadata (if any) carries ``cond_emb_dim``,
-  ``mlp_dim``, ``cond_type``, ``step``, ``model``, but not the cond image size.
+  ``mlp_dim``, ``cond_type``, ``step``, ``model``, but not the cond image size. This is the layout of
+  the paper's temporal adapter (otanl/dreamlite-stream ``temporal_lllite_step001440.safetensors``),
+  trained with the ``forward`` flow convention: such files load with it.
 * ``kohya`` (sd-scripts ``ControlNetLLLite``, applied to diffusers names): keys
   ``lllite_unet_<hook name with '.' -> '_'>.<part>``.
 
@@ -41,7 +44,7 @@ def save_adapter(adapter, path: str | Path) -> None:
     c = adapter.config
     meta = {"format": FORMAT, "cond_emb_dim": str(c.cond_emb_dim), "mlp_dim": str(c.mlp_dim),
             "cond_size": str(c.cond_size), "vae_scale": str(c.vae_scale), "dropout": json.dumps(c.dropout),
-            "hooks": json.dumps(list(c.hooks))}
+            "hooks": json.dumps(list(c.hooks)), "flow": c.flow}
     try:
         save_file(tensors, str(path), metadata=meta)
     except OSError as exc:
@@ -122,7 +125,8 @@ def load_adapter(cls, path, unet, hooks, cond_size):
     vae_scale = meta.get("vae_scale") or max(1, _stride(sample) // 2 ** hook_level(unet, wanted[0]))
     cfg = dict(cond_emb_dim=int(meta.get("cond_emb_dim", dims[0])), mlp_dim=int(meta.get("mlp_dim", dims[1])),
                cond_size=cond_size or int(meta.get("cond_size", 512)), vae_scale=int(vae_scale),
-               dropout=json.loads(meta["dropout"]) if "dropout" in meta else None)
+               dropout=json.loads(meta["dropout"]) if "dropout" in meta else None,
+               flow=meta.get("flow") or ("forward" if layout == "dreamlite-lllite" else "backward"))
     adapter = cls.for_unet(unet, hooks=wanted, **cfg)
     for hook in wanted:
         module = adapter.module_for(hook)

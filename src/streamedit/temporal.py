@@ -1,10 +1,20 @@
 """Temporal conditioning for the LLLite adapter: flow-warped previous output, refresh schedule, scene cuts.
 
 For batch k the cond image of frame i is the last decoded output of batch k-1 warped onto frame i
-by Farnebäck flow. The flow is computed on the *input* frames, on the grid of frame i and pointing
-into the last input frame of batch k-1 (``calcOpticalFlowFarneback(frame_i, last_prev)``), so a
-backward warp ``cond_i(x) = out_prev(x + flow_i(x))`` puts the previous stylization where the
-content is now. The first batch (and frames after a scene cut) use the input frames themselves.
+by Farnebäck flow computed on the *input* frames (at the working size, or ``flow_size``). Two flow
+conventions exist, a property of the adapter (``LLLiteConfig.flow``, recorded in its file):
+
+* ``"backward"`` (ours, the default; ``train pairs`` makes its pairs this way): the flow lives on the
+  grid of frame i and points into the last input frame of batch k-1,
+  ``F = calcOpticalFlowFarneback(frame_i, last_prev)``, and the cond image is the backward warp
+  ``cond_i(x) = out_prev(x + F(x))``, which puts the previous stylization where the content is now.
+* ``"forward"`` (the paper's released adapter, otanl/dreamlite-stream): the flow is computed previous
+  -> current, ``F = calcOpticalFlowFarneback(last_prev, frame_i)`` (on the previous frame's grid), and
+  the previous output is sampled at ``x - F(x)``, the approximation that adapter was trained with.
+
+Both are one warp ``cond_i(x) = out_prev(x + D(x))`` with ``D = F`` (backward) or ``D = -F``
+(forward): :func:`cond_flow`. Sampling is bilinear, border padding, align_corners=True. The first
+batch (and frames after a scene cut) use the input frames themselves.
 
 Work split, so nothing here sits on the main stream's critical path:
 
@@ -37,20 +47,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .lllite import FLOW_CONVENTIONS
+
 FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
 
 
 def farneback(target: np.ndarray, source: np.ndarray, size: int | None = None) -> np.ndarray:
-    """Flow (H,W,2) on ``target``'s grid pointing into ``source`` (RGB uint8), optionally at reduced size."""
+    """Flow (H,W,2) on ``target``'s grid pointing into ``source`` (RGB uint8), optionally computed with the
+    long side reduced to ``size`` (the aspect kept) and brought back to full resolution."""
     h, w = target.shape[:2]
     a, b = (cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in (target, source))
     if size and size < max(h, w):
-        a, b = (cv2.resize(g, (size, size), interpolation=cv2.INTER_AREA) for g in (a, b))
+        small = (max(1, round(w * size / max(h, w))), max(1, round(h * size / max(h, w))))
+        a, b = (cv2.resize(g, small, interpolation=cv2.INTER_AREA) for g in (a, b))
     flow = cv2.calcOpticalFlowFarneback(a, b, None, **FARNEBACK)
     if flow.shape[:2] != (h, w):  # back to full resolution, vectors rescaled with the grid
         scale = np.array([w / flow.shape[1], h / flow.shape[0]], np.float32)
         flow = cv2.resize(flow, (w, h), interpolation=cv2.INTER_LINEAR) * scale
     return flow
+
+
+def cond_flow(frame: np.ndarray, prev: np.ndarray, size: int | None = None,
+              convention: str = "backward") -> np.ndarray:
+    """The displacement D (H,W,2) with ``cond(x) = out_prev(x + D(x))`` for input ``frame`` after input
+    ``prev``, in the adapter's flow ``convention`` (module docstring)."""
+    if convention == "forward":
+        return np.negative(farneback(prev, frame, size))
+    if convention != "backward":
+        raise ValueError(f"unknown flow convention {convention!r} (one of {FLOW_CONVENTIONS})")
+    return farneback(frame, prev, size)
 
 
 def warp_output(prev: torch.Tensor, flows: torch.Tensor) -> torch.Tensor:
@@ -125,6 +150,7 @@ class TemporalConditioner:
         self.cuts = SceneCutDetector() if cut_refresh else None
         self.motion_threshold = motion_threshold
         self.flow_size = flow_size
+        self.convention = getattr(getattr(adapter, "config", None), "flow", "backward")
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="streamedit-flow")
         self._since_refresh = 0
         self._motion = 0.0
@@ -156,14 +182,14 @@ class TemporalConditioner:
         else:
             plan = CondPlan(False)
         if plan.slots is not None:
-            plan.flows = [self._pool.submit(_timed, farneback, frames[j], self._prev_last, self.flow_size)
-                          for j in plan.slots]
+            plan.flows = [self._pool.submit(_timed, cond_flow, frames[j], self._prev_last, self.flow_size,
+                                            self.convention) for j in plan.slots]
         elif plan.refresh:
             self._since_refresh, self._motion = 0, 0.0
             if self._prev_last is not None:
                 stop = len(frames) if plan.cut_at is None else plan.cut_at
-                plan.flows = [self._pool.submit(_timed, farneback, f, self._prev_last, self.flow_size)
-                              for f in frames[:stop]]
+                plan.flows = [self._pool.submit(_timed, cond_flow, f, self._prev_last, self.flow_size,
+                                                self.convention) for f in frames[:stop]]
         else:
             self._since_refresh += 1
         self._prev_last = frames[count - 1]

@@ -210,7 +210,8 @@ def summary_markdown(records: list[dict], meta: dict, comparison: list[dict] | N
 @click.option("--lpips-weights", default=None, help="Local LPIPS weights file (optional metric).")
 @click.option("--clip-model", default=None, help="Local CLIP model folder (optional metric).")
 @click.option("--raft-weights", default=None, help="Local RAFT weights file (optional metric).")
-@click.option("--size", type=int, default=None, help="Working size. Default: the model's own (256 for demo), else 512.")
+@click.option("--size", type=int, default=None,
+              help="Working size (long side; aspect kept). Default: the model's own (256 for demo), else 512.")
 @click.option("--batch", default=8, show_default=True)
 @click.option("--steps", default=1, show_default=True)
 @click.option("--seed", default=0, show_default=True)

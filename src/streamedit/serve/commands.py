@@ -37,7 +37,9 @@ def _resolution(value: str) -> int:
 @live_model_options
 @click.option("--token", default=None, help="Access token (generated and printed when binding off-localhost).")
 @click.option("--prompt", default="oil painting", show_default=True, help="Initial instruction of new sessions.")
-@click.option("--size", default=256, show_default=True, type=int, help="Default processing size (square).")
+@click.option("--size", default=256, show_default=True, type=int,
+              help="Default processing size: the long side (the input's aspect is kept, short side rounded to 32).")
+@click.option("--crop", is_flag=True, help="Centre-crop frames to a square (size x size) instead.")
 @click.option("--max-size", default=512, show_default=True, type=int, help="Largest size a page may ask for.")
 @click.option("--max-sessions", default=2, show_default=True, type=click.IntRange(1, 64))
 @click.option("--max-resolution", default="1920x1080", show_default=True, help="Largest input frame accepted.")
@@ -48,8 +50,8 @@ def _resolution(value: str) -> int:
 @click.option("--certfile", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TLS certificate (HTTPS): browsers give camera access only to https or localhost pages.")
 @click.option("--keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key.")
-def serve_command(host, port, model, revision, device, dtype, lllite, steps, te_size, token, prompt, size, max_size,
-                  max_sessions, max_resolution, ice_hosts, cpu_threads, certfile, keyfile):
+def serve_command(host, port, model, revision, device, dtype, lllite, steps, te_size, token, prompt, size, crop,
+                  max_size, max_sessions, max_resolution, ice_hosts, cpu_threads, certfile, keyfile):
     """Serve a web page that stylizes the browser's camera (or a video file) live over WebRTC."""
     _need_server_deps()
     from .runtime import check_lllite, engine_factory, load_runtime, set_cpu_threads
@@ -75,7 +77,7 @@ def serve_command(host, port, model, revision, device, dtype, lllite, steps, te_
     threads = set_cpu_threads(models, cpu_threads)
     if threads:
         click.echo(f"running on CPU with {threads} torch thread(s)", err=True)
-    config = ServerConfig(host=host, port=port, token=token, prompt=prompt, size=size, max_size=max_size,
+    config = ServerConfig(host=host, port=port, token=token, prompt=prompt, size=size, crop=crop, max_size=max_size,
                           max_sessions=max_sessions, max_input_pixels=_resolution(max_resolution),
                           ice_hosts=list(ice_hosts) or None, model_name=getattr(models, "source", "") or model)
     server = Server(config, engine_factory(models, steps=steps, lllite=lllite, te_size=te_size))

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..errors import StreameditError
 from .runtime import live_model_options
-from .session import LatestQueue, check_prompt, square_resize
+from ..geometry import fit, working_shape
+from .session import LatestQueue, check_prompt
 
 WINDOW = "streamedit live"
 VCAM_HINT = ("Linux: 'sudo modprobe v4l2loopback devices=1'; Windows/macOS: install OBS Studio and start its "
@@ -65,7 +66,8 @@ class Grabber:
 
 
 class WindowSink:
-    def __init__(self, size: int):
+    def __init__(self, shape: tuple[int, int]):
+        """``shape``: the working (h, w); input and output are shown side by side."""
         if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
             raise StreameditError("--window needs a desktop session (no DISPLAY is set); use --virtual-cam")
         try:
@@ -73,7 +75,7 @@ class WindowSink:
         except cv2.error:
             raise StreameditError("--window needs OpenCV with GUI support, and this is a headless build: "
                                   "pip uninstall opencv-python-headless && pip install opencv-python") from None
-        cv2.resizeWindow(WINDOW, 2 * size, size)
+        cv2.resizeWindow(WINDOW, 2 * shape[1], shape[0])
 
     def show(self, rgb_in: np.ndarray, rgb_out: np.ndarray, lines: list[str]) -> int:
         view = cv2.cvtColor(np.hstack([rgb_in, rgb_out]), cv2.COLOR_RGB2BGR)
@@ -89,13 +91,13 @@ class WindowSink:
 
 
 class VirtualCamSink:
-    def __init__(self, size: int, fps: float, device: str | None = None):
+    def __init__(self, shape: tuple[int, int], fps: float, device: str | None = None):
         try:
             import pyvirtualcam
         except ImportError:
             raise StreameditError("--virtual-cam needs pyvirtualcam: pip install pyvirtualcam") from None
         try:
-            self.cam = pyvirtualcam.Camera(width=size, height=size, fps=fps, device=device)
+            self.cam = pyvirtualcam.Camera(width=shape[1], height=shape[0], fps=fps, device=device)
         except RuntimeError as exc:
             first = (str(exc).strip().splitlines() or ["no backend"])[0]
             raise StreameditError(f"no virtual camera available ({first}); {VCAM_HINT}") from None
@@ -134,9 +136,13 @@ def stdin_commands(commands: queue.Queue) -> None:
 class LiveLoop:
     """The capture -> engine -> sinks loop, separate from click so it can be driven in tests."""
 
-    def __init__(self, grabber: Grabber, engine, size: int, *, window=None, vcam=None, save_dir: Path = Path("."),
-                 commands: queue.Queue | None = None, max_frames: int | None = None, echo=print):
-        self.grabber, self.engine, self.size = grabber, engine, size
+    def __init__(self, grabber: Grabber, engine, size: int | tuple[int, int], *, window=None, vcam=None,
+                 save_dir: Path = Path("."), commands: queue.Queue | None = None, max_frames: int | None = None,
+                 echo=print, crop: bool = False):
+        """``size``: the working (h, w), or the long side (the first frame's aspect decides); ``crop``: centre
+        square frames."""
+        self.grabber, self.engine, self.crop = grabber, engine, crop
+        self.size, self.shape = (size, None) if isinstance(size, int) else (max(size), tuple(size))
         self.window, self.vcam, self.save_dir = window, vcam, Path(save_dir)
         self.commands = commands or queue.Queue()
         self.max_frames, self.echo = max_frames, echo
@@ -176,7 +182,9 @@ class LiveLoop:
         if frame is None and self.grabber.ended:
             return False
         if frame is not None and not self.paused:
-            rgb_in = square_resize(frame, self.size)
+            if self.shape is None:
+                self.shape = working_shape(*frame.shape[:2], self.size, crop=self.crop)
+            rgb_in = fit(frame, self.shape, self.crop)
             rgb_out = self.engine.process([rgb_in])[0]
             self._last = (rgb_in, rgb_out)
             self.processed += 1
@@ -205,12 +213,14 @@ class LiveLoop:
 @click.option("--vcam-device", default=None, help="Virtual camera device (e.g. /dev/video10); default: the first.")
 @live_model_options
 @click.option("--prompt", default="oil painting", show_default=True)
-@click.option("--size", default=512, show_default=True, type=int)
+@click.option("--size", default=512, show_default=True, type=int,
+              help="Working size: the long side (the camera's aspect is kept, short side rounded to 32).")
+@click.option("--crop", is_flag=True, help="Centre-crop frames to a square (size x size) instead.")
 @click.option("--fps", default=30.0, show_default=True, help="Frame rate announced to the virtual camera.")
 @click.option("--save-dir", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Where 's' saves frames.")
 def live_command(camera, window, virtual_cam, vcam_device, model, revision, device, dtype, lllite, steps, te_size,
-                 prompt, size, fps, save_dir):
+                 prompt, size, crop, fps, save_dir):
     """Stylize a camera live into a window and/or a virtual camera (type a prompt + Enter to change it)."""
     if not (window or virtual_cam):
         raise click.UsageError("choose an output: --window and/or --virtual-cam")
@@ -224,9 +234,19 @@ def live_command(camera, window, virtual_cam, vcam_device, model, revision, devi
     from .runtime import LiveEngine, check_lllite, load_runtime
 
     check_lllite(lllite)
-    win = WindowSink(size) if window else None
-    cam = VirtualCamSink(size, fps, vcam_device) if virtual_cam else None
     cap = open_camera(camera)
+    # the working size from the camera's reported frame size (sinks need it before the first frame)
+    cam_h, cam_w = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+    if not (cam_h and cam_w):  # not reported: the first frame decides
+        ok, first = cap.read()
+        cam_h, cam_w = first.shape[:2] if ok else (0, 0)
+    shape = working_shape(cam_h or size, cam_w or size, size, crop=crop)
+    try:
+        win = WindowSink(shape) if window else None
+        cam = VirtualCamSink(shape, fps, vcam_device) if virtual_cam else None
+    except BaseException:
+        cap.release()
+        raise
     click.echo(f"loading {model} ...", err=True)
     engine = LiveEngine(load_runtime(model, device, dtype, revision), prompt, size, steps=steps, lllite=lllite,
                         te_size=te_size)
@@ -238,8 +258,8 @@ def live_command(camera, window, virtual_cam, vcam_device, model, revision, devi
         click.echo(f"virtual camera: {cam.device}", err=True)
     click.echo("running: type a prompt + Enter to change it; /q quit, /p pause, /s save"
                + (" (window keys: q, space, s)" if win else ""), err=True)
-    loop = LiveLoop(grabber, engine, size, window=win, vcam=cam, save_dir=Path(save_dir), commands=commands,
-                    echo=lambda m: click.echo(m, err=True))
+    loop = LiveLoop(grabber, engine, shape, window=win, vcam=cam, save_dir=Path(save_dir), commands=commands,
+                    echo=lambda m: click.echo(m, err=True), crop=crop)
     try:
         loop.run()
     except KeyboardInterrupt:

@@ -49,7 +49,8 @@ class ServerConfig:
     port: int = 7860
     token: str | None = None          # required on every request except /health and /static when set
     prompt: str = "oil painting"
-    size: int = 256                   # default processing size (square)
+    size: int = 256                   # default processing size (long side; the input's aspect is kept)
+    crop: bool = False                # centre-crop to a square instead
     max_size: int = 512               # largest size a client may ask for
     max_sessions: int = 2
     max_pending: int = 8              # offers negotiated at once (no engine runs before a session starts)
@@ -146,7 +147,7 @@ class Server:
             pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: nothing leaves this host
             session = Session(sid, self.engine_factory, params["prompt"], params["size"], asyncio.get_running_loop(),
                               max_queue=cfg.max_queue, max_input_pixels=cfg.max_input_pixels,
-                              engine_lock=self.engine_lock, trace=cfg.trace)
+                              engine_lock=self.engine_lock, trace=cfg.trace, crop=cfg.crop)
             self._wire(pc, session)
             sdp = filter_candidates(params["sdp"], cfg.ice_hosts)
             await asyncio.wait_for(pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer")), 10)

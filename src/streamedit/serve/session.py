@@ -19,6 +19,8 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from ..geometry import fit, working_shape
+
 log = logging.getLogger(__name__)
 
 VIDEO_TIME_BASE = fractions.Fraction(1, 90000)
@@ -76,7 +78,7 @@ def check_prompt(prompt) -> str:
 
 
 def square_resize(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Center-crop to a square and resize to ``size`` x ``size`` (what the engine expects)."""
+    """Center-crop to a square and resize to ``size`` x ``size`` (the ``crop`` geometry)."""
     h, w = rgb.shape[:2]
     s = min(h, w)
     y, x = (h - s) // 2, (w - s) // 2
@@ -118,9 +120,10 @@ class Session:
     def __init__(self, sid: str, engine_factory: Callable, prompt: str, size: int, loop: asyncio.AbstractEventLoop,
                  *, batch_size: int = 1, max_queue: int = 1, max_input_pixels: int = 1920 * 1080,
                  engine_lock: threading.Lock | None = None, on_error: Callable[[str], None] | None = None,
-                 trace: bool = False):
+                 trace: bool = False, crop: bool = False):
         self.id = sid
-        self.size = size
+        self.size, self.crop = size, crop  # long side of the working size; crop: a centre square instead
+        self.shape: tuple[int, int] | None = None  # working (h, w): the first frame's aspect decides
         self.batch_size = batch_size
         self.max_input_pixels = max_input_pixels
         self.loop = loop
@@ -181,6 +184,7 @@ class Session:
         s = self.stats
         return {
             "id": self.id, "prompt": self.prompt, "active_prompt": self.active_prompt, "size": self.size,
+            "working_size": list(self.shape[::-1]) if self.shape else None,
             "fps": round(s.fps(), 2), "latency_ms_p50": s.latency_ms(0.5), "latency_ms_p95": s.latency_ms(0.95),
             "received": s.received, "processed": s.processed, "sent": s.sent,
             "dropped": self.queue.dropped + s.dropped_output, "dropped_input": self.queue.dropped,
@@ -209,7 +213,7 @@ class Session:
                 if not batch:
                     continue
                 switch_from = self._apply_prompt(engine)
-                images = [square_resize(_to_rgb(item[0]), self.size) for item in batch]
+                images = [self._working(_to_rgb(item[0])) for item in batch]
                 with self._engine_lock:
                     outs = engine.process(images)
                 self.active_prompt = getattr(engine, "last_prompt", None) or self.active_prompt
@@ -224,6 +228,12 @@ class Session:
             if engine is not None and hasattr(engine, "close"):
                 with self._engine_lock:  # its teardown (sync, gc, empty_cache) not in the middle of another batch
                     engine.close()
+
+    def _working(self, rgb: np.ndarray) -> np.ndarray:
+        """The frame at the session's working size (fixed by its first frame; later ones are fitted to it)."""
+        if self.shape is None:
+            self.shape = working_shape(*rgb.shape[:2], self.size, crop=self.crop)
+        return fit(rgb, self.shape, self.crop)
 
     def _apply_prompt(self, engine) -> int | None:
         """Hand a pending prompt to the engine; returns stats.sent at the time it was requested."""

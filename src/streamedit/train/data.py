@@ -77,8 +77,8 @@ def build_examples(clips: list[Path], size: int, crops_per_frame: int, seed: int
 
 
 def validation_frames(clips: list[Path], size: int, max_frames: int | None = None) -> np.ndarray:
-    """Whole held-out frames at the working size (how the runtime sees them)."""
-    return np.stack([f for clip in clips for f in read_frames(clip, size, max_frames)])
+    """Whole held-out frames at the (square) working size, centre-cropped (the runtime's ``--crop``)."""
+    return np.stack([f for clip in clips for f in read_frames(clip, size, max_frames, crop=True)])
 
 
 STYLE_NAMES = list(STYLES)

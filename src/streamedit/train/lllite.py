@@ -220,8 +220,9 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
     time_ids = denoiser.time_ids.expand(batch_size, -1)
     width = src_lat.shape[-1]
 
+    # train pairs warps with the backward flow convention: the saved file records it (temporal.py)
     adapter = LLLiteAdapter.for_unet(unet, hooks=hooks, cond_emb_dim=cond_emb_dim, mlp_dim=mlp_dim, cond_size=size,
-                                     vae_scale=models.vae_scale_factor).float()  # fp32 master weights
+                                     vae_scale=models.vae_scale_factor, flow="backward").float()  # fp32 master weights
     params = list(adapter.parameters())
     optimizer = _optimizer(params, lr, weight_decay, adamw8bit)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)

@@ -103,7 +103,7 @@ def make_pairs(models, clips: list[Path], prompts: list[str], out_dir, size: int
     t0 = time.perf_counter()
     # One engine for all runs: teacher = base model, same fixed noise for every frame (seeded).
     engine = StreamEngine(models, EngineConfig(prompt=prompts[0], batch_size=batch_size, steps=steps, size=size,
-                                               seed=seed, fixed_noise=True))
+                                               crop=True, seed=seed, fixed_noise=True))
     manifest = {"format": FORMAT, "version": 1, "size": size, "alpha": alpha, "model": getattr(models, "source", ""),
                 "seed": seed, "steps": steps, "prompts": prompts, "files": []}
     bar = tqdm(total=_expected_frames(clips, size, max_frames) * len(prompts), unit="frame", desc="pairs",
@@ -111,7 +111,7 @@ def make_pairs(models, clips: list[Path], prompts: list[str], out_dir, size: int
     total = 0
     try:
         for i, clip in enumerate(clips):
-            frames = np.stack(read_frames(clip, size, max_frames))
+            frames = np.stack(read_frames(clip, size, max_frames, crop=True))  # training is square
             for j, prompt in enumerate(prompts):
                 engine.set_prompt(prompt)
                 teacher = []
@@ -195,7 +195,7 @@ def load_pair_file(path) -> tuple[dict[str, np.ndarray], dict]:
               help="Video file or folder of videos (repeatable).")
 @click.option("-p", "--prompt", "prompts", multiple=True, required=True, help="Edit instruction (repeatable).")
 @click.option("-o", "--output", required=True, help="Output folder for the pair files and manifest.json.")
-@click.option("--size", default=256, show_default=True, help="Working resolution (square).")
+@click.option("--size", default=256, show_default=True, help="Working resolution (square: clips are centre-cropped).")
 @click.option("--alpha", default=0.85, show_default=True, help="Weight of the teacher frame in the target blend.")
 @click.option("--max-frames", type=int, default=None, help="Use at most N frames of each clip.")
 @click.option("--exclude", multiple=True, help="Skip clips with this file name or stem (repeatable; held-out clips).")
