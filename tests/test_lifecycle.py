@@ -93,7 +93,8 @@ def test_close_stops_the_low_latency_reader_of_an_unfinished_run(tiny_models, fr
 
 def test_failed_construction_leaves_the_unet_unpatched(tiny_models, frames):
     with pytest.raises(Exception, match="nope"):
-        StreamEngine(tiny_models, _config(compile=True, compile_vae=False, compile_backend="nope"))
+        # frame_size: the working size is known, so the engine compiles at construction
+        StreamEngine(tiny_models, _config(compile=True, compile_vae=False, compile_backend="nope", frame_size=(64, 64)))
     assert _patched(tiny_models.unet) == []
     with pytest.raises(StreameditError, match="prompt is empty"):
         StreamEngine(tiny_models, _config(prompt="  "))
