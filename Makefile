@@ -1,15 +1,16 @@
-# Two entry points: `make demo` and `make test`. Both build .venv on a fresh machine.
+# Two entry points: `make demo` and `make test`. Both build .venv on a fresh machine, with the exact
+# versions in constraints.txt (`make lock` moves them forward; README "Dependencies").
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install lock clean
 
-$(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv --clear $(VENV)  # a venv exactly as pinned: nothing left from older pins
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,eval,serve]'
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,eval,serve]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,6 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+lock:
+	HOLD="$(HOLD)" scripts/lock.sh
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import streamedit.bench as bench
+import streamedit.bench_report as bench_report
 from streamedit.cli import _Group
 from streamedit.clips import make_test_clip
 
@@ -83,6 +84,11 @@ def test_single_run_realtime_fields_and_plot(tmp_path):
     assert row["ratio"] is None  # no reference row in a single run
     assert row["device"].startswith("cpu") and row["torch"] and row["date"]
     assert "--source-fps 10" in row["command"] and "--clip" in row["command"]
+    # the plotted line is exactly the counted batches (their walls are the row's stats), not the partial last one
+    warm, counted = bench_report.wall_series(row)
+    drawn = row["series"]["batch_wall_ms"][counted]
+    assert len(drawn) == 4 and counted.stop == len(row["series"]["t_done_s"]) - 1 and warm == slice(0, 1)
+    assert np.median(drawn) == pytest.approx(wall["p50"]) and max(drawn) == pytest.approx(wall["max"])
     with Image.open(png) as img:
         img.verify()
     with Image.open(png) as img:
@@ -125,6 +131,8 @@ def test_matrix_rows_share_one_model_and_one_table(tmp_path, monkeypatch):
     (["--matrix", "--compile"], "--compile is for a single run"),
     (["--json", "/no/such/dir/x.jsonl"], "output folder does not exist"),
     (["--startup-profile", "prof"], "--startup-profile needs --startup"),
+    (["--size", "0"], "--size must be a positive number of pixels, got 0"),
+    (["--size", "-32"], "--size must be a positive number of pixels, got -32"),
 ])
 def test_mistakes_are_one_line_errors(args, message):
     res = invoke(*TINY, *args)
@@ -159,3 +167,48 @@ def test_gpu_speed_script_commands_are_valid_bench_invocations(tmp_path):
         assert ctx.params["lllite"] == "random" and ctx.params["source_fps"] == 0 and ctx.params["count"] == 480
     assert {n for p in script.PARTS.values() for n in p[1].split(",")} >= {
         "reference", "best", "approx", "fp8", "low-latency", "similar"}
+
+
+def test_a_row_that_cannot_keep_up_says_so_in_the_table(tmp_path):
+    """Fed far faster than it runs, the row's table line and notes say it fell behind (not only the JSON)."""
+    out = tmp_path / "k.jsonl"
+    res = invoke(*TINY, "--batch", "4", "--frames", "12", "--source-fps", "5000", "--json", str(out))
+    assert res.exit_code == 0, res.output
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["keeps_up"] is False
+    head, line = res.output[res.output.index("row "):].splitlines()[:2]
+    assert "keeps up" in head and "NO (5000 fps source)" in line
+    assert "[run] cannot keep up with the 5000 fps source" in res.output
+
+
+def test_keeps_up_column_reads_the_rows():
+    base = dict(batch=4, fps=30.0, ratio=None, batch_wall_ms=dict(p50=1.0, p95=1.0, max=1.0),
+                latency_ms=dict(p50=1.0, p95=1.0), component_ms_mean={}, peak_gpu_gib=None, tflops=None,
+                pct_of_peak=None, notes=[])
+    rows = [dict(base, row="fast", keeps_up=True, source_fps=30.0),
+            dict(base, row="slow", keeps_up=False, source_fps=60.0),
+            dict(base, row="free", keeps_up=None, source_fps=0.0)]
+    lines = bench_report.format_table(rows).splitlines()
+    col = lines[0].index("keeps up")
+    cells = [ln[col - 10:col + len("keeps up")].strip() for ln in lines[1:4]]
+    assert cells[0].endswith("yes") and cells[1].endswith("NO (60 fps source)") and cells[2].endswith("—")
+
+
+def test_default_size_follows_the_model_like_stylize(tmp_path):
+    """No --size: the demo model works at its own 256 (models.working_size), not 512."""
+    out = tmp_path / "d.jsonl"
+    res = invoke("--model", "demo", "--device", "cpu", "--batch", "1", "--frames", "2", "--source-fps", "0",
+                 "--set", "te_refresh_every=100", "--json", str(out))
+    assert res.exit_code == 0, res.output
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["config"]["size"] == 256 and "256x256" in res.output
+
+
+def test_startup_report_explains_a_fallback():
+    launch = dict(import_s=1.0, load_s=2.0, engine_s=3.0, first_frame_s=4.0, cache={})
+    res = {"cold": dict(launch, precompiled_fallbacks={"te": "cannot precompile te: graph break"}),
+           "warm": dict(launch, precompiled_fallbacks={"main (compiled again)": "saved artifact is stale"}),
+           "cache_mib": 1.0}
+    text = bench_report.format_startup(res)
+    assert "cold: te not precompiled (traced by torch.compile): cannot precompile te: graph break" in text
+    assert "warm: main (compiled again): saved artifact is stale" in text

@@ -53,6 +53,11 @@ def test_stylize_unusual_sources(tmp_path, pix_fmt, size):
     assert code == 0, err
     n, _, (w, h), _ = _frames(tmp_path / "out.mp4")
     assert n == 5 and abs(w - size[0]) <= 1 and abs(h - size[1]) <= 1
+    # what changed on the way is said, once: alpha dropped, an odd side padded
+    assert err.count("alpha channel (transparency, yuva420p) is dropped") == (pix_fmt == "yuva420p")
+    odd = (w, h) != size
+    assert err.count("has an odd side") == odd and (not odd or "333x257 has an odd side, which 4:2:0 video "
+                                                              "cannot hold: written as 334x258" in err)
 
 
 def test_te_size_option(tmp_path):
@@ -134,8 +139,9 @@ def test_sigterm_leaves_playable_file_with_every_processed_frame(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     deadline = time.time() + 120
-    while time.time() < deadline and not (out.exists() and out.stat().st_size > 2000):
-        time.sleep(0.2)  # the encoder has flushed some frames: processing is under way
+    while time.time() < deadline and not any(p.stat().st_size > 2000 for p in tmp_path.glob(".o.mp4.*")):
+        time.sleep(0.2)  # the encoder has flushed some frames (to the temporary file): processing is under way
+    assert not out.exists()  # the output appears only once finalized
     assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -144,3 +150,123 @@ def test_sigterm_leaves_playable_file_with_every_processed_frame(tmp_path):
     saved = int(err.split("interrupted:")[1].split()[0])
     n = _frames(out)[0]
     assert 0 < n < 2000 and n == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "o.mp4"]  # no temporary file left
+
+
+@pytest.mark.parametrize("size, message", [("0", "got 0"), ("-32", "got -32")])
+def test_size_must_be_positive(tmp_path, size, message):
+    good = make_test_clip(tmp_path / "ok.mp4", frames=2, width=64, height=64)
+    code, _, err = _run("stylize", str(good), "-o", str(tmp_path / "o.mp4"), "-p", "x", *FAST, "--size", size)
+    _one_clean_error(code, err)
+    assert f"--size must be a positive number of pixels, {message}" in err and "multiple" not in err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_read_only_output_folder_is_exit_2(tmp_path):
+    from test_io import read_only_folder
+
+    good = make_test_clip(tmp_path / "ok.mp4", frames=2, width=64, height=64)
+    with read_only_folder(tmp_path / "ro") as ro:
+        code, _, err = _run("stylize", str(good), "-o", str(ro / "o.mp4"), "-p", "x", *FAST)
+    _one_clean_error(code, err)
+    assert f"error: cannot write in the output folder {ro}: " in err and "OSError" not in err
+
+
+def _audio_tracks(src, dst, tracks):
+    """``src`` remuxed into ``dst`` with its audio stream repeated ``tracks`` times."""
+    with av.open(str(src)) as i, av.open(str(dst), "w") as o:
+        v = o.add_stream_from_template(i.streams.video[0])
+        a = [o.add_stream_from_template(i.streams.audio[0]) for _ in range(tracks)]
+        for pkt in i.demux():
+            if pkt.dts is None:
+                continue
+            outs = [v] if pkt.stream.type == "video" else a
+            for stream in outs:
+                pkt.stream = stream
+                o.mux(pkt)
+    return dst
+
+
+def test_second_audio_track_dropped_is_said(tmp_path):
+    one = make_test_clip(tmp_path / "one.mp4", frames=6, width=64, height=64, audio=True)
+    two = _audio_tracks(one, tmp_path / "two.mkv", 2)
+    with av.open(str(two)) as c:
+        assert len(c.streams.audio) == 2
+    code, _, err = _run("stylize", str(two), "-o", str(tmp_path / "o.mp4"), "-p", "x", *FAST)
+    assert code == 0, err
+    assert "the input has 2 audio tracks; only the first is kept" in err
+    assert _frames(tmp_path / "o.mp4")[3] == 1
+    code, _, err = _run("stylize", str(one), "-o", str(tmp_path / "o1.mp4"), "-p", "x", *FAST)
+    assert code == 0 and "audio tracks" not in err
+
+
+@pytest.mark.timeout(300)
+def test_full_disk_keeps_the_old_output_and_exits_2(tmp_path):
+    """A real write failure (the file-size limit: EFBIG, as a full disk gives ENOSPC) while replacing a
+    good output: one plain line, exit 2, the old file untouched, no temporary file left."""
+    import resource
+
+    src = make_test_clip(tmp_path / "in.mp4", frames=200, width=64, height=64, pattern="noise")
+    out = make_test_clip(tmp_path / "o.mp4", frames=3, width=64, height=64)
+    before = out.read_bytes()
+    # above the old output, below the new one (200 frames of a random model's texture: tens of kB)
+    limit = len(before) + 4096
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "streamedit.cli", "stylize", str(src), "-o", str(out), "-p", "x",
+                           *FAST], capture_output=True, text=True, timeout=240, preexec_fn=small_files)
+    assert len(before) < limit and src.stat().st_size > 2 * limit
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1] == f"error: cannot write {out}: File too large (the existing file is left as it was)"
+    assert "Traceback" not in proc.stderr and "OSError" not in proc.stderr
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "o.mp4"]
+
+
+def _start_then_signal(tmp_path, sig, when):
+    """Launch a real stylize (the demo model, adapter on: seconds to the first frame on a CPU) and send
+    ``sig`` at ``when``: 'loading' (the output's temporary file exists: the model is being loaded) or a
+    delay in seconds after launch (imports)."""
+    src = make_test_clip(tmp_path / "in.mp4", frames=400, width=64, height=64)
+    out = tmp_path / "o.mp4"
+    cmd = [sys.executable, "-m", "streamedit.cli", "stylize", str(src), "-o", str(out), "-p", "oil painting",
+           "--model", "demo", "--lllite", "demo", "--device", "cpu", "--batch", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if when == "loading":
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(tmp_path.glob(".o.mp4.*")) and proc.poll() is None:
+            time.sleep(0.005)
+        assert list(tmp_path.glob(".o.mp4.*")), "the run never got to loading the model"
+    else:
+        time.sleep(when)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err, out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_model_loading_is_one_true_line_and_130(tmp_path, sig):
+    code, err, out = _start_then_signal(tmp_path, sig, "loading")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 130 and "Traceback" not in err, err
+    assert lines == [f"interrupted before the first stylized frame: nothing was written ({out} not created)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_early_in_start_up_is_one_line_and_130(tmp_path, sig):
+    """Sent while Python imports torch / diffusers / transformers: whatever it hit, one line that is true."""
+    code, err, out = _start_then_signal(tmp_path, sig, 0.8)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 130 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("interrupted"), err
+    if "saved to" in lines[0]:  # it got further than expected: the claim must still be true
+        assert _frames(out)[0] == int(lines[0].split()[1])
+    else:
+        assert not out.exists()

@@ -1,5 +1,7 @@
 """Tests for streamedit.io: decoding, encoding, timestamps, audio, bad input and interruption."""
 
+import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -185,16 +187,117 @@ def test_truncated_file_keeps_decoded_frames_and_warns(tmp_path, ext):
     assert len(list(src.frames())) == 48 and src.warning is None
 
 
+@contextlib.contextmanager
+def read_only_folder(path):
+    """A folder nobody may create files in: mode 0o500, or for root (who ignores modes) immutable."""
+    path.mkdir(mode=0o500)
+    if os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("running as root on a file system without chattr +i: no read-only folder to test")
+    try:
+        yield path
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        path.chmod(0o700)
+
+
 def test_unwritable_output_raises_before_processing(tmp_path):
     src = open_video(make_test_clip(tmp_path / "in.mp4", frames=3), size=32)
     for bad in [tmp_path / "no" / "such" / "dir" / "out.mp4", tmp_path / "out.xyz", tmp_path, src.path]:
         with pytest.raises(StreameditError):
             VideoWriter(bad, src)
-    if os.geteuid() != 0:  # root can write anywhere
-        ro = tmp_path / "ro"
-        ro.mkdir(mode=0o500)
-        with pytest.raises(StreameditError):
+    with read_only_folder(tmp_path / "ro") as ro:
+        with pytest.raises(StreameditError, match="cannot write in the output folder"):
             VideoWriter(ro / "out.mp4", src)
+
+
+@pytest.mark.parametrize("link", [os.link, os.symlink])
+def test_output_linked_to_the_input_is_refused(tmp_path, link):
+    """A hard link (same inode, another name) or a symlink to the input is the input: never written."""
+    inp = make_test_clip(tmp_path / "in.mp4", frames=3)
+    data = inp.read_bytes()
+    link(inp, tmp_path / "alias.mp4")
+    with pytest.raises(StreameditError, match="would overwrite the input file"):
+        VideoWriter(tmp_path / "alias.mp4", open_video(inp, size=32))
+    assert inp.read_bytes() == data and sorted(p.name for p in tmp_path.iterdir()) == ["alias.mp4", "in.mp4"]
+
+
+def _old_output(tmp_path, frames=4):
+    """An existing good output (its bytes, to compare) that a new run is about to replace."""
+    old = make_test_clip(tmp_path / "out.mp4", frames=frames, width=40, height=40)
+    return old, old.read_bytes()
+
+
+def test_existing_output_is_replaced_only_when_the_new_one_is_complete(tmp_path):
+    inp = make_test_clip(tmp_path / "in.mp4", frames=12, width=64, height=48, audio=True)
+    out, before = _old_output(tmp_path)
+    os.chmod(out, 0o640)
+    src = open_video(inp, size=32)
+    with VideoWriter(out, src) as w:
+        for frame in src.frames():
+            w.write(frame)
+            assert out.read_bytes() == before  # the old file stays whole while the new one is written
+        (partial,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.mp4.")]
+        assert partial.suffix == ".mp4" and partial.stat().st_size > 0
+    times, size, audio = probe(out)
+    assert len(times) == 12 and size == (64, 48) and audio is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mp4"]  # no temporary file left
+    assert out.stat().st_mode & 0o777 == 0o640  # the replaced file's permissions are kept
+
+
+def test_symlinked_output_replaces_its_target(tmp_path):
+    inp = make_test_clip(tmp_path / "in.mp4", frames=5)
+    (tmp_path / "real").mkdir()
+    target, _ = _old_output(tmp_path / "real")
+    (tmp_path / "link.mp4").symlink_to(target)
+    stylize(open_video(inp, size=32), tmp_path / "link.mp4")
+    assert (tmp_path / "link.mp4").is_symlink() and len(probe(target)[0]) == 5
+
+
+class FullDisk:
+    """The writer's container, whose writes fail with ENOSPC after ``after`` packets (or on close)."""
+
+    def __init__(self, out, after=None, on_close=False):
+        self.out, self.after, self.on_close, self.n = out, after, on_close, 0
+
+    def mux(self, packets):
+        if self.after is not None and self.n >= self.after:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.n += 1
+        return self.out.mux(packets)
+
+    def close(self):
+        self.out.close()
+        if self.on_close:  # the index (moov) did not fit
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.out, name)
+
+
+@pytest.mark.parametrize("where", [dict(after=5), dict(on_close=True)], ids=["mid-run", "at-close"])
+def test_full_disk_keeps_the_old_file_and_cleans_up(tmp_path, where):
+    inp = make_test_clip(tmp_path / "in.mp4", frames=24, audio=True)
+    out, before = _old_output(tmp_path)
+    src = open_video(inp, size=32)
+    with pytest.raises(StreameditError) as err:
+        with VideoWriter(out, src) as w:
+            w._out = FullDisk(w._out, **where)
+            for frame in src.frames():
+                w.write(frame)
+    assert str(err.value) == f"cannot write {out}: No space left on device (the existing file is left as it was)"
+    assert out.read_bytes() == before and len(probe(out)[0]) == 4  # still the old, playable file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mp4"]
+
+
+def test_full_disk_without_an_old_file_leaves_nothing(tmp_path):
+    src = open_video(make_test_clip(tmp_path / "in.mp4", frames=12), size=32)
+    with pytest.raises(StreameditError, match="nothing was saved"):
+        with VideoWriter(tmp_path / "out.mkv", src) as w:
+            w._out = FullDisk(w._out, after=2)
+            for frame in src.frames():
+                w.write(frame)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
 
 
 @pytest.mark.parametrize("ext", [".mp4", ".mkv"])
@@ -219,6 +322,24 @@ def test_nothing_written_leaves_no_file(tmp_path):
         with VideoWriter(tmp_path / "out.mp4", src):
             raise KeyboardInterrupt
     assert not (tmp_path / "out.mp4").exists()
+    out, before = _old_output(tmp_path)  # an existing output is not truncated by a run that wrote nothing
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(out, src):
+            raise KeyboardInterrupt
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mp4"]
+
+
+def test_interrupted_run_over_an_existing_output_finalizes_what_it_has(tmp_path):
+    inp = make_test_clip(tmp_path / "in.mp4", frames=24)
+    out, _ = _old_output(tmp_path)
+    src = open_video(inp, size=32)
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(out, src) as w:
+            for i, frame in enumerate(src.frames()):
+                if i == 7:
+                    raise KeyboardInterrupt
+                w.write(frame)
+    assert len(probe(out)[0]) == 7 and sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mp4"]
 
 
 def test_ctrl_c_in_real_process(tmp_path):

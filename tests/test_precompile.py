@@ -36,11 +36,42 @@ class Scaler:
             return y + self.offset
 
 
+def _module_of_a_local_class(fn):
+    """What ``kernels`` (a transformers >= 5.25 dependency) makes of ``apply_rotary_pos_emb``: an
+    instance of an nn.Module class defined inside a function, held by a module-level name."""
+
+    class Func(nn.Module):
+        enabled = True  # a class constant the trace reads: a guard reached through the instance
+
+        def forward(self, *args):
+            return fn(*args) if self.enabled else args[0]
+
+    return Func()
+
+
+def _shift(x, by):
+    return x + by
+
+
+shift = _module_of_a_local_class(_shift)
+
+
+class ShiftedScaler(Scaler):
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        self.funcs = {"shift": shift}  # as transformers' attention keeps it in ``_kernel_funcs``
+
+    def run(self, x):
+        with torch.no_grad():
+            return self.funcs["shift"](self.net(x), self.offset)
+
+
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMEDIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(compile_cache, "STATS", dict.fromkeys(compile_cache.STATS, 0))
     monkeypatch.setattr(compile_cache, "SECONDS", {})
+    monkeypatch.setattr(compile_cache, "FALLBACKS", {})
     torch._dynamo.reset()
     yield tmp_path
     torch._dynamo.reset()
@@ -120,11 +151,13 @@ def test_stale_source_or_corrupt_file_is_compiled_again(private_cache, caplog):
     obj = Scaler()
     assert torch.allclose(precompiled(obj)(x), eager(obj, x), atol=1e-6)
     assert compile_cache.STATS["stale"] == 1 and compile_cache.STATS["compiled"] == 2
+    assert compile_cache.FALLBACKS == {"toy (compiled again)": "saved artifact is stale (its source changed)"}
 
     saved.write_bytes(b"not a compiled function")
     with caplog.at_level(logging.WARNING, logger="streamedit.compile_cache"):
         assert torch.allclose(precompiled(obj)(x), eager(obj, x), atol=1e-6)
-    assert "ignoring precompiled" in caplog.text and compile_cache.STATS["compiled"] == 3
+    assert "is unusable" in caplog.text and compile_cache.STATS["compiled"] == 3
+    assert compile_cache.FALLBACKS["toy (compiled again)"].startswith("saved artifact is unusable: ")
     assert compile_cache.STATS["loaded"] == 0
 
 
@@ -154,6 +187,21 @@ def test_graph_break_falls_back_to_torch_compile(caplog):
     assert torch.allclose(out, obj.run_with_break(x), atol=1e-6)
     assert "cannot precompile toy" in caplog.text
     assert compile_cache.STATS == {"compiled": 0, "loaded": 0, "fallback": 1, "stale": 0}
+    (why,) = compile_cache.FALLBACKS.values()  # the reason the startup report prints
+    assert list(compile_cache.FALLBACKS) == ["toy"] and "cannot precompile toy" in why and "\n" not in why
+
+
+def test_a_global_of_a_local_class_is_saved_and_loaded():
+    """A traced call through a module-level instance of a function-local class (transformers 5.25's
+    rotary function under ``kernels``): its guards, and those reached through it, cannot be written
+    and are dropped; the function is still saved whole and loaded by the next object."""
+    x = torch.randn(3, 8)
+    first, second = ShiftedScaler(), ShiftedScaler(seed=1)
+    with torch.no_grad():
+        assert torch.allclose(precompiled(first)(x), first.net(x) + first.offset, atol=1e-6)
+        assert torch.allclose(precompiled(second)(x), second.net(x) + second.offset, atol=1e-6)
+    assert compile_cache.FALLBACKS == {}
+    assert compile_cache.STATS == {"compiled": 1, "loaded": 1, "fallback": 0, "stale": 0}
 
 
 def test_compiled_without_key_or_with_another_backend_is_plain_torch_compile():

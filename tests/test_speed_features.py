@@ -409,7 +409,8 @@ def test_startup_second_launch_hits_the_cache(tmp_path, precompile):
     assert row["row"] == "startup" and row["cold_s"] == cold["first_frame_s"] > cold["engine_s"] > cold["import_s"]
     assert row["first_frame_max_diff"] == 0  # the loaded code computes the same frame, bit for bit (CPU)
     assert cold["compile_phases_s"].get("bytecode_tracing", 0) > 0
-    if precompile:  # TE, U-Net + decode, VAE encode
+    if precompile:  # TE, U-Net + decode, VAE encode; a function that falls back says why (in the report too)
+        assert cold["precompiled_fallbacks"] == warm["precompiled_fallbacks"] == {}
         assert cold["precompiled"] == {"compiled": 3, "loaded": 0, "fallback": 0, "stale": 0}
         assert warm["precompiled"] == {"compiled": 0, "loaded": 3, "fallback": 0, "stale": 0}
         assert "bytecode_tracing" not in warm["compile_phases_s"]  # dynamo never traced in the warm launch

@@ -26,7 +26,7 @@ import numpy as np
 from .bench_report import check_matplotlib, command_line, device_name, format_startup, format_table, save_plot
 from .bench_run import (BENCH_KEYS, FLOPS_METHOD, PREWARM_BATCHES, SimulatedSource, bench_frames,  # noqa: F401
                         count_flops, run_matrix, run_row)
-from .cli import lllite_options, load, model_options, resolve_device, te_size_option, temporal_config
+from .cli import check_size, lllite_options, load, model_options, resolve_device, te_size_option, temporal_config
 from .engine_config import LOW_LATENCY
 from .errors import StreameditError
 
@@ -132,8 +132,9 @@ def select_rows(matrix: bool, rows: str | None, compile_: bool, lllite: str | No
 @click.option("--prompt", default="oil painting", show_default=True)
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1), help="Frames per batch.")
 @click.option("--steps", default=1, show_default=True, help="Denoising steps (1-4).")
-@click.option("--size", default=512, show_default=True,
-              help="Working resolution: the long side (synthetic frames are square; a --clip keeps its aspect).")
+@click.option("--size", type=int, default=None,
+              help="Working resolution, the long side (synthetic frames are square; a --clip keeps its aspect). "
+                   "Default: the model's own (256 for demo), else 512, as stylize.")
 @click.option("--frames", "count", default=480, show_default=True, type=click.IntRange(1), help="Frames fed.")
 @click.option("--source-fps", default=30.0, show_default=True, type=click.FloatRange(0),
               help="Simulated camera rate; 0 = as fast as the engine takes frames (rows may set their own).")
@@ -168,7 +169,11 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
 
     from .engine import clean_prompt
 
+    from .models import working_size
+
     ctx = click.get_current_context()
+    check_size(size)
+    size = working_size(size, model)
     forced = parse_sets(sets)
     adapter = temporal_config(**temporal)
     selected = select_rows(matrix or bool(rows), rows, compile_, adapter["lllite"])
@@ -218,7 +223,7 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
         frames = held(frames, hold)
     models = load(model, revision, device, torch_dtype)
     meta["device"] = device_name(models.device)
-    click.echo(f"bench: {model} on {meta['device']}, {torch_dtype}, {size}x{size}, {steps} step(s), "
+    click.echo(f"bench: {model} on {meta['device']}, {torch_dtype}, {frames[0].shape[1]}x{frames[0].shape[0]}, {steps} step(s), "
                f"{count} frames, source {source_fps:g} fps" + (" (as fast as possible)" if not source_fps else ""),
                err=True)
     results = run_matrix(models, selected, base, forced, frames, count, source_fps, warmup, echo=click.echo,

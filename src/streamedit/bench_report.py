@@ -21,12 +21,13 @@ def format_table(results: list[dict]) -> str:
     comps = [c for c in COMPONENTS if any(c in r["component_ms_mean"] for r in results)]
     comps += sorted({c for r in results for c in r["component_ms_mean"]} - set(comps))
     skips = any(r.get("config", {}).get("skip_similar") is not None for r in results)
-    head = ["row", "B", "fps", "ratio", "wall p50", "p95", "max", "lat p50", "p95"] + comps + \
+    head = ["row", "B", "fps", "keeps up", "ratio", "wall p50", "p95", "max", "lat p50", "p95"] + comps + \
            ["peak GiB", "TFLOP/s", "% peak"] + (["skipped fr", "skipped b"] if skips else [])
     lines = []
     for r in results:
         w, lt, ms = r["batch_wall_ms"], r["latency_ms"], r["component_ms_mean"]
-        lines.append([r["row"], str(r["batch"]), _f(r["fps"]), _f(r["ratio"], "{:.2f}"), _f(w["p50"]), _f(w["p95"]),
+        lines.append([r["row"], str(r["batch"]), _f(r["fps"]), _keeps_up(r), _f(r["ratio"], "{:.2f}"),
+                      _f(w["p50"]), _f(w["p95"]),
                       _f(w["max"]), _f(lt["p50"], "{:.0f}"), _f(lt["p95"], "{:.0f}")] +
                      [_f(ms.get(c)) for c in comps] +
                      [_f(r["peak_gpu_gib"], "{:.2f}"), _f(r["tflops"], "{:.3g}"), _f(r["pct_of_peak"])] +
@@ -40,6 +41,13 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _keeps_up(r: dict) -> str:
+    """Whether the row kept up with its simulated camera: "yes", "NO (30 fps source)", "—" (as fast as possible)."""
+    if r.get("keeps_up") is None:
+        return "—"
+    return "yes" if r["keeps_up"] else f"NO ({r['source_fps']:g} fps source)"
+
+
 def format_startup(res: dict) -> str:
     """The --startup result: seconds since launch for each phase, cold and warm, and the cache hits."""
     lines = ["launch  imports  models  engine  first frame  cache (FX graph / AOT autograd hits, misses)"]
@@ -50,6 +58,10 @@ def format_startup(res: dict) -> str:
                      f"{r['first_frame_s']:11.1f}  {c.get('fxgraph_cache_hit', 0)}/{c.get('autograd_cache_hit', 0)} "
                      f"hits, {c.get('fxgraph_cache_miss', 0)}/{c.get('autograd_cache_miss', 0)} misses")
     lines.append(f"  (seconds since the process was launched; compile cache after both: {res['cache_mib']:.1f} MiB)")
+    for name in ("cold", "warm"):  # a function not served precompiled (or not loaded) says why
+        for fn, why in res[name].get("precompiled_fallbacks", {}).items():
+            what = fn if fn.endswith("(compiled again)") else f"{fn} not precompiled (traced by torch.compile)"
+            lines.append(f"  {name}: {what}: {why}")
     return "\n".join(lines)
 
 
@@ -64,20 +76,28 @@ def check_matplotlib():
     return plt
 
 
+def wall_series(r: dict) -> tuple[slice, slice]:
+    """Which per-batch points of a row the plot draws: (warm-up batches, counted batches). The partial
+    last batch (``tail_frames_dropped`` frames) is neither: its wall is for fewer frames, and a line
+    through it would end every row with a fake drop."""
+    w, counted = r["warmup_batches"], r["frames_counted"] // r["batch"]
+    return slice(0, w), slice(w, w + counted)
+
+
 def save_plot(results: list[dict], path) -> None:
-    """Per-batch wall over time (warm-up batches included, hollow) and the latency CDF of counted frames."""
+    """Per-batch wall over time (warm-up batches hollow, not joined) and the latency CDF of counted frames."""
     plt = check_matplotlib()
     fig, (walls, cdf) = plt.subplots(1, 2, figsize=(13, 4.5))
     for r in results:
-        s, w, end = r["series"], r["warmup_batches"], r["frames_fed"] // r["batch"]
-        t, ms = s["t_done_s"], s["batch_wall_ms"]
-        line, = walls.plot(t[w:end], ms[w:end], ".-", label=r["row"])
-        walls.plot(t[:w], ms[:w], "o", mfc="none", color=line.get_color())
-        walls.plot(t[end:], ms[end:], "x", color=line.get_color())
+        s = r["series"]
+        t, ms = np.asarray(s["t_done_s"]), np.asarray(s["batch_wall_ms"])
+        warm, counted = wall_series(r)
+        line, = walls.plot(t[counted], ms[counted], ".-", label=r["row"])
+        walls.plot(t[warm], ms[warm], "o", mfc="none", color=line.get_color())
         lat = np.sort(s["latency_ms"])
         cdf.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=r["row"])
     walls.set(xlabel="time since first capture (s)", ylabel="batch wall (ms)", yscale="log",
-              title="per-batch wall (excluded: o warm-up, x partial tail)")
+              title="per-batch wall (o: warm-up, excluded; the partial last batch is not drawn)")
     cdf.set(xlabel="end-to-end latency, capture -> out (ms)", ylabel="fraction of frames", title="latency CDF")
     for ax in (walls, cdf):
         ax.grid(alpha=0.3)

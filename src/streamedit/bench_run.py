@@ -258,6 +258,9 @@ def run_matrix(models, rows, base: dict, forced: dict, frames, count: int, fps: 
         if res["keeps_up"]:
             notes.append(f"keeps up with the {row_fps:g} fps source, so its fps is capped: use --source-fps 0 "
                          "for ratios")
+        elif res["keeps_up"] is False:
+            notes.append(f"cannot keep up with the {row_fps:g} fps source ({res['fps']:.1f} fps): frames queue "
+                         "up and latency grows with the run's length")
         results.append(res)
         if on_row is not None:
             on_row(res)

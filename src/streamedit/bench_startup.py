@@ -113,6 +113,7 @@ def _probe(spec: dict) -> dict:
             "total_s": time.time() - t0, "cache": compile_cache.cache_stats(),
             "compile_phases_s": _compile_phases(),
             "precompiled": dict(compile_cache.STATS), "precompiled_s": dict(compile_cache.SECONDS),
+            "precompiled_fallbacks": dict(compile_cache.FALLBACKS),
             "graphs_s": dict(graphs.CAPTURE_SECONDS), "main_warmed_on_worker": engine.denoiser.warmed_on_worker,
             "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "device": _device_name(models.device)}
 

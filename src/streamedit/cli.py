@@ -1,7 +1,8 @@
 """Command line: ``streamedit stylize | info | bench | eval | serve | live | train``.
 
-Every user mistake ends in one line on stderr and exit code 2; Ctrl-C / SIGTERM during
-``stylize`` leave a finalized, playable file with every frame processed so far.
+Every user mistake ends in one line on stderr and exit code 2; Ctrl-C / SIGTERM end any command
+with one line and exit code 130 (during start-up too); during ``stylize`` they leave a finalized,
+playable file with every frame processed so far.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class _Group(click.Group):
         except StreameditError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (main) where no command said more: one line, 130
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
         except Exception as exc:  # a bug, not a user error: still one line unless asked for more
@@ -168,6 +172,12 @@ def model_options(fn):
     return fn
 
 
+def check_size(size: int | None) -> None:
+    """--size, when given, before anything is loaded (0 is not "the default")."""
+    if size is not None and size <= 0:
+        raise StreameditError(f"--size must be a positive number of pixels, got {size}")
+
+
 def resolve_device(device: str | None, dtype: str | None):
     import torch
 
@@ -229,6 +239,7 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
     from .io import VideoWriter, open_video
     from .models import working_size
 
+    check_size(size)
     size = working_size(size, model)
     fields = dict(batch_size=batch, compile=compile_, te_fast=te_fast, te_size=te_size, te_fp8=te_fp8,
                   skip_similar=skip_similar, main_priority=main_priority)
@@ -245,7 +256,7 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
     check_speed_flags(config, device)
     source = open_video(input_path, size=size, keep_size=keep_size, crop=crop)
     config.frame_size = (source.info.height, source.info.width)  # the engine sets up for this aspect
-    written = 0
+    written, writer = 0, None
     t0 = time.perf_counter()
     restore = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     try:
@@ -262,7 +273,7 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
             bar.close()
             engine.close()
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: {written} stylized frames saved to {output}", err=True)
+        click.echo(f"\n{_interrupted(writer, output)}", err=True)
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, restore)
@@ -280,6 +291,16 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
 
 def _sigterm_to_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def _interrupted(writer, output) -> str:
+    """What an interrupted stylize leaves behind, truly: frames saved, or nothing written."""
+    saved = writer.frames_written if writer is not None else 0
+    if saved:
+        return f"interrupted: {saved} stylized frames saved to {output}"
+    if os.path.exists(output):
+        return f"interrupted before the first stylized frame: {output} was left as it was"
+    return f"interrupted before the first stylized frame: nothing was written ({output} not created)"
 
 
 @cli.command()
@@ -331,6 +352,9 @@ def _demo_or_tiny() -> str:
 
 
 def main() -> None:
+    # SIGTERM as Ctrl-C from the start (model loading included): one line and exit 130, not a silent death
+    # (_Group.invoke prints it; this module imports no torch, so that covers every slow import too)
+    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     cli(prog_name="streamedit")
 
 

@@ -136,6 +136,9 @@ STATS: dict[str, int] = {"loaded": 0, "compiled": 0, "fallback": 0, "stale": 0}
 # "<how>:<name>" -> seconds spent getting a function for a new signature: loading or compiling the artifact
 # (a fallback's torch.compile runs inside its first call, not here)
 SECONDS: dict[str, float] = {}
+# function name -> why it fell back to plain torch.compile, or why its saved artifact was not loaded
+# ("<name> (compiled again)"); one line each, the startup report shows them
+FALLBACKS: dict[str, str] = {}
 PRECOMPILE_BACKENDS = ("inductor", "aot_eager")  # backends whose output aot_compile can serialise
 
 
@@ -167,15 +170,30 @@ def serialisable_guards(entries, weights: dict | None = None) -> list[bool]:
     Loading each saved tensor guard builds a fake tensor (and a stack trace with it): on the H100 host
     the ~2,200 of the three functions cost ~6 s under cProfile (docs/benchmarks.md, tenth session).
     """
+    local = _local_class_modules(entries)
     keep = []
     for g in entries:
         ok = not (g.is_global or g.guard_type in UNSERIALISABLE_GUARDS
-                  or UNSERIALISABLE_GUARDS.intersection(g.derived_guard_types))
+                  or UNSERIALISABLE_GUARDS.intersection(g.derived_guard_types)
+                  or any(name in g.name for name in local))
         if ok and weights is not None and g.guard_type == "TENSOR_MATCH" and g.has_value and _is_weight(g):
             weights[g.name] = tensor_meta(g.value)
             ok = False
         keep.append(ok)
     return keep
+
+
+def _local_class_modules(entries) -> set[str]:
+    """Source names of modules whose class is not at module level: dynamo cannot write them to disk.
+
+    transformers >= 5.25 (with its ``kernels`` dependency) turns ``apply_rotary_pos_emb`` into an
+    instance of a class made inside a function (``kernels``' ``_create_func_module.<locals>.Func``)
+    that every text attention layer holds and calls: with a guard on it (or on anything reached
+    through it) the TE would not be saved at all. Such a module is code, not state: which one a
+    layer holds is checked by the artifact's source checksums, like the identity guards dropped above.
+    """
+    return {g.name for g in entries if g.has_value and isinstance(g.value, torch.nn.Module)
+            and type(g.value).__qualname__ != type(g.value).__name__}
 
 
 def _is_weight(entry) -> bool:
@@ -324,20 +342,20 @@ class Precompiled:
             sums = saved["sources"]
             if _source_sums(sums) != sums:
                 STATS["stale"] += 1
-                log.info("precompiled %s is stale (its source changed): compiling again", path.name)
-                return None
+                return self._not_loaded(path, "is stale (its source changed)")
             if not weights_match(saved.get("weights", {}), self._locals(args)):
-                log.info("precompiled %s does not fit these weights: compiling again", path.name)
-                return None
+                return self._not_loaded(path, "does not fit these weights")
             with path.open("rb") as f:
                 aot = torch.compiler.load_compiled_function(f, f_globals=self.method.__func__.__globals__)
             if not aot.guard_check(self.owner, *args):
-                log.info("precompiled %s does not fit these inputs: compiling again", path.name)
-                return None
+                return self._not_loaded(path, "does not fit these inputs")
         except Exception as exc:  # noqa: BLE001  (a cache must never stop the engine)
-            log.warning("ignoring precompiled %s: %s", path.name, exc)
-            return None
+            return self._not_loaded(path, f"is unusable: {type(exc).__name__}: {exc}", logging.WARNING)
         return functools.partial(aot, self.owner)
+
+    def _not_loaded(self, path: Path, why: str, level: int = logging.INFO) -> None:
+        log.log(level, "precompiled %s %s: compiling again", path.name, why)
+        FALLBACKS[f"{self.name} (compiled again)"] = " ".join(f"saved artifact {why}".split())[:400]
 
     def _locals(self, args) -> dict:
         """The traced method's locals at a call: what dynamo's source names refer to."""
@@ -360,6 +378,7 @@ class Precompiled:
 
     def _fallback(self, why: str):
         log.warning("%s; using torch.compile", why)
+        FALLBACKS[self.name] = " ".join(why.split())[:400]
         if self._plain is None:
             self._plain = self._torch_compile()
         return self._served("fallback", self._plain)

@@ -137,6 +137,8 @@ def validate(models, config: EngineConfig) -> None:
         if reason:
             raise StreameditError(reason)
     step = models.vae_scale_factor * 4  # the U-Net downsamples the latent twice
+    if config.size <= 0:
+        raise StreameditError(f"--size must be a positive number of pixels, got {config.size}")
     if config.size < step or config.size % step:
         raise StreameditError(f"--size must be a multiple of {step}, got {config.size}")
     fs = config.frame_size

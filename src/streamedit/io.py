@@ -8,11 +8,12 @@ square at the input's resolution (1920x1080 -> 1080x1080). ``keep_size`` writes 
 Downscaling uses ``cv2.INTER_AREA`` (no aliasing); upscaling ``cv2.INTER_CUBIC`` (sharper than
 linear at the same cost; Lanczos is ~8x slower at 1080p, too slow for real time).
 Rotated phone video (display-matrix rotation) is turned upright on decode; ``info`` reports the
-upright size and the output is written upright. Alpha is dropped; grayscale/10-bit become RGB8.
+upright size and the output is written upright. Alpha is dropped (with a warning); grayscale/10-bit
+become RGB8.
 
 Encoding: H.264 (libx264, yuv420p, BT.709 tags) for .mp4/.m4v/.mov/.mkv, VP9 for .webm.
 4:2:0 cannot hold odd sizes (H.264 crops only in 2-pixel steps), so an odd width/height is
-padded by one replicated column/row (333x257 -> 334x258) to stay playable everywhere.
+padded by one replicated column/row (333x257 -> 334x258, with a warning) to stay playable everywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import contextlib
 import itertools
 import logging
 import os
+import secrets
+import shutil
 import signal
 import threading
 from dataclasses import dataclass
@@ -85,6 +88,7 @@ class VideoSource:
         self.info = VideoInfo(w, h, self._fps, self._tb, count, has_audio, first.format.name, duration, rot)
         # the working (height, width) of the frames yielded; None: as stored
         self.shape = working_shape(h, w, self.size, multiple, crop) if self.size else None
+        _alpha_notice(self.path, first.format)
 
     def _start(self):
         """(Re)open the file and decode the first frame, so empty/undecodable input fails early."""
@@ -186,6 +190,12 @@ class VideoSource:
         self.close()
 
 
+def _alpha_notice(path: Path, fmt) -> None:
+    """Say so when the input is transparent: frames are decoded to opaque RGB."""
+    if any(c.is_alpha for c in fmt.components):
+        log.warning("%s: its alpha channel (transparency, %s) is dropped: the output is opaque", path, fmt.name)
+
+
 def open_video(path: str | os.PathLike, size: int = 512, keep_size: bool = False, crop: bool = False,
                multiple: int = MULTIPLE) -> VideoSource:
     """Open ``path`` for decoding; raises StreameditError (one line) if it is not a usable video.
@@ -193,22 +203,59 @@ def open_video(path: str | os.PathLike, size: int = 512, keep_size: bool = False
     return VideoSource(path, size=size, keep_size=keep_size, crop=crop, multiple=multiple)
 
 
-def _open_output(path: Path, source_path: Path | None = None):
+def check_output(path: Path, source_path: Path | None = None) -> Path:
+    """Refuse an output that cannot or must not be written (before anything is); the file it names,
+    symlinks followed (what a finished run replaces)."""
     ext = path.suffix.lower()
     if ext not in VIDEO_CODECS:
         raise StreameditError(f"unsupported output extension {ext or '(none)'!r}; use one of {', '.join(VIDEO_CODECS)}")
     if path.is_dir():
         raise StreameditError(f"output path is a directory: {path}")
-    if source_path is not None and path.resolve() == source_path.resolve():
-        raise StreameditError(f"output would overwrite the input file: {path}")
+    if source_path is not None and _same_file(path, source_path):
+        raise StreameditError(f"output would overwrite the input file: {path} is {source_path} "
+                              "(the same file, or a link to it)")
     if not path.parent.is_dir():
         raise StreameditError(f"output folder does not exist: {path.parent}")
-    # Index (moov) at the front: plays while downloading; written on close, which we always reach.
-    opts = {"movflags": "+faststart"} if ext in (".mp4", ".m4v", ".mov") else {}
+    return Path(os.path.realpath(path))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Same path, symlink or hard link (same device and inode)."""
+    if a.resolve() == b.resolve():
+        return True
     try:
-        return av.open(str(path), "w", options=opts)
+        return os.path.samefile(a, b)
+    except OSError:  # a does not exist (yet)
+        return False
+
+
+def _even_size_notice(path: Path, width: int, height: int) -> None:
+    """Say so when the output gets a replicated column/row (4:2:0 video has even sides only)."""
+    if width % 2 or height % 2:
+        log.warning("%s: %dx%d has an odd side, which 4:2:0 video cannot hold: written as %dx%d "
+                    "(last column/row repeated)", path, width, height, width + width % 2, height + height % 2)
+
+
+def _temp_beside(final: Path) -> Path:
+    """A new hidden name in the output's folder (so the rename is atomic), same extension (same format)."""
+    return final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.partial{final.suffix}")
+
+
+def _open_output(path: Path, source_path: Path | None = None, target: Path | None = None):
+    """Open a container for ``path`` (checked) that writes to ``target`` (default: ``path`` itself)."""
+    check_output(path, source_path)
+    where = f"in the output folder {path.parent}" if target else path
+    try:
+        if target:  # FFmpeg opens the file only when encoding starts: find a read-only folder now
+            with open(target, "xb"):
+                pass
+        # Index (moov) at the front: plays while downloading; written on close, which we always reach.
+        opts = {"movflags": "+faststart"} if path.suffix.lower() in (".mp4", ".m4v", ".mov") else {}
+        return av.open(str(target or path), "w", options=opts)
     except (av.FFmpegError, OSError) as e:
-        raise StreameditError(f"cannot write {path}: {_ffmpeg_reason(e)}") from None
+        if target and not isinstance(e, FileExistsError):
+            target.unlink(missing_ok=True)
+        raise StreameditError(f"cannot write {where}: {_ffmpeg_reason(e)}") from None
 
 
 def _add_video_stream(out, ext, width, height, fps, time_base, pix_fmt="yuv420p", crf=18, preset="veryfast",
@@ -268,16 +315,20 @@ class VideoWriter:
     the source's continue at 1/fps. Without a source, give ``fps`` and ``size=(w, h)``.
     Audio (first audio stream) is copied; if the container cannot hold its codec it is re-encoded
     (AAC, Opus for .webm); if that fails too it is dropped with a logged warning. Audio is cut at the
-    end of the last written frame unless the whole source was written. Closing (also by leaving the
-    ``with`` block through an exception such as KeyboardInterrupt) flushes the encoder, so the file is
-    playable and holds every frame written. If no frame was written, the file is removed. An existing
-    file at ``path`` is overwritten; the input file itself is refused.
+    end of the last written frame unless the whole source was written.
+
+    Output safety: frames go to a hidden temporary file in the output's folder, renamed over ``path``
+    when closed, so an existing file is never truncated or half-overwritten. Closing (also by leaving
+    the ``with`` block through an exception such as KeyboardInterrupt) flushes the encoder, so the file
+    is playable and holds every frame written. If no frame was written, or writing failed (a full
+    disk), the temporary file is removed and an existing ``path`` is left as it was; a failed write
+    raises StreameditError. The input file itself (also through a hard or symbolic link) is refused.
     """
 
     def __init__(self, path, source: VideoSource | None = None, *, fps=None, size=None, crf=18,
                  preset="veryfast", audio=True):
         self.path, self.source, self.frames_written = Path(path), source, 0
-        self._closed, self._last_pts = False, None
+        self._closed, self._last_pts, self._failed = False, None, None
         if source is not None:
             fps, tb, info = source.info.fps, source.info.time_base, source.info
             if source.keep_size and source.shape:
@@ -293,9 +344,12 @@ class VideoWriter:
             tb = 1 / fps
         self.fps, self.size = fps, (int(size[0]), int(size[1]))
         self._step = max(1, round(1 / (fps * tb)))
-        self._out = _open_output(self.path, source.path if source else None)
+        self._final = check_output(self.path, source.path if source else None)
+        self._tmp = _temp_beside(self._final)
+        self._out = _open_output(self.path, source.path if source else None, target=self._tmp)
         try:
             w, h = self.size
+            _even_size_notice(self.path, w, h)
             self._stream = _add_video_stream(self._out, self.path.suffix.lower(), w + w % 2, h + h % 2, fps, tb,
                                              crf=crf, preset=preset)
             self._ain = self._aout = None
@@ -304,7 +358,7 @@ class VideoWriter:
             self._out.start_encoding()  # opens encoders now: bad settings fail before processing
         except BaseException as e:  # incl. Ctrl-C here: leave no half-made file behind
             self._out.close()
-            self.path.unlink(missing_ok=True)
+            self._tmp.unlink(missing_ok=True)
             if isinstance(e, StreameditError) or not isinstance(e, Exception):
                 raise
             raise StreameditError(f"cannot start encoding {self.path}: {_ffmpeg_reason(e)}") from None
@@ -312,7 +366,10 @@ class VideoWriter:
     def _setup_audio(self):
         try:
             self._ain = _open_input(self.source.path)  # own demuxer: decode is elsewhere
-            src = next(s for s in self._ain.streams.audio if s.codec_context is not None)
+            tracks = [s for s in self._ain.streams.audio if s.codec_context is not None]
+            if len(tracks) > 1:
+                log.warning("%s: the input has %d audio tracks; only the first is kept", self.path, len(tracks))
+            src = tracks[0]
             try:
                 self._aout, self._transcode = self._out.add_stream_from_template(src), False
             except ValueError:  # codec not allowed in this container: re-encode
@@ -343,15 +400,17 @@ class VideoWriter:
                     break
                 if self._transcode:
                     for frame in pkt.decode():
-                        self._out.mux(self._aout.encode(frame))
+                        self._mux(self._aout.encode(frame))
                 elif pkt.size and pkt.dts is not None:
                     pkt.stream = self._aout
-                    self._out.mux(pkt)
+                    self._mux(pkt)
             if not final:
                 return
             if self._transcode:
-                self._out.mux(self._aout.encode(None))
-        except Exception as e:  # never let audio trouble lose the video
+                self._mux(self._aout.encode(None))
+        except Exception as e:  # never let audio trouble lose the video (but a failed write is the file's)
+            if self._failed:
+                raise
             log.warning("%s: audio stopped early (%s)", self.path, _ffmpeg_reason(e))
         self._ain.close()
         self._ain = self._aout = None
@@ -375,9 +434,21 @@ class VideoWriter:
             pts = self._last_pts + 1
         frame = _to_av_frame(img, self._stream.pix_fmt)
         frame.pts, frame.time_base = pts, self._stream.codec_context.time_base
-        self._out.mux(self._stream.encode(frame))
+        self._mux(self._stream.encode(frame))
         self._last_pts, self.frames_written = pts, self.frames_written + 1
         self._mux_audio(float(pts * frame.time_base))
+
+    def _mux(self, packets) -> None:
+        """Write packets to the temporary file; a failure (a full disk) ends the output: StreameditError."""
+        try:
+            self._out.mux(packets)
+        except (OSError, av.FFmpegError) as e:
+            self._failed = _ffmpeg_reason(e)
+            raise StreameditError(self._failure_message()) from None
+
+    def _failure_message(self) -> str:
+        kept = "the existing file is left as it was" if self._final.exists() else "nothing was saved"
+        return f"cannot write {self.path}: {self._failed} ({kept})"
 
     def close(self) -> None:
         if self._closed:
@@ -385,18 +456,36 @@ class VideoWriter:
         self._closed = True
         with _signals_deferred():
             try:
-                if self.frames_written:
+                if self.frames_written and not self._failed:
                     self._out.mux(self._stream.encode(None))  # flush delayed (B-)frames
                     src = self.source
                     whole = src is not None and src.exhausted and self.frames_written >= len(src.pts)
                     end = (self._last_pts + self._step) * self._stream.codec_context.time_base
                     self._mux_audio(None if whole else float(end), final=True)
+            except (OSError, av.FFmpegError, StreameditError) as e:
+                self._failed = self._failed or _ffmpeg_reason(e)
             finally:
                 if self._ain is not None:
                     self._ain.close()
-                self._out.close()
-                if not self.frames_written:
-                    self.path.unlink(missing_ok=True)
+                try:
+                    self._out.close()  # writes the index (mp4: rewrites the file with it at the front)
+                except (OSError, av.FFmpegError) as e:
+                    self._failed = self._failed or _ffmpeg_reason(e)
+            self._finish()
+
+    def _finish(self) -> None:
+        """Rename the complete temporary file over the output; else drop it and keep what was there."""
+        if self.frames_written and not self._failed:
+            try:
+                with contextlib.suppress(OSError):  # a replaced file keeps its permissions
+                    shutil.copymode(self._final, self._tmp)
+                os.replace(self._tmp, self._final)
+                return
+            except OSError as e:
+                self._failed = _ffmpeg_reason(e)
+        self._tmp.unlink(missing_ok=True)
+        if self._failed:
+            raise StreameditError(self._failure_message())
 
     def __enter__(self):
         return self

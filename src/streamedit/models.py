@@ -267,7 +267,7 @@ def default_strength(models: Models) -> float:
 
 def working_size(size: int | None, source: str) -> int:
     """``size`` if given, else the model's native size (:func:`native_size`), else 512."""
-    return size or native_size(source) or 512
+    return size if size is not None else native_size(source) or 512
 
 
 def native_size(source: str) -> int | None:
