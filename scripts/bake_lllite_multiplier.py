@@ -11,8 +11,8 @@ import argparse
 
 import torch
 
-from streamedit.cli import load
-from streamedit.lllite import LLLiteAdapter
+from streamedit.cli.group import load
+from streamedit.temporal.adapter import LLLiteAdapter
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import time
 import torch
 
 from streamedit import EngineConfig, StreamEngine, load_models
-from streamedit.io import open_video
+from streamedit.video.io import open_video
 
 
 def looped(frames, n):

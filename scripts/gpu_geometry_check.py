@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from streamedit import EngineConfig, StreamEngine, load_models
-from streamedit.lllite import LLLiteAdapter
+from streamedit.temporal.adapter import LLLiteAdapter
 
 
 def frames(h, w, n=64):

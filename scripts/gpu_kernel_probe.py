@@ -229,15 +229,15 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 def probe_graphs(out: Path, res: dict, save, variants: list[str]) -> None:
     """The fast TE and the main/encode functions as the engine compiles them, with the kernel substitutions
-    (streamedit.kernels) on, each output against the same code with them off (eager)."""
+    (streamedit.accel.kernels) on, each output against the same code with them off (eager)."""
     import numpy as np
     import torch._inductor.config as ic
 
-    from streamedit.denoise import Denoiser
-    from streamedit.engine_config import EngineConfig, attach_adapter
-    from streamedit.models import load_models
-    from streamedit.te_fast import FastTextEncoderRunner
-    from streamedit.text_encoder import TextEncoderRunner
+    from streamedit.diffusion.denoiser import Denoiser
+    from streamedit.config import EngineConfig, attach_adapter
+    from streamedit.models.loading import load_models
+    from streamedit.text.fast import FastTextEncoderRunner
+    from streamedit.text.exact import TextEncoderRunner
 
     models = load_models("random:real", device=DEV, dtype=DT)
     config = EngineConfig(prompt="oil painting", lllite="random", hooks="down", compile=True, size=512)

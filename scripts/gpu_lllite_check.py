@@ -16,7 +16,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from streamedit import load_models
-from streamedit.lllite import LLLiteAdapter, apply_lllite, remove_lllite
+from streamedit.temporal.adapter import LLLiteAdapter, apply_lllite, remove_lllite
 
 B, SIZE, TOKENS = 8, 512, 299  # TE output tokens for the edit template at 512^2 (363 - 64 prefix)
 

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamedit.denoise import Denoiser
-from streamedit.engine_config import EngineConfig, attach_adapter
-from streamedit.models import load_models
-from streamedit.text_encoder import TextEncoderRunner
+from streamedit.diffusion.denoiser import Denoiser
+from streamedit.config import EngineConfig, attach_adapter
+from streamedit.models.loading import load_models
+from streamedit.text.exact import TextEncoderRunner
 
 
 def sync():
@@ -140,7 +140,7 @@ def main() -> int:
         save()
 
     if args.te:
-        from streamedit.te_fast import FastTextEncoderRunner
+        from streamedit.text.fast import FastTextEncoderRunner
 
         res["te"] = {"eager_ms": round(cuda_ms(lambda: te.encode(config.prompt, te.prepare_images(frames), 8),
                                                reps=5, warmup=1), 2)}

@@ -77,7 +77,7 @@ def main() -> int:
     if "S" in args.part and env.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
         env.setdefault("PYTHONPYCACHEPREFIX", str(cache / "pycache"))
     if "S" in args.part and not args.dry_run:
-        subprocess.run([sys.executable, "-c", "import streamedit.bench_run"], env=env, check=True)
+        subprocess.run([sys.executable, "-c", "import streamedit.bench.run"], env=env, check=True)
     for part in args.part:
         cmd = command(part, args.frames, args.clip, out / f"speed-{part}.jsonl", args.startup_row, args.rows,
                       args.startup_profile)

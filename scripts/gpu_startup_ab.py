@@ -15,8 +15,8 @@ import argparse
 import json
 import sys
 
-import streamedit.bench_startup as startup
-from streamedit.cli import main
+import streamedit.bench.startup as startup
+from streamedit.cli.group import main
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("json_path")

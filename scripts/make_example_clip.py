@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from streamedit.clips import write_clip
+from streamedit.video.clips import write_clip
 
 W = H = 256
 FPS, FRAMES = 24, 60

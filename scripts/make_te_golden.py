@@ -13,7 +13,7 @@ dependency; torch from the project's venv)::
     PYTHONPATH=src .venv/bin/python scripts/make_te_golden.py --tf457 /tmp/tf457
 
 Stage 1 (this process, the project's transformers): builds the model (seed 0, the offline tokenizer of
-processor.py), saves it like a pipeline folder (``text_encoder/``, ``processor/``), the frame and the
+models/processor.py), saves it like a pipeline folder (``text_encoder/``, ``processor/``), the frame and the
 processor inputs of both TE views, made the way their authors' code makes them (no streamedit runner
 code): upstream diffusers' 512x512 LANCZOS view, ``padding=True``; the streaming paper's 256x256
 BILINEAR view, ``padding="max_length", max_length=256, truncation=True``.
@@ -62,8 +62,8 @@ def view(frame: np.ndarray, size: int) -> np.ndarray:
 def stage1(tf457: str) -> None:
     from PIL import Image
 
-    from streamedit import processor as proc
-    from streamedit.models import _te_config
+    from streamedit.models import processor as proc
+    from streamedit.models.loading import _te_config
     from transformers import Qwen3VLForConditionalGeneration
 
     tok = proc.build_offline_tokenizer()

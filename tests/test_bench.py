@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import streamedit.bench as bench
-import streamedit.bench_report as bench_report
-from streamedit.cli import _Group
-from streamedit.clips import make_test_clip
+import streamedit.bench.command as bench
+import streamedit.bench.report as bench_report
+from streamedit.cli.group import _Group
+from streamedit.video.clips import make_test_clip
 
 # te_refresh_every keeps the (comparatively slow) TE out of all but the first batch: CPU time in CI
 TINY = ["--model", "random:tiny", "--device", "cpu", "--size", "64", "--set", "te_refresh_every=100"]

@@ -11,8 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from streamedit.cli import cli
-from streamedit.clips import make_test_clip
+from streamedit.cli.group import cli
+from streamedit.video.clips import make_test_clip
 
 FAST = ["--model", "random:tiny", "--size", "64", "--batch", "4", "--device", "cpu"]
 

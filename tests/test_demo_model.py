@@ -6,10 +6,10 @@ import torch
 from click.testing import CliRunner
 
 from streamedit import EngineConfig, StreamEngine, load_models
-from streamedit.cli import cli
-from streamedit.clips import make_test_clip, read_frames
+from streamedit.cli.group import cli
+from streamedit.video.clips import make_test_clip, read_frames
 from streamedit.eval.metrics import psnr_per_frame
-from streamedit.models import DEMO_LLLITE, demo_available
+from streamedit.models.loading import DEMO_LLLITE, demo_available
 from streamedit.train.filters import STYLES, apply_style
 
 pytestmark = pytest.mark.skipif(not demo_available(), reason="the demo model is not bundled in this checkout")
@@ -68,7 +68,7 @@ def test_stylize_cli_with_the_demo_model_and_adapter(tmp_path):
 
 
 def test_stylize_defaults_to_the_models_native_size(tmp_path):
-    from streamedit.models import native_size
+    from streamedit.models.loading import native_size
 
     assert native_size("demo") == 256 and native_size("random:tiny") is None
     (tmp_path / "streamedit.json").write_text('{"size": 128}')

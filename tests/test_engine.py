@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from streamedit import EngineConfig, StreameditError, StreamEngine
-from streamedit.kernels import shallow
-from streamedit.text_encoder import prenorm_model
+from streamedit.accel.kernels import shallow
+from streamedit.text.exact import prenorm_model
 
 
 def upstream_pipeline(models):
@@ -205,7 +205,7 @@ def test_strength_start_matches_the_schedulers_own_noising_and_steps(tiny_models
     """strength < 1: the scheduler's scale_noise of the source latent, then its own Euler steps."""
     import copy
 
-    from streamedit.denoise import Denoiser, sigma_schedule
+    from streamedit.diffusion.denoiser import Denoiser, sigma_schedule
 
     den = Denoiser(tiny_models, steps, 64, strength=0.5)
     src = den.encode_source(torch.from_numpy(np.stack(frames[:2])))

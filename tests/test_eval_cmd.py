@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from streamedit.cli import _Group
+from streamedit.cli.group import _Group
 from streamedit.eval.run import eval_command, ping_pong
-from streamedit.clips import make_test_clip
+from streamedit.video.clips import make_test_clip
 
 TINY = ["--prompt", "oil painting", "--model", "random:tiny", "--device", "cpu", "--size", "64", "--batch", "4",
         "--set", "te_refresh_every=100"]

@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 from streamedit import EngineConfig, StreamEngine
 from streamedit.errors import StreameditError
-from streamedit.lllite import LLLiteAdapter
-from streamedit.temporal import cond_flow, warp_output
+from streamedit.temporal.adapter import LLLiteAdapter
+from streamedit.temporal.conditioner import cond_flow, warp_output
 
 H, W = 72, 120  # non-square on purpose
 PAPER = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)

@@ -34,7 +34,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def _child(tmp_path, *args, timeout=900):
-    from streamedit import compile_cache
+    from streamedit.accel import compile_cache
 
     # precompiled functions in a fresh folder (the first child compiles them, the second loads them); inductor's
     # kernel cache stays the usual one (a cache: the same code either way, minutes of Triton compiles less)
@@ -85,7 +85,7 @@ def _same(x, y, what):
 def _graphs_child() -> None:
     import gc
 
-    from streamedit.graphs import StaticGraph
+    from streamedit.accel.graphs import StaticGraph
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -136,8 +136,8 @@ def _engines_child(spec: dict) -> None:
     import gc
 
     from streamedit import EngineConfig, StreamEngine, load_models
-    from streamedit.bench import BEST, PAPER
-    from streamedit.bench_run import bench_frames
+    from streamedit.bench.command import BEST, PAPER
+    from streamedit.bench.run import bench_frames
 
     models = load_models(spec["model"], device=spec.get("device", "cuda"), dtype=torch.bfloat16)
     _vivid_decoder(models)

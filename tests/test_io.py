@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from streamedit.errors import StreameditError
-from streamedit.clips import make_test_clip, write_clip
-from streamedit.io import VideoWriter, open_video
+from streamedit.video.clips import make_test_clip, write_clip
+from streamedit.video.io import VideoWriter, open_video
 
 
 def probe(path):
@@ -408,7 +408,7 @@ def test_writer_without_source_and_frames_restart(tmp_path):
 
 
 def test_second_ctrl_c_waits_for_finalization():
-    from streamedit.io import _signals_deferred
+    from streamedit.video.io import _signals_deferred
 
     done = []
     with pytest.raises(KeyboardInterrupt):
@@ -420,7 +420,7 @@ def test_second_ctrl_c_waits_for_finalization():
 
 
 def test_read_frames_none_keeps_the_stored_size(tmp_path):
-    from streamedit.clips import make_test_clip, read_frames
+    from streamedit.video.clips import make_test_clip, read_frames
 
     clip = make_test_clip(tmp_path / "c.mp4", frames=3, width=96, height=64)
     assert read_frames(clip)[0].shape == (64, 96, 3)

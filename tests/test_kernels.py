@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from streamedit import kernels
-from streamedit.kernels import FusedTinyBlock, fuse_tiny_vae, prefix_causal_attention
-from streamedit.te_fast import FastTextEncoderRunner
+from streamedit.accel import kernels
+from streamedit.accel.kernels import FusedTinyBlock, fuse_tiny_vae, prefix_causal_attention
+from streamedit.text.fast import FastTextEncoderRunner
 
 from test_te_fast import smooth_frames
 

@@ -8,7 +8,7 @@ import torch
 
 from streamedit import EngineConfig, StreamEngine
 from streamedit.errors import StreameditError
-from streamedit.lllite import LLLiteAdapter
+from streamedit.temporal.adapter import LLLiteAdapter
 
 
 def _config(**kw):

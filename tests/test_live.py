@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from streamedit.errors import StreameditError
-from streamedit.clips import make_test_clip
+from streamedit.video.clips import make_test_clip
 from streamedit.serve import live
 from streamedit.serve.live import Grabber, LiveLoop, live_command, open_camera
 

@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from streamedit.errors import StreameditError
-from streamedit.lllite import LLLiteAdapter, apply_lllite, remove_lllite
-from streamedit.lllite_io import read_checkpoint
-from streamedit.models import REAL_UNET, hook_sites, load_models
+from streamedit.temporal.adapter import LLLiteAdapter, apply_lllite, remove_lllite
+from streamedit.temporal.checkpoint import read_checkpoint
+from streamedit.models.loading import REAL_UNET, hook_sites, load_models
 
 COND = 64  # cond image side for the tiny U-Net (latent 8x8, token grids 8x16 / 4x8 / 2x4)
 B = 2
@@ -258,7 +258,7 @@ def test_load_public_controller_layout_with_subset_notice(unet, tmp_path, caplog
     save_file(public_state_dict(source), str(path),
               {"cond_type": "temporal", "cond_emb_dim": "32", "mlp_dim": "64", "step": "1440", "model": "m"})
     assert read_checkpoint(path, unet)[2] == "dreamlite-lllite"
-    with caplog.at_level(logging.WARNING, logger="streamedit.lllite_io"):
+    with caplog.at_level(logging.WARNING, logger="streamedit.temporal.checkpoint"):
         loaded = LLLiteAdapter.load(path, unet, hooks="down", cond_size=COND)
     n_down = len([h for h in source.hooks if h.startswith("down")])
     assert loaded.hooks == [h for h in source.hooks if h.startswith("down")]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from streamedit import EngineConfig, StreameditError, StreamEngine, load_models
-from streamedit.models import COMPONENTS, hook_split
+from streamedit.models.loading import COMPONENTS, hook_split
 
 
 def _outputs(models, frames):
@@ -93,7 +93,7 @@ def test_random_real_architecture_on_meta():
 def test_folder_without_video_processor_loads_where_torchvision_exists(tmp_path, monkeypatch):
     """The stock Qwen3VLProcessor (chosen when torchvision is installed) needs a video processor
     config that streamedit's own folders do not carry: loading falls back to the image-only one."""
-    from streamedit import processor as proc
+    from streamedit.models import processor as proc
 
     models = load_models("random:tiny", device="cpu", dtype=torch.float32)
     models.save_pretrained(tmp_path / "m")

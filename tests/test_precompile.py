@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from streamedit import compile_cache
-from streamedit.compile_cache import Precompiled
+from streamedit.accel import compile_cache
+from streamedit.accel.compile_cache import Precompiled
 
 
 class Scaler:
@@ -154,7 +154,7 @@ def test_stale_source_or_corrupt_file_is_compiled_again(private_cache, caplog):
     assert compile_cache.FALLBACKS == {"toy (compiled again)": "saved artifact is stale (its source changed)"}
 
     saved.write_bytes(b"not a compiled function")
-    with caplog.at_level(logging.WARNING, logger="streamedit.compile_cache"):
+    with caplog.at_level(logging.WARNING, logger="streamedit.accel.compile_cache"):
         assert torch.allclose(precompiled(obj)(x), eager(obj, x), atol=1e-6)
     assert "is unusable" in caplog.text and compile_cache.STATS["compiled"] == 3
     assert compile_cache.FALLBACKS["toy (compiled again)"].startswith("saved artifact is unusable: ")
@@ -167,7 +167,7 @@ def test_python_value_it_specialised_on(private_cache, caplog):
     fn = precompiled(obj)
     fn(x)
     obj.offset = 5.0
-    with caplog.at_level(logging.WARNING, logger="streamedit.compile_cache"):
+    with caplog.at_level(logging.WARNING, logger="streamedit.accel.compile_cache"):
         assert torch.allclose(fn(x), eager(obj, x), atol=1e-6)  # guard failed -> traced compile
     assert "no longer fits" in caplog.text and compile_cache.STATS["fallback"] == 1
     # a variant that names the value keeps one artifact per value instead, each loadable
@@ -182,7 +182,7 @@ def test_python_value_it_specialised_on(private_cache, caplog):
 
 def test_graph_break_falls_back_to_torch_compile(caplog):
     x, obj = torch.randn(3, 8), Scaler()
-    with caplog.at_level(logging.WARNING, logger="streamedit.compile_cache"):
+    with caplog.at_level(logging.WARNING, logger="streamedit.accel.compile_cache"):
         out = precompiled(obj, method="run_with_break")(x)
     assert torch.allclose(out, obj.run_with_break(x), atol=1e-6)
     assert "cannot precompile toy" in caplog.text

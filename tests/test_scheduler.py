@@ -11,8 +11,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.dreamlite.pipeline_dreamlite_mobile import calculate_shift, retrieve_timesteps
 
 from streamedit import EngineConfig, StreameditError, StreamEngine
-from streamedit.denoise import Denoiser
-from streamedit.models import check_scheduler
+from streamedit.diffusion.denoiser import Denoiser
+from streamedit.models.loading import check_scheduler
 
 SIZE = 64
 ACCEPTED = {

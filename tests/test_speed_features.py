@@ -16,9 +16,9 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from streamedit import EngineConfig, StreameditError, StreamEngine
-from streamedit.denoise import Denoiser
-from streamedit.graphs import StaticGraph
-from streamedit.lllite import LLLiteAdapter, apply_lllite, remove_lllite
+from streamedit.diffusion.denoiser import Denoiser
+from streamedit.accel.graphs import StaticGraph
+from streamedit.temporal.adapter import LLLiteAdapter, apply_lllite, remove_lllite
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -113,7 +113,7 @@ def test_static_graph_buffers_outputs_and_recaptures():
 def test_warm_main_loads_then_captures_on_a_worker(tiny_models, tmp_path, monkeypatch):
     """Warm start: the saved main function is loaded on the caller's thread and its graph captured on a
     worker; the batch that follows replays that capture (no second one) and gives the cold path's output."""
-    from streamedit import compile_cache
+    from streamedit.accel import compile_cache
 
     monkeypatch.setenv("STREAMEDIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(compile_cache, "STATS", dict.fromkeys(compile_cache.STATS, 0))
@@ -275,8 +275,8 @@ def test_prompt_change_recomputes_a_static_scene(tiny_models):
 
 
 def test_bench_reports_skip_counters(tmp_path):
-    import streamedit.bench as bench
-    from streamedit.cli import _Group
+    import streamedit.bench.command as bench
+    from streamedit.cli.group import _Group
 
     out = tmp_path / "b.jsonl"
     group = _Group("streamedit", commands={"bench": bench.bench_command})
@@ -294,7 +294,7 @@ def test_bench_reports_skip_counters(tmp_path):
 
 # ---- 3. FP8 ----------------------------------------------------------------------------------------------
 def test_fp8_emulation_is_scaled_mm():
-    from streamedit.fp8 import fp8_matmul, quantize
+    from streamedit.text.fp8 import fp8_matmul, quantize
 
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(40, 64, generator=gen), torch.randn(48, 64, generator=gen)
@@ -310,7 +310,7 @@ def test_fp8_emulation_is_scaled_mm():
 
 
 def test_fp8_linear_scales():
-    from streamedit.fp8 import Fp8Linear
+    from streamedit.text.fp8 import Fp8Linear
 
     torch.manual_seed(0)
     lin = nn.Linear(64, 32)
@@ -326,7 +326,7 @@ def test_fp8_linear_scales():
 
 
 def test_fp8_replaces_only_aligned_linears_and_agrees(tiny_models):
-    from streamedit.fp8 import Fp8Linear, te_fp8_agreement, with_fp8_linears
+    from streamedit.text.fp8 import Fp8Linear, te_fp8_agreement, with_fp8_linears
 
     tree = with_fp8_linears(nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 32), nn.Linear(32, 24)))
     assert [type(m).__name__ for m in tree] == ["Fp8Linear", "ReLU", "Fp8Linear", "Linear"]
@@ -344,8 +344,8 @@ def test_te_fp8_needs_te_fast_and_cuda(tiny_models, tmp_path):
         StreamEngine(tiny_models, EngineConfig(prompt="x", size=64, te_fp8=True))
     with pytest.raises(StreameditError, match="CUDA GPU with FP8"):
         StreamEngine(tiny_models, EngineConfig(prompt="x", size=64, te_fp8=True, te_fast=True))
-    from streamedit.cli import cli
-    from streamedit.clips import make_test_clip
+    from streamedit.cli.group import cli
+    from streamedit.video.clips import make_test_clip
 
     src = make_test_clip(tmp_path / "in.mp4", frames=2, width=64, height=64)
     for extra, msg in ((["--te-fp8"], "needs --te-fast"), (["--te-fp8", "--te-fast"], "CUDA GPU")):
@@ -358,7 +358,7 @@ def test_te_fp8_needs_te_fast_and_cuda(tiny_models, tmp_path):
 def test_cache_dir_and_key(tiny_models, monkeypatch, tmp_path):
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    from streamedit import compile_cache
+    from streamedit.accel import compile_cache
 
     monkeypatch.setenv("STREAMEDIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing torch._dynamo sets
@@ -372,7 +372,7 @@ def test_cache_dir_and_key(tiny_models, monkeypatch, tmp_path):
 
 def test_startup_overrides_change_only_their_launches(monkeypatch):
     """An A/B of warm starts on one cache: each launch gets the config plus its own overrides."""
-    import streamedit.bench_startup as startup
+    import streamedit.bench.startup as startup
 
     seen = {}
 
@@ -393,8 +393,8 @@ def test_startup_overrides_change_only_their_launches(monkeypatch):
 def test_startup_second_launch_hits_the_cache(tmp_path, precompile):
     """Inductor on CPU, TE + U-Net + VAE compiled: the warm launch loads whole precompiled functions
     (no dynamo tracing at all), or with precompile=False hits inductor's FX-graph cache."""
-    import streamedit.bench as bench
-    from streamedit.cli import _Group
+    import streamedit.bench.command as bench
+    from streamedit.cli.group import _Group
 
     out = tmp_path / "s.jsonl"
     profile = ["--startup-profile", str(tmp_path / "prof")] if precompile else []  # + a cProfiled warm launch
@@ -477,15 +477,15 @@ def test_low_latency_errors_and_early_stop(tiny_models):
 
 
 def test_low_latency_preset_and_row():
-    import streamedit.bench as bench
-    from streamedit.engine import LOW_LATENCY
+    import streamedit.bench.command as bench
+    from streamedit.engine.stream import LOW_LATENCY
 
     assert LOW_LATENCY["batch_size"] == 1 and LOW_LATENCY["low_latency"] and LOW_LATENCY["te_fast"]
     row = dict(bench.MATRIX)["low-latency"]
     config, notes = bench.build_config({"prompt": "x"}, row, {})
     assert config.batch_size == 1 and config.low_latency and config.compile and row["source_fps"] == 30 and not notes
     assert dict(bench.MATRIX)["fp8"]["te_fp8"] and dict(bench.MATRIX)["best"]["compile_vae"]
-    from streamedit.cli import cli
+    from streamedit.cli.group import cli
 
     res = CliRunner().invoke(cli, ["stylize", "in.mp4", "-o", "o.mp4", "-p", "x", "--low-latency", "--batch", "4"])
     assert res.exit_code == 2 and "--low-latency runs batch 1" in res.stderr

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from transformers import Qwen3VLForConditionalGeneration
 
-from streamedit.models import _te_config
-from streamedit.te_fast import FastTextEncoderRunner, _PrefixKV
-from streamedit.text_encoder import TextEncoderRunner
+from streamedit.models.loading import _te_config
+from streamedit.text.fast import FastTextEncoderRunner, _PrefixKV
+from streamedit.text.exact import TextEncoderRunner
 
 TOL = 1e-4
 
@@ -205,7 +205,7 @@ def test_compile_fullgraph_no_breaks_no_recompiles(tiny_models):
 
 def test_fp8_path(tiny_models):
     """FP8 is an approximation for Hopper; here only its shapes/plumbing and rough accuracy (CPU _scaled_mm)."""
-    from streamedit.te_fast import Fp8Linear
+    from streamedit.text.fast import Fp8Linear
 
     fast = FastTextEncoderRunner(tiny_models, 3, fp8=True)
     n_fp8 = sum(isinstance(m, Fp8Linear) for m in [*fast.visual.modules(), *fast.lm.modules()])

@@ -17,10 +17,10 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import Qwen3VLForConditionalGeneration
 
-from streamedit import processor as proc
-from streamedit.models import _load_processor
-from streamedit.te_fast import FastTextEncoderRunner
-from streamedit.text_encoder import TextEncoderRunner
+from streamedit.models import processor as proc
+from streamedit.models.loading import _load_processor
+from streamedit.text.fast import FastTextEncoderRunner
+from streamedit.text.exact import TextEncoderRunner
 
 GOLDEN = Path(__file__).parent / "data" / "te_golden"
 TOL = 1e-5

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from streamedit import EngineConfig, StreamEngine
-from streamedit.lllite import LLLiteAdapter
-from streamedit.temporal import SceneCutDetector, farneback, warp
+from streamedit.temporal.adapter import LLLiteAdapter
+from streamedit.temporal.conditioner import SceneCutDetector, farneback, warp
 
 
 def _textured(seed=0, size=64):
@@ -64,7 +64,7 @@ def test_cond_cnn_and_flow_skipped_on_reuse_batches(tiny_models, monkeypatch):
     calls, flows = [], []
     real_set = engine.adapter.set_cond_image
     monkeypatch.setattr(engine.adapter, "set_cond_image", lambda img: (calls.append(img.clone()), real_set(img)))
-    import streamedit.temporal as temporal
+    import streamedit.temporal.conditioner as temporal
 
     real_fb = temporal.farneback
     monkeypatch.setattr(temporal, "farneback", lambda *a: (flows.append(1), real_fb(*a))[1])
@@ -159,7 +159,7 @@ def test_staggered_refresh_rebuilds_each_slot_every_n_batches(tiny_models, monke
         real_rows(images, rows)
 
     monkeypatch.setattr(adapter, "set_cond_rows", spy)
-    import streamedit.temporal as temporal
+    import streamedit.temporal.conditioner as temporal
 
     flows = []
     real_fb = temporal.farneback

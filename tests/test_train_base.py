@@ -9,11 +9,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from streamedit.cli import cli
-from streamedit.clips import make_test_clip
-from streamedit.engine import EngineConfig, StreamEngine
+from streamedit.cli.group import cli
+from streamedit.video.clips import make_test_clip
+from streamedit.engine.stream import EngineConfig, StreamEngine
 from streamedit.eval.metrics import psnr_per_frame
-from streamedit.models import load_models
+from streamedit.models.loading import load_models
 from streamedit.train.base import BaseTrainConfig, train_base
 from streamedit.train.data import build_examples, split_clips
 from streamedit.train.filters import STYLES, apply_style
@@ -265,7 +265,7 @@ def test_train_base_cli_bad_folder(tmp_path):
 def _tiny_training_data(device="cpu", n=6, size=32, seed=0, arch="tiny", workers=1):
     """``random:<arch>`` models with the train-base precompute done on random crops and their filters
     (also scripts/gpu_train_check.py's data, at the demo size)."""
-    from streamedit.models import build_random
+    from streamedit.models.loading import build_random
     from streamedit.train.base import precompute
     from streamedit.train.data import with_targets
 
@@ -279,7 +279,7 @@ def _tiny_training_data(device="cpu", n=6, size=32, seed=0, arch="tiny", workers
 
 def test_one_step_is_the_runtime_denoise():
     """The decoder is tuned on exactly the latents the runtime decodes."""
-    from streamedit.denoise import Denoiser
+    from streamedit.diffusion.denoiser import Denoiser
     from streamedit.train.unet import one_step
 
     models, data = _tiny_training_data()
@@ -321,7 +321,7 @@ def test_unet_loss_at_the_operating_point_is_the_runtime_output_error():
     over strength^2, and --pixel-weight adds exactly that weight times the decoded image's L1."""
     import torch.nn.functional as F
 
-    from streamedit.denoise import sigma_schedule, vae_image
+    from streamedit.diffusion.denoiser import sigma_schedule, vae_image
     from streamedit.train.common import to_pm1
     from streamedit.train.unet import UNetStep, one_step
 

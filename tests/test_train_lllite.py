@@ -11,13 +11,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from streamedit.cli import cli
-from streamedit.clips import make_test_clip
-from streamedit.denoise import Denoiser
+from streamedit.cli.group import cli
+from streamedit.video.clips import make_test_clip
+from streamedit.diffusion.denoiser import Denoiser
 from streamedit.errors import StreameditError
-from streamedit.lllite import LLLiteAdapter
-from streamedit.models import load_models
-from streamedit.temporal import farneback
+from streamedit.temporal.adapter import LLLiteAdapter
+from streamedit.models.loading import load_models
+from streamedit.temporal.conditioner import farneback
 from streamedit.train.lllite import encode_latents, sigma_schedule, train_lllite
 from streamedit.train.pairs import MANIFEST, blend_clip, find_clips, load_pair_file, make_pairs
 
@@ -99,7 +99,7 @@ def test_pairs_target_and_cond_recomputed(pairs):
 
 def test_blend_formula_on_varied_teacher_and_cut_restart(tmp_path):
     """The tiny model's teacher barely changes over frames; random teachers make the blend visible."""
-    from streamedit.io import open_video
+    from streamedit.video.io import open_video
 
     clip = make_test_clip(tmp_path / "cut.mp4", frames=8, width=64, height=64, pattern="cut", cut_at=5)
     frames = np.stack(list(open_video(clip, size=SIZE).frames()))

@@ -1,5 +1,5 @@
 """``python -m streamedit`` = the ``streamedit`` command."""
 
-from streamedit.cli import main
+from streamedit.cli.group import main
 
 main()

@@ -24,8 +24,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..cli import lllite_options, load, model_options, resolve_device, te_size_option, temporal_config
-from ..clips import find_clips
+from ..cli.group import lllite_options, load, model_options, resolve_device, te_size_option, temporal_config
+from ..video.clips import find_clips
 from ..errors import StreameditError
 
 WINDOW_METRICS = ("warp_error", "sobel", "hf_fft")  # cheap enough to run per window
@@ -63,7 +63,7 @@ def drift_report(outputs, flows, window: int) -> dict:
 
 
 def detect_cuts(frames) -> list[int]:
-    from ..temporal import SceneCutDetector
+    from ..temporal.conditioner import SceneCutDetector
 
     det = SceneCutDetector()
     return [i for i, f in enumerate(frames) if det.update(f)]
@@ -71,9 +71,9 @@ def detect_cuts(frames) -> list[int]:
 
 def eval_clip(models, config, path: Path, opts: dict) -> dict:
     """One clip -> its JSONL record (raises StreameditError if it cannot be decoded)."""
-    from ..engine import StreamEngine
-    from ..clips import write_clip
-    from ..io import open_video
+    from ..engine.stream import StreamEngine
+    from ..video.clips import write_clip
+    from ..video.io import open_video
     from .metrics import compute_all, compute_flows
 
     src = open_video(path, size=config.size)
@@ -226,14 +226,14 @@ def eval_command(clips, prompt, out_dir, model, revision, device, dtype, baselin
     """Stylize each clip of --clips, measure it, and compare with a previous run."""
     import torch
 
-    from ..bench import build_config, command_line, device_name, dumps, parse_sets
-    from ..engine import clean_prompt
+    from ..bench.command import build_config, command_line, device_name, dumps, parse_sets
+    from ..engine.stream import clean_prompt
 
     paths = find_clips([clips])
     base_records = read_jsonl(baseline) if baseline else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from ..models import working_size
+    from ..models.loading import working_size
 
     size = working_size(size, model)
     base = dict(prompt=clean_prompt(prompt), batch_size=batch, steps=steps, size=size, seed=seed,

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import StreameditError
 from .runtime import live_model_options
-from ..geometry import fit, working_shape
+from ..video.geometry import fit, working_shape
 from .session import LatestQueue, check_prompt
 
 WINDOW = "streamedit live"

@@ -19,7 +19,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from ..geometry import fit, working_shape
+from ..video.geometry import fit, working_shape
 
 log = logging.getLogger(__name__)
 

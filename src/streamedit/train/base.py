@@ -122,7 +122,7 @@ def _embed_all(models, sources: np.ndarray, chunk: int = 32) -> list[torch.Tenso
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from ..text_encoder import TextEncoderRunner
+    from ..text.exact import TextEncoderRunner
 
     te = TextEncoderRunner(models)
     chunks = [list(sources[i:i + chunk]) for i in range(0, len(sources), chunk)]
@@ -138,7 +138,7 @@ def _embed_all(models, sources: np.ndarray, chunk: int = 32) -> list[torch.Tenso
 @torch.no_grad()
 def validate(models, frames: np.ndarray, targets: np.ndarray, size: int, batch: int = 16) -> dict:
     """PSNR (dB, mean over frames) of the 1-step model output and of the VAE round trip, per style."""
-    from ..engine import EngineConfig, StreamEngine
+    from ..engine.stream import EngineConfig, StreamEngine
     from ..eval.metrics import psnr_per_frame
 
     report = {}
@@ -155,7 +155,7 @@ def validate(models, frames: np.ndarray, targets: np.ndarray, size: int, batch: 
 
 
 def _roundtrip(models, images: np.ndarray, chunk: int = 64) -> np.ndarray:
-    from ..denoise import Denoiser
+    from ..diffusion.denoiser import Denoiser
 
     den = Denoiser(models, 1, images.shape[1])
     out = []
@@ -170,7 +170,7 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
     """Train the demo model on a folder of clips and save it to ``out``; returns the report."""
     from tqdm import tqdm
 
-    from ..models import default_strength
+    from ..models.loading import default_strength
 
     t_start = time.perf_counter()
     device = torch.device(device)
@@ -236,7 +236,7 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
 def _initial_models(cfg: BaseTrainConfig, device: torch.device):
     """Fresh random demo-size models, or (``init_from``) a saved model to continue, in float32."""
     from ..errors import StreameditError
-    from ..models import build_random, load_models
+    from ..models.loading import build_random, load_models
 
     if not cfg.init_from:
         return build_random("demo", device=device, dtype=torch.float32, seed=cfg.seed)
@@ -350,7 +350,7 @@ def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, une
                  unet_minutes, pixel_weight, one_step_fraction, joint_decoder, decoder_steps, unet_channels, unet_heads,
                  unet_layers, decoder_channels, decoder_blocks, seed, init_from, device):
     """Train the small demo edit model to imitate the built-in filters; writes a model folder."""
-    from ..cli import resolve_device
+    from ..cli.group import resolve_device
 
     if joint_decoder and not pixel_weight:
         raise click.UsageError("--joint-decoder trains the decoder on the image loss: it needs --pixel-weight > 0")

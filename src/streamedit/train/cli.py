@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..cli import _Group
+from ..cli.group import _Group
 
 
 class _TrainGroup(_Group):

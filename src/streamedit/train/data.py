@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..clips import find_clips, read_frames
+from ..video.clips import find_clips, read_frames
 from ..errors import StreameditError
 from .filters import STYLES, apply_style
 

@@ -1,6 +1,6 @@
 """Train a temporal LLLite adapter on teacher pairs: ``streamedit train lllite``.
 
-Flow matching in the runtime's own conventions (see :mod:`streamedit.denoise`):
+Flow matching in the runtime's own conventions (see :mod:`streamedit.diffusion.denoiser`):
 
 * clean latent of a target image ``x``: ``z0 = (vae.encode(x).latents - shift) * scaling``, the inverse
   of ``Denoiser.decode`` (``denoise.vae_image``: ``vae.decode(z / scaling + shift)``); the source
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cli import load, model_options, resolve_device
+from ..cli.group import load, model_options, resolve_device
 from ..errors import StreameditError
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def load_pairs(pairs_dir) -> PairSet:
 def sigma_schedule(models, size: int, sigmas) -> tuple[torch.Tensor, torch.Tensor]:
     """(shifted sigmas, timesteps) the model's scheduler makes from ``sigmas`` at ``size``, with the
     runtime's dynamic shift; ``Denoiser(models, n, size)`` uses ``sigmas = linspace(1, 1/n, n)``."""
-    from ..denoise import sigma_schedule as schedule
+    from ..diffusion.denoiser import sigma_schedule as schedule
 
     shifted, timesteps = schedule(models, size, sigmas)
     return shifted[:-1].float(), timesteps.float()
@@ -115,7 +115,7 @@ class _EmbedCache:
     """Text-encoder outputs per frame, on the host, up to a byte budget (the TE is frozen)."""
 
     def __init__(self, models, data: PairSet, budget_gb: float):
-        from ..text_encoder import TextEncoderRunner
+        from ..text.exact import TextEncoderRunner
 
         self.te, self.data, self.budget = TextEncoderRunner(models), data, int(budget_gb * 2**30)
         self.cache: dict[int, torch.Tensor] = {}
@@ -139,7 +139,7 @@ class _EmbedCache:
 def _pixel_loss(denoiser, amp, noisy, s, pred, at_start, targets_u8, idx) -> torch.Tensor:
     """Image loss of the operating-point examples' 1-step outputs (decoded as ``Denoiser.decode`` does).
     ``at_start`` and ``idx`` are the batch's host-side mask and frame indices."""
-    from ..denoise import vae_image
+    from ..diffusion.denoiser import vae_image
     from .common import image_loss, to_pm1
 
     keep = at_start.nonzero().flatten()
@@ -192,9 +192,9 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
     image loss of the operating-point examples (module docstring)."""
     from tqdm import tqdm
 
-    from ..denoise import Denoiser, start_sample
-    from ..lllite import LLLiteAdapter, apply_lllite, remove_lllite
-    from ..models import default_strength
+    from ..diffusion.denoiser import Denoiser, start_sample
+    from ..temporal.adapter import LLLiteAdapter, apply_lllite, remove_lllite
+    from ..models.loading import default_strength
 
     _check(steps, batch_size, grad_accum, lr, p_one, save_every, pixel_weight)
     t_start = time.perf_counter()
@@ -220,7 +220,7 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
     time_ids = denoiser.time_ids.expand(batch_size, -1)
     width = src_lat.shape[-1]
 
-    # train pairs warps with the backward flow convention: the saved file records it (temporal.py)
+    # train pairs warps with the backward flow convention: the saved file records it (temporal/conditioner.py)
     adapter = LLLiteAdapter.for_unet(unet, hooks=hooks, cond_emb_dim=cond_emb_dim, mlp_dim=mlp_dim, cond_size=size,
                                      vae_scale=models.vae_scale_factor, flow="backward").float()  # fp32 master weights
     params = list(adapter.parameters())

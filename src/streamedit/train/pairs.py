@@ -32,8 +32,8 @@ import click
 import numpy as np
 import torch
 
-from ..cli import load, model_options, resolve_device
-from ..clips import find_clips, read_frames
+from ..cli.group import load, model_options, resolve_device
+from ..video.clips import find_clips, read_frames
 from ..errors import StreameditError
 
 FORMAT = "streamedit-pairs"
@@ -44,7 +44,7 @@ ARRAYS = ("source", "cond", "target", "teacher")
 def blend_clip(frames: np.ndarray, teacher: np.ndarray, alpha: float, cut_detect: bool = True,
                workers: int = 4) -> dict[str, np.ndarray]:
     """cond / target / start for one clip from its input frames and teacher frames ((N,H,W,3) uint8)."""
-    from ..temporal import SceneCutDetector, farneback, warp
+    from ..temporal.conditioner import SceneCutDetector, farneback, warp
 
     n = len(frames)
     with ThreadPoolExecutor(workers) as pool:  # OpenCV releases the GIL
@@ -72,7 +72,7 @@ def _slug(text: str) -> str:
 
 def _expected_frames(clips: list[Path], size: int, max_frames: int | None) -> int:
     """Frame count from the headers (for the progress bar; also fails early on an unreadable clip)."""
-    from ..io import open_video
+    from ..video.io import open_video
 
     total = 0
     for clip in clips:
@@ -88,7 +88,7 @@ def make_pairs(models, clips: list[Path], prompts: list[str], out_dir, size: int
     """Write one pair file per (clip, prompt) and ``manifest.json`` into ``out_dir``; returns a summary."""
     from tqdm import tqdm
 
-    from ..engine import EngineConfig, StreamEngine, clean_prompt
+    from ..engine.stream import EngineConfig, StreamEngine, clean_prompt
 
     if not 0.0 < alpha <= 1.0:
         raise StreameditError(f"--alpha must be in (0, 1], got {alpha}")
@@ -206,7 +206,7 @@ def load_pair_file(path) -> tuple[dict[str, np.ndarray], dict]:
 def pairs_command(model, revision, device, dtype, clips, prompts, output, size, alpha, max_frames, exclude, batch,
                   steps, seed, no_cut_detect):
     """Make (source, cond, target) teacher pairs for training a temporal LLLite adapter."""
-    from ..engine import clean_prompt
+    from ..engine.stream import clean_prompt
 
     files = find_clips(clips, exclude)  # fail on bad input before any slow loading
     prompts = [clean_prompt(p) for p in prompts]

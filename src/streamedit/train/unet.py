@@ -69,7 +69,7 @@ class UNetStep:
             self.opt.param_groups[0]["lr"] = value
 
     def loss(self, style: int) -> torch.Tensor:
-        from ..denoise import start_sample, vae_image
+        from ..diffusion.denoiser import start_sample, vae_image
 
         d, idx, ones = self.data, self.idx, self.ones
         z0, zs, cond = d["z_tgt"][idx, style] * self.scale, d["z_src"][idx], d["emb"][style][idx]
@@ -119,7 +119,7 @@ def train_unet(models, data: dict, cfg, log_rows: list, bar=None, graph: bool | 
     ``graph`` (default: on CUDA) replays each step from a CUDA graph after ``2 * styles`` eager warm-up
     steps on a side stream; a capture that fails falls back to eager steps with a warning.
     """
-    from ..denoise import sigma_schedule
+    from ..diffusion.denoiser import sigma_schedule
 
     device = models.device
     graph = device.type == "cuda" if graph is None else graph
@@ -184,7 +184,7 @@ def train_unet(models, data: dict, cfg, log_rows: list, bar=None, graph: bool | 
 def one_step(models, noise: torch.Tensor, z_src: torch.Tensor, emb: torch.Tensor, size: int, strength: float):
     """Model-space x0 of the runtime's 1-step output (start sample, velocity, one Euler step to 0),
     computed as training computes it (bf16 autocast on CUDA)."""
-    from ..denoise import sigma_schedule, start_sample
+    from ..diffusion.denoiser import sigma_schedule, start_sample
 
     device = z_src.device
     start, t_start = (float(v[0]) for v in sigma_schedule(models, size, [strength]))
@@ -217,7 +217,7 @@ def tune_decoder(models, data: dict, cfg, log_rows: list, bar=None) -> None:
     its small errors, which a decoder trained only on clean latents turns into a mottled texture.
     The encoder (and so every latent the U-Net was trained on) is unchanged.
     """
-    from ..denoise import vae_image
+    from ..diffusion.denoiser import vae_image
 
     device, vae = models.device, models.vae
     latents = one_step_latents(models, data, cfg)

@@ -21,7 +21,7 @@ tokens see only earlier ones (causal, right padding), and the output's pad rows 
 exact runner's. Constants are snapshots: rebuild the runner if the TE weights change.
 
 ``fp8=True`` (an approximation, off by default; engine ``te_fp8``) runs the vision blocks' and
-decoder layers' Linears as e4m3 matmuls (:mod:`streamedit.fp8`) on a parameter-sharing copy of
+decoder layers' Linears as e4m3 matmuls (:mod:`streamedit.text.fp8`) on a parameter-sharing copy of
 those modules; the shared model is not modified.
 """
 
@@ -41,10 +41,10 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
 from .fp8 import Fp8Linear, with_fp8_linears  # noqa: F401  (Fp8Linear: public name kept here)
-from .compile_cache import compiled
-from .graphs import StaticGraph, inductor_mode, wants_graph
-from .kernels import linear_gelu_tanh, shallow, with_prefix_causal
-from .text_encoder import TextEncoderRunner
+from ..accel.compile_cache import compiled
+from ..accel.graphs import StaticGraph, inductor_mode, wants_graph
+from ..accel.kernels import linear_gelu_tanh, shallow, with_prefix_causal
+from .exact import TextEncoderRunner
 
 
 class _PrefixKV:
@@ -99,7 +99,7 @@ class FastTextEncoderRunner(TextEncoderRunner):
         if fp8:  # approximation: the vision blocks' and decoder layers' Linears in FP8 (mergers stay)
             self.visual = shallow(self.visual, blocks=with_fp8_linears(self.visual.blocks))
             self.lm = shallow(self.lm, layers=with_fp8_linears(self.lm.layers))
-        # exact kernel substitutions (kernels.py): flash's bottom-right causal attention over the cached
+        # exact kernel substitutions (accel/kernels.py): flash's bottom-right causal attention over the cached
         # prefix, and the vision MLP's tanh-GELU as a GEMM epilogue; CUDA only, the library path elsewhere
         self.fused_kernels = fused_kernels
         if fused_kernels:
@@ -334,7 +334,7 @@ class FastTextEncoderRunner(TextEncoderRunner):
 
         ``mode="reduce-overhead"`` / ``"max-autotune"`` on CUDA: inductor without its cudagraph trees
         (``default`` / ``max-autotune-no-cudagraphs``) plus one CUDA graph captured by
-        :class:`streamedit.graphs.StaticGraph`, with a persistent input buffer (each batch's pixels
+        :class:`streamedit.accel.graphs.StaticGraph`, with a persistent input buffer (each batch's pixels
         are copied into it, then the graph replays on the current stream) and a static output that
         is cloned. cudagraph trees are avoided on purpose: they share one memory pool and step
         counter per device with the compiled U-Net, assume a single stream, and the engine runs the

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import shallow
+from ..accel.kernels import shallow
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -96,7 +96,7 @@ def te_fp8_agreement(models, frames: torch.Tensor, prompt: str, te_size: int = 5
     similarity per output token over the hidden dim (mean and min over tokens and frames), and
     the relative L2 error ``|fp8 - ref| / |ref|`` of the whole output.
     """
-    from .te_fast import FastTextEncoderRunner
+    from .fast import FastTextEncoderRunner
 
     b = frames.shape[0]
     runner = FastTextEncoderRunner(models, b, te_size=te_size)

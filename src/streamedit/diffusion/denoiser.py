@@ -15,10 +15,10 @@ source latent noised to the first sigma, :func:`start_sample`, instead of pure n
 batch, U-Net x steps + VAE decode + uint8 conversion, becomes ONE compiled function
 (:meth:`Denoiser.generate`), and so does the side stream's VAE encode (uint8 -> [-1, 1] -> encoder).
 With a CUDA-graph mode (``reduce-overhead``) both are compiled without cudagraph trees and each is
-captured by :class:`streamedit.graphs.StaticGraph` into one CUDA graph that replays on the stream
+captured by :class:`streamedit.accel.graphs.StaticGraph` into one CUDA graph that replays on the stream
 that calls it (on the H100 the main stream's graph took 55 ms beside the TE, against 58 ms as a
 cudagraph tree; docs/benchmarks.md). With a cache key both are saved whole
-(:class:`streamedit.compile_cache.Precompiled`) and the next process loads them untraced. The VAE
+(:class:`streamedit.accel.compile_cache.Precompiled`) and the next process loads them untraced. The VAE
 runs as a channels_last copy (shared per model, so the eager path and other engines keep the
 original): TAESD is all convolutions, and the decoder's NHWC output is the uint8 frame layout.
 The LLLite adapter's cond buffers are module buffers updated in place, so the compiled U-Net
@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from diffusers.pipelines.dreamlite.pipeline_dreamlite_mobile import calculate_shift
 
-from .compile_cache import Precompiled, compiled
-from .graphs import CONV_NET_INDUCTOR, StaticGraph, compile_fn, inductor_mode, wants_graph
-from .kernels import fuse_tiny_vae
+from ..accel.compile_cache import Precompiled, compiled
+from ..accel.graphs import CONV_NET_INDUCTOR, StaticGraph, compile_fn, inductor_mode, wants_graph
+from ..accel.kernels import fuse_tiny_vae
 
 
 def hw(size) -> tuple[int, int]:
@@ -238,7 +238,7 @@ def _first_call(fn, inputs, stream, modes) -> None:
 def channels_last_vae(models):
     """A channels_last copy of the VAE, made once per model (TAESD: a few MB of weights).
 
-    On CUDA its residual blocks run as cuDNN fused convolutions (:func:`streamedit.kernels.fuse_tiny_vae`;
+    On CUDA its residual blocks run as cuDNN fused convolutions (:func:`streamedit.accel.kernels.fuse_tiny_vae`;
     the same sums, one pass over memory fewer each).
     """
     key = ("vae_channels_last", id(models.vae))

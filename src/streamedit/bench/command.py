@@ -4,9 +4,9 @@ Frames come from :class:`SimulatedSource` (a camera at ``--source-fps``: a produ
 until each frame's capture time and stamps it) and go through ``StreamEngine.run`` with
 ``profile=True``, exactly as ``stylize`` runs them. ``--matrix`` measures :data:`MATRIX` rows (named
 EngineConfig overrides) on one loaded model, so every ``ratio`` (fps / reference fps) comes from one
-process. ``--startup`` times fresh processes to their first output frame (bench_startup.py).
+process. ``--startup`` times fresh processes to their first output frame (bench/startup.py).
 Warm-up rule, latency, FLOP counting and the JSONL fields: docs/benchmarks.md. The measuring
-code is in bench_run.py.
+code is in bench/run.py.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .bench_report import check_matplotlib, command_line, device_name, format_startup, format_table, save_plot
-from .bench_run import (BENCH_KEYS, FLOPS_METHOD, PREWARM_BATCHES, SimulatedSource, bench_frames,  # noqa: F401
+from .report import check_matplotlib, command_line, device_name, format_startup, format_table, save_plot
+from .run import (BENCH_KEYS, FLOPS_METHOD, PREWARM_BATCHES, SimulatedSource, bench_frames,  # noqa: F401
                         count_flops, run_matrix, run_row)
-from .cli import check_size, lllite_options, load, model_options, resolve_device, te_size_option, temporal_config
-from .engine_config import LOW_LATENCY
-from .errors import StreameditError
+from ..cli.group import check_size, lllite_options, load, model_options, resolve_device, te_size_option, temporal_config
+from ..config import LOW_LATENCY
+from ..errors import StreameditError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ MATRIX = [
 
 # ------------------------------------------------------------------------------------------- config
 def engine_fields() -> set[str]:
-    from .engine import EngineConfig
+    from ..engine.stream import EngineConfig
 
     return {f.name for f in dataclasses.fields(EngineConfig)}
 
@@ -86,7 +86,7 @@ def parse_sets(sets) -> dict:
 
 def build_config(base: dict, overrides: dict, forced: dict):
     """EngineConfig of base < row overrides < --set; returns (config, notes)."""
-    from .engine import EngineConfig
+    from ..engine.stream import EngineConfig
 
     overrides = {k: v for k, v in overrides.items() if k not in BENCH_KEYS}
     fields, merged = engine_fields(), {**base, **overrides, **forced}
@@ -167,9 +167,9 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
     """Throughput and latency of the engine on a simulated real-time source."""
     import torch
 
-    from .engine import clean_prompt
+    from ..engine.stream import clean_prompt
 
-    from .models import working_size
+    from ..models.loading import working_size
 
     ctx = click.get_current_context()
     check_size(size)
@@ -205,7 +205,7 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
     if json_path:
         open(json_path, "w").close()
     if startup or startup_only:  # before this process loads anything on the GPU
-        from .bench_startup import measure_startup
+        from .startup import measure_startup
 
         name, overrides = selected[0]
         config, _ = build_config(base, overrides, forced)
@@ -218,7 +218,7 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
             return
     frames = bench_frames(clip, size, count)
     if hold > 1:
-        from .bench_run import held
+        from .run import held
 
         frames = held(frames, hold)
     models = load(model, revision, device, torch_dtype)

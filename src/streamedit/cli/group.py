@@ -15,7 +15,7 @@ import time
 
 import click
 
-from .errors import StreameditError
+from ..errors import StreameditError
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -146,7 +146,7 @@ def low_latency_fields(ctx, batch: int) -> dict:
     """The --low-latency preset (engine_config.LOW_LATENCY); an explicit --batch other than 1 conflicts."""
     from click.core import ParameterSource
 
-    from .engine_config import LOW_LATENCY
+    from ..config import LOW_LATENCY
 
     if ctx.get_parameter_source("batch") is ParameterSource.COMMANDLINE and batch != 1:
         raise StreameditError(f"--low-latency runs batch 1; drop --batch {batch} or --low-latency")
@@ -192,10 +192,10 @@ def resolve_device(device: str | None, dtype: str | None):
 
 
 def load(model: str, revision, device, dtype):
-    from .models import load_models
+    from ..models.loading import load_models
 
     if model == "demo":
-        from .models import demo_available
+        from ..models.loading import demo_available
 
         if not demo_available():
             logging.warning("the bundled demo model is not installed; using random:tiny (random weights)")
@@ -235,9 +235,9 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
     """Stylize INPUT with an instruction and write OUTPUT (same fps, timestamps and audio)."""
     from tqdm import tqdm
 
-    from .engine import EngineConfig, StreamEngine
-    from .io import VideoWriter, open_video
-    from .models import working_size
+    from ..engine.stream import EngineConfig, StreamEngine
+    from ..video.io import VideoWriter, open_video
+    from ..models.loading import working_size
 
     check_size(size)
     size = working_size(size, model)
@@ -249,7 +249,7 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
                           fixed_noise=fixed_noise,
                           compile_mode=compile_mode, te_batch_one=te_batch_one, te_refresh_every=te_refresh,
                           **fields, **temporal_config(**temporal))
-    from .engine import clean_prompt
+    from ..engine.stream import clean_prompt
 
     config.prompt = clean_prompt(prompt)  # fail on a bad prompt before any slow loading
     device, torch_dtype = resolve_device(device, dtype)
@@ -309,7 +309,7 @@ def _interrupted(writer, output) -> str:
 @click.option("--hooks", default=None, help="Hook subset to attach (default: every hook in the file).")
 def info(model, revision, device, dtype, lllite, hooks):
     """Print each component's class and parameter count, and the LLLite hook sites."""
-    from .models import describe, hook_split
+    from ..models.loading import describe, hook_split
 
     rows, models = describe(model if model != "demo" else _demo_or_tiny(), revision=revision)
     click.echo(f"model: {model}" + (" (built on the meta device: no weights allocated)"
@@ -320,15 +320,15 @@ def info(model, revision, device, dtype, lllite, hooks):
     split = hook_split(models.unet)
     click.echo(f"hook sites: {sum(split.values())} (down {split['down']} / mid {split['mid']} / up {split['up']})")
     click.echo(f"edit template prefix dropped from the TE output: {models.edit_prefix_len} tokens")
-    from .text_encoder import FEATURES
+    from ..text.exact import FEATURES
 
     click.echo(f"text-encoder features: {FEATURES}")
     if lllite:
-        from .lllite import LLLiteAdapter
+        from ..temporal.adapter import LLLiteAdapter
 
         if models.device.type == "meta":  # adapter weights need real storage
             models = load(model, revision, "cpu", __import__("torch").float32)
-        from .engine_config import adapter_path
+        from ..config import adapter_path
 
         adapter = LLLiteAdapter.load(adapter_path(lllite), models.unet, hooks=hooks)
         cfg = adapter.config
@@ -346,7 +346,7 @@ def _count(n: int) -> str:
 
 
 def _demo_or_tiny() -> str:
-    from .models import demo_available
+    from ..models.loading import demo_available
 
     return "demo" if demo_available() else "random:tiny"
 

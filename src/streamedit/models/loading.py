@@ -25,15 +25,15 @@ from diffusers import AutoencoderTiny, DreamLiteMobilePipeline, DreamLiteUNetMod
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from . import processor as proc
-from .errors import StreameditError
+from ..errors import StreameditError
 
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("text_encoder", "tokenizer", "processor", "vae", "unet", "scheduler")
 DREAMLITE_HUB_ID = "carlofkl/DreamLite-mobile"
 DREAMLITE_REVISION = "diffusers"
-DEMO_PATH = Path(__file__).parent / "assets" / "demo-model"
-DEMO_LLLITE = Path(__file__).parent / "assets" / "demo-lllite.safetensors"  # the demo model's temporal adapter
+DEMO_PATH = Path(__file__).parents[1] / "assets" / "demo-model"
+DEMO_LLLITE = Path(__file__).parents[1] / "assets" / "demo-lllite.safetensors"  # the demo model's temporal adapter
 HOOK_RE = re.compile(r"transformer_blocks\.\d+\.(attn1\.to_[qkv]|attn2\.to_q)$")
 
 _UNET_BLOCKS = dict(
@@ -241,7 +241,7 @@ def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, revi
 
 
 def check_scheduler(scheduler) -> None:
-    """Refuse a scheduler whose steps denoise.py's written-out Euler step does not reproduce.
+    """Refuse a scheduler whose steps diffusion/denoiser.py's written-out Euler step does not reproduce.
 
     The sigmas and timesteps always come from the scheduler's own ``set_timesteps`` (time-shift type,
     Karras / exponential / beta spacing and ``shift_terminal`` included), and the step
@@ -257,7 +257,7 @@ def check_scheduler(scheduler) -> None:
     for key in ("stochastic_sampling", "invert_sigmas"):
         if cfg.get(key, False):
             raise StreameditError(f"scheduler config {key}=true is not supported: streamedit's Euler step "
-                                  "(denoise.py) reproduces only the deterministic flow-matching step from sigma 1")
+                                  "(diffusion/denoiser.py) reproduces only the deterministic flow-matching step from sigma 1")
 
 
 def default_strength(models: Models) -> float:

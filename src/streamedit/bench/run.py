@@ -62,10 +62,10 @@ class SimulatedSource:
 def bench_frames(clip: str | None, size: int, count: int) -> list[np.ndarray]:
     """Up to ``count`` frames of ``clip`` (decoded once, looped by the source), or generated ones."""
     if clip:
-        from .io import open_video
+        from ..video.io import open_video
 
         return list(itertools.islice(open_video(clip, size=size).frames(), count))
-    from .clips import _scene  # the synthetic scene of make_test_clip: smooth motion, one moving object
+    from ..video.clips import _scene  # the synthetic scene of make_test_clip: smooth motion, one moving object
 
     return [_scene(i, size, size) for i in range(min(count, 48))]
 
@@ -89,7 +89,7 @@ def count_flops(models, config, frames) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .engine import StreamEngine
+    from ..engine.stream import StreamEngine
 
     aten = torch.ops.aten
     sdpa = [getattr(aten, n) for n in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
@@ -144,8 +144,8 @@ def run_row(models, config, frames, count: int, fps: float, warmup: int) -> dict
     """Stream ``count`` frames through one engine; timing fields of one result row."""
     import torch
 
-    from .bench_report import COMPONENTS
-    from .engine import StreamEngine
+    from .report import COMPONENTS
+    from ..engine.stream import StreamEngine
 
     cuda, bsz = models.device.type == "cuda", config.batch_size
     if cuda:
@@ -210,7 +210,7 @@ def run_matrix(models, rows, base: dict, forced: dict, frames, count: int, fps: 
     """Measure each (name, overrides) row on the same models; add ratio (fps / reference fps)."""
     import torch
 
-    from .bench import build_config
+    from .command import build_config
 
     echo = echo or (lambda msg, err=False: log.info(msg))
     cuda = models.device.type == "cuda"
@@ -236,7 +236,7 @@ def run_matrix(models, rows, base: dict, forced: dict, frames, count: int, fps: 
             fl = flop_cache[key]
             res = {"row": name, **run_row(models, config, row_frames, count, row_fps, warmup)}
             if config.te_fp8:  # how far FP8 moves the TE output, on this row's frames
-                from .fp8 import te_fp8_agreement
+                from ..text.fp8 import te_fp8_agreement
 
                 batch = torch.from_numpy(np.stack([row_frames[i % len(row_frames)] for i in range(config.batch_size)]))
                 res["te_fp8_agreement"] = te_fp8_agreement(models, batch, config.prompt, config.te_size)

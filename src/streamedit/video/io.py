@@ -1,6 +1,6 @@
 """Video file I/O on PyAV: decode any input to working-size RGB frames, encode results back.
 
-Geometry (:mod:`streamedit.geometry`): each frame is resized, keeping its aspect, to the working
+Geometry (:mod:`streamedit.video.geometry`): each frame is resized, keeping its aspect, to the working
 size: ``size`` is the long side, the short side is rounded to the model's multiple (1920x1080 at 512
 -> 512x288); nothing is squashed. The writer resizes results back to the input's W x H. With
 ``crop`` frames are centre-cropped to a square first (``size x size``) and the output is that
@@ -34,7 +34,7 @@ import av
 import cv2
 import numpy as np
 
-from .errors import StreameditError
+from ..errors import StreameditError
 from .geometry import MULTIPLE, fit, working_shape
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import shlex
 
 import numpy as np
 
-from .errors import StreameditError
+from ..errors import StreameditError
 
 # table order; unet_decode: U-Net + VAE decode as one compiled graph (not separable by events)
 COMPONENTS = ("te", "vae_encode", "cond", "unet", "vae_decode", "unet_decode", "flow_wait", "flow_cpu")

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from .errors import StreameditError
-from .geometry import fit, working_shape
-from .text_encoder import MAX_PROMPT_CHARS, TE_VIEWS
+from .video.geometry import fit, working_shape
+from .text.exact import MAX_PROMPT_CHARS, TE_VIEWS
 
 log = logging.getLogger(__name__)
 
@@ -22,17 +22,17 @@ class EngineConfig:
     prompt: str
     batch_size: int = 8
     steps: int = 1  # distilled operating point; 1-4
-    strength: float | None = None  # start sigma (denoise.py): 1 = pure noise; None: the model's default
-    size: int = 512  # long side of the working size (geometry.py: the short side keeps the input's aspect)
+    strength: float | None = None  # start sigma (diffusion/denoiser.py): 1 = pure noise; None: the model's default
+    size: int = 512  # long side of the working size (video/geometry.py: the short side keeps the input's aspect)
     crop: bool = False  # centre-crop frames to a square first (working size: size x size)
     frame_size: tuple[int, int] | None = None  # (height, width) of the input frames; None: the first frame's
     seed: int = 0
     fixed_noise: bool = False  # every frame starts from the same noise (upstream's draw for `seed`)
     te_batch_one: bool = False  # approximation: encode one frame per batch, broadcast
     te_refresh_every: int = 1  # approximation: reuse the TE output for N batches
-    te_fast: bool = False  # static, sync-free TE (te_fast.py); compiled (+CUDA graph) with `compile`
+    te_fast: bool = False  # static, sync-free TE (text/fast.py); compiled (+CUDA graph) with `compile`
     te_size: int = 512  # the TE's view of a frame: 512 = upstream (LANCZOS); 256 = the paper's (text_encoder.TE_VIEWS)
-    te_fp8: bool = False  # approximation: the fast TE's Linears in FP8 (fp8.py); needs te_fast + an FP8 GPU
+    te_fp8: bool = False  # approximation: the fast TE's Linears in FP8 (text/fp8.py); needs te_fast + an FP8 GPU
     pipeline: bool = True  # overlap TE/VAE-encode of batch k+1 with denoise/decode of batch k
     main_priority: bool = False  # main stream (U-Net + decode) at high CUDA priority: the side stream fills gaps
     compile: bool = False  # U-Net (and the fast TE); with compile_vae: U-Net + decode as one graph
@@ -45,9 +45,9 @@ class EngineConfig:
     profile: bool = False  # per-component CUDA-event timings in `engine.batch_log`
     prefetch: int = 2  # batches prepared ahead on the host
     low_latency: bool = False  # schedule: hand a batch out as soon as it is done (engine.run)
-    skip_similar: float | None = None  # re-emit the last output for frames this close (similarity.py)
+    skip_similar: float | None = None  # re-emit the last output for frames this close (engine/similarity.py)
     log_limit: int = 4096  # batch_log keeps the newest entries only (live sessions run for hours)
-    # temporal LLLite adapter (see temporal.py): an LLLiteAdapter, a checkpoint path, "demo" (the bundled
+    # temporal LLLite adapter (see temporal/conditioner.py): an LLLiteAdapter, a checkpoint path, "demo" (the bundled
     # adapter of the demo model) or "random"
     lllite: object = None
     hooks: str | list | None = None  # None: every hook in the adapter file; "down" for "random"
@@ -56,7 +56,7 @@ class EngineConfig:
     cut_refresh: bool = True  # a scene cut forces a cond (and TE) refresh on its batch
     motion_refresh: float | None = None  # refresh early when mean flow (px) since the last refresh exceeds this
     flow_size: int | None = None  # compute Farnebäck at this resolution (None: working size)
-    cond_stagger: bool = False  # refresh B/N batch slots every batch instead of all B every N (temporal.py)
+    cond_stagger: bool = False  # refresh B/N batch slots every batch instead of all B every N (temporal/conditioner.py)
 
     @property
     def vae_compiled(self) -> bool:
@@ -104,14 +104,14 @@ def engine_shape(models, config: EngineConfig, frame_size: tuple[int, int] | Non
 
 def model_strength(models, config: EngineConfig) -> float:
     """``config.strength``, else the default a model folder's ``streamedit.json`` names, else 1."""
-    from .models import default_strength
+    from .models.loading import default_strength
 
     return float(config.strength) if config.strength is not None else default_strength(models)
 
 
 def validate(models, config: EngineConfig) -> None:
-    from .denoise import sigma_schedule
-    from .models import check_scheduler
+    from .diffusion.denoiser import sigma_schedule
+    from .models.loading import check_scheduler
 
     check_scheduler(models.scheduler)
     if not 0.0 < model_strength(models, config) <= 1.0:
@@ -129,7 +129,7 @@ def validate(models, config: EngineConfig) -> None:
     if config.te_size not in TE_VIEWS:
         raise StreameditError(f"--te-size must be one of {', '.join(map(str, sorted(TE_VIEWS)))}, got {config.te_size}")
     if config.te_fp8:
-        from .fp8 import check_fp8_device
+        from .text.fp8 import check_fp8_device
 
         if not config.te_fast:
             raise StreameditError("--te-fp8 needs --te-fast (FP8 runs inside the fast text encoder)")
@@ -156,7 +156,7 @@ def attach_adapter(models, config: EngineConfig):
     buffers for the working size (``adapter.allocate``)."""
     if config.lllite is None:
         return None
-    from .lllite import LLLiteAdapter, apply_lllite
+    from .temporal.adapter import LLLiteAdapter, apply_lllite
 
     if isinstance(config.lllite, LLLiteAdapter):
         adapter = config.lllite
@@ -174,7 +174,7 @@ def attach_adapter(models, config: EngineConfig):
 
 def adapter_path(lllite):
     """An adapter checkpoint's path: ``lllite`` itself, or the bundled file for ``"demo"``."""
-    from .models import DEMO_LLLITE
+    from .models.loading import DEMO_LLLITE
 
     if lllite != "demo":
         return lllite

@@ -2,7 +2,7 @@
 test clips (moving, static, noise, cut).
 
 Used by the tests, ``streamedit bench`` (generated frames), ``streamedit eval`` (saved videos),
-``streamedit train`` (clip folders) and ``scripts/make_example_clip.py``. Streaming read/write for real runs lives in :mod:`streamedit.io`.
+``streamedit train`` (clip folders) and ``scripts/make_example_clip.py``. Streaming read/write for real runs lives in :mod:`streamedit.video.io`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .errors import StreameditError
+from ..errors import StreameditError
 from .io import _add_video_stream, _open_output, _to_av_frame, open_video
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts")
@@ -40,7 +40,7 @@ def find_clips(entries, exclude=()) -> list[Path]:
 
 
 def read_frames(path, size: int | None = None, max_frames: int | None = None, crop: bool = False) -> list[np.ndarray]:
-    """A clip's frames (RGB uint8): at the working size for ``size`` (the long side; io.py; ``crop``: the
+    """A clip's frames (RGB uint8): at the working size for ``size`` (the long side; video/io.py; ``crop``: the
     centre square at ``size x size``), or as stored (None)."""
     frames = []
     with open_video(path, size=size, crop=crop) as video:

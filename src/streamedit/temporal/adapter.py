@@ -49,13 +49,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import StreameditError
-from .models import hook_sites
+from ..errors import StreameditError
+from ..models.loading import hook_sites
 
 log = logging.getLogger(__name__)
 
 HOOK_SUBSETS = ("all", "down", "mid", "up")
-# How the runtime builds the cond image (temporal.py): "backward" = flow current -> previous, previous output
+# How the runtime builds the cond image (temporal/conditioner.py): "backward" = flow current -> previous, previous output
 # sampled at x + F (ours); "forward" = flow previous -> current, sampled at x - F (the paper's released adapter)
 FLOW_CONVENTIONS = ("backward", "forward")
 _RESTORE = "_lllite_restore"  # host attribute: the instance forward it had before patching (or None)
@@ -318,7 +318,7 @@ class LLLiteAdapter(nn.Module):
         """Inference: every hook's cond embedding of (B,3,H,W) images in [-1,1], as {stride: (B, h, w,
         hooks, cond_emb_dim)} (the hooks in ``_by_stride`` order), without the zero source half."""
         if self._embedder is None:
-            from .lllite_cond import CondEmbedder, patch_layout
+            from .cond import CondEmbedder, patch_layout
 
             groups = self._by_stride()
             self._embedder = CondEmbedder(groups) if patch_layout(groups) else False
@@ -365,7 +365,7 @@ class LLLiteAdapter(nn.Module):
                     m.multiplier.fill_(float(value))
 
     def save(self, path: str | Path) -> None:
-        from .lllite_io import save_adapter
+        from .checkpoint import save_adapter
 
         save_adapter(self, path)
 
@@ -377,7 +377,7 @@ class LLLiteAdapter(nn.Module):
         ``hooks=None`` loads every hook the file has weights for; a subset skips the others (one
         warning). ``cond_size`` is only needed for files without streamedit metadata (default 512).
         """
-        from .lllite_io import load_adapter
+        from .checkpoint import load_adapter
 
         return load_adapter(cls, path, unet, hooks, cond_size)
 

@@ -35,8 +35,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .kernels import shallow
-from .processor import EDIT_INSTRUCTION, EDIT_TEMPLATE
+from ..accel.kernels import shallow
+from ..models.processor import EDIT_INSTRUCTION, EDIT_TEMPLATE
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ Work split, so nothing here sits on the main stream's critical path:
 but each batch pays for ``B / refresh_every`` flows and cond CNNs (one at B = 8, N = 8) rather than
 every N-th batch paying for B of them (the p95 spike of the full refresh). The start and scene cuts
 still refresh every slot. With ``graph`` (CUDA), a staggered refresh (flow upload, warp, the cond
-CNNs of all hooks as a few GEMMs, :mod:`streamedit.lllite_cond`, and the
+CNNs of all hooks as a few GEMMs, :mod:`streamedit.temporal.cond`, and the
 in-place row writes) replays from one CUDA graph: it sits on the main stream's critical path.
 """
 
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .lllite import FLOW_CONVENTIONS
+from .adapter import FLOW_CONVENTIONS
 
 FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
 
@@ -233,7 +233,7 @@ class TemporalConditioner:
         if self._graphs is None:
             fn(*inputs, rows)
             return
-        from .graphs import StaticGraph
+        from ..accel.graphs import StaticGraph
 
         key = (fn.__name__, len(slots))
         if key not in self._graphs:

@@ -1,14 +1,14 @@
 """``streamedit bench --startup``: seconds from process launch to the first output frame.
 
 Two fresh Python processes run the same config one after the other on one new, empty
-``STREAMEDIT_CACHE_DIR`` (compile_cache.py; ``TORCHINDUCTOR_CACHE_DIR`` and ``TRITON_CACHE_DIR``
+``STREAMEDIT_CACHE_DIR`` (accel/compile_cache.py; ``TORCHINDUCTOR_CACHE_DIR`` and ``TRITON_CACHE_DIR``
 are removed from their environment so every cache lands there): **cold** compiles everything,
 **warm** finds the first one's caches. Each child reports, in seconds since the parent launched
 it (interpreter start included): imports done, models loaded, engine built, first output frame;
 plus inductor's FX-graph / AOT-autograd cache hits and misses, so the warm launch is shown to be
 served from the cache. The folder is deleted afterwards; its size is reported.
 
-Child: ``python -m streamedit.bench_startup SPEC_JSON`` prints one JSON line.
+Child: ``python -m streamedit.bench.startup SPEC_JSON`` prints one JSON line.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import StreameditError
+from ..errors import StreameditError
 
 LAUNCH_TIMEOUT_S = 1800
 
@@ -66,7 +66,7 @@ def measure_startup(model: str, revision, device: str, dtype: str, config, launc
 def _launch(spec: dict, name: str, root: str, env: dict, python_args=()) -> dict:
     """One fresh probe process; its report."""
     probe = {**spec, "t_launch": time.time(), "first_frame": str(Path(root) / f"{name}.npy")}
-    proc = subprocess.run([sys.executable, *python_args, "-m", "streamedit.bench_startup",
+    proc = subprocess.run([sys.executable, *python_args, "-m", "streamedit.bench.startup",
                            json.dumps(probe, default=str)],
                           env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     lines = proc.stdout.strip().splitlines()
@@ -89,10 +89,10 @@ def _probe(spec: dict) -> dict:
     t0 = spec["t_launch"]
     import torch  # noqa: F401  (import time is part of the startup)
 
-    from . import compile_cache, graphs
-    from .bench_run import bench_frames
-    from .cli import load
-    from .engine import EngineConfig, StreamEngine
+    from ..accel import compile_cache, graphs
+    from .run import bench_frames
+    from ..cli.group import load
+    from ..engine.stream import EngineConfig, StreamEngine
 
     t_import = time.time() - t0
     models = load(spec["model"], spec["revision"], spec["device"], getattr(torch, spec["dtype"]))
@@ -127,7 +127,7 @@ def _compile_phases() -> dict:
 
 
 def _device_name(device) -> str:
-    from .bench_report import device_name
+    from .report import device_name
 
     return device_name(device)
 

@@ -12,7 +12,7 @@ The only join between the streams is one CUDA event per batch; tensors made on t
 and read on the main stream are ``record_stream``-ed so the caching allocator cannot reuse them
 early. On CPU (or ``pipeline=False``) the same steps run in order on one stream. With ``compile``
 the main stream's U-Net + decode is one compiled graph and the side stream's TE and VAE encode are
-CUDA graphs of their own (denoise.py, te_fast.py, graphs.py).
+CUDA graphs of their own (diffusion/denoiser.py, text/fast.py, accel/graphs.py).
 
 Two host schedules (:meth:`StreamEngine.run`):
 
@@ -26,7 +26,7 @@ Two host schedules (:meth:`StreamEngine.run`):
   waiting, in which case k+1 is launched first (both streams stay busy). It never waits for an
   input that has not arrived.
 
-``skip_similar`` (similarity.py): frames judged unchanged re-emit the last stylized output; a
+``skip_similar`` (engine/similarity.py): frames judged unchanged re-emit the last stylized output; a
 batch of only such frames launches nothing on the GPU (no TE, VAE or U-Net).
 """
 
@@ -44,12 +44,12 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .denoise import Denoiser
-from .engine_config import (LOW_LATENCY, EngineConfig, attach_adapter, check_frame, clean_prompt, engine_shape,
+from ..diffusion.denoiser import Denoiser
+from ..config import (LOW_LATENCY, EngineConfig, attach_adapter, check_frame, clean_prompt, engine_shape,
                             model_strength, start_reader, to_working, validate)
-from .errors import StreameditError
-from .models import warn_unknown_instruction
-from .text_encoder import TextEncoderRunner
+from ..errors import StreameditError
+from ..models.loading import warn_unknown_instruction
+from ..text.exact import TextEncoderRunner
 
 __all__ = ["EngineConfig", "StreamEngine", "clean_prompt", "LOW_LATENCY"]
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class StreamEngine:
         self.device = models.device
         self.cuda = self.device.type == "cuda"
         if config.te_fast:
-            from .te_fast import FastTextEncoderRunner
+            from ..text.fast import FastTextEncoderRunner
 
             # compiled in _setup
             self.te = FastTextEncoderRunner(models, config.batch_size, fp8=config.te_fp8, te_size=config.te_size)
@@ -96,7 +96,7 @@ class StreamEngine:
         try:  # a failure past this point must not leave the shared U-Net patched
             self.temporal = None
             if self.adapter is not None or (config.cut_refresh and config.te_refresh_every > 1):
-                from .temporal import TemporalConditioner
+                from ..temporal.conditioner import TemporalConditioner
 
                 self.temporal = TemporalConditioner(
                     self.adapter, config.cond_refresh_every, config.cut_refresh, config.motion_refresh,
@@ -111,7 +111,7 @@ class StreamEngine:
             if self.temporal is not None:
                 self.temporal.close()
             if self.adapter is not None:
-                from .lllite import remove_lllite
+                from ..temporal.adapter import remove_lllite
 
                 remove_lllite(models.unet)
             raise
@@ -156,7 +156,7 @@ class StreamEngine:
         self.shape = shape
         precompile_key = None
         if config.compile or config.vae_compiled:
-            from . import compile_cache
+            from ..accel import compile_cache
 
             compile_cache.setup()
             key = compile_cache.artifact_key(models, config, shape)
@@ -329,7 +329,7 @@ class StreamEngine:
         if not all(batch.skip) and batch.host_frames is None:
             self._fill(batch)  # the prefetch thread guessed "skipped" (prompt change, drift): prepare now
             if self.temporal is not None:
-                from .temporal import CondPlan
+                from ..temporal.conditioner import CondPlan
 
                 batch.plan = CondPlan(False)  # keep the current cond embedding
 
@@ -476,7 +476,7 @@ class StreamEngine:
                 self._last_out = out[i]
                 yield out[i]
         if self._cache_key is not None:  # first compiled batch done: keep its compile artifacts
-            from . import compile_cache
+            from ..accel import compile_cache
 
             compile_cache.save_artifacts(self._cache_key)
             self._cache_key = None
@@ -515,7 +515,7 @@ class StreamEngine:
             for stream in {self.main_stream, self.side_stream, self.copy_stream}:
                 stream.synchronize()
         if self.adapter is not None:
-            from .lllite import remove_lllite
+            from ..temporal.adapter import remove_lllite
 
             remove_lllite(self.models.unet)
         if self.temporal is not None:
@@ -526,7 +526,7 @@ class StreamEngine:
         if self._owns_adapter:
             self.adapter.release_buffers()
         self._te_cache = self._te_prompt = None
-        from .graphs import release_memory
+        from ..accel.graphs import release_memory
 
         release_memory(self.device)
 

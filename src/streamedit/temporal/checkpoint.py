@@ -3,7 +3,7 @@
 * ``streamedit`` (written by :meth:`LLLiteAdapter.save`): keys ``<hook name>.<part>``, e.g.
   ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q.mid.0.weight``; metadata
   ``format=streamedit-lllite`` plus ``cond_emb_dim``, ``mlp_dim``, ``cond_size``, ``vae_scale``,
-  ``dropout``, ``hooks`` (JSON list) and ``flow`` (the flow convention, temporal.py; files written
+  ``dropout``, ``hooks`` (JSON list) and ``flow`` (the flow convention, temporal/conditioner.py; files written
   before it existed are ``backward``).
 * ``dreamlite-lllite`` (otanl/dreamlite-lllite ``LLLiteController.state_dict()``): keys
   ``modules_dict.<hook name with '.' -> '__'>.<part>``; metadata (if any) carries ``cond_emb_dim``,
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import StreameditError
-from .models import hook_sites
+from ..errors import StreameditError
+from ..models.loading import hook_sites
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def read_checkpoint(path: str | Path, unet) -> tuple[dict[str, dict[str, tuple[s
 
 
 def load_adapter(cls, path, unet, hooks, cond_size):
-    from .lllite import hook_level, select_hooks
+    from .adapter import hook_level, select_hooks
 
     weights, meta, layout, unknown = read_checkpoint(path, unet)
     name = Path(path).name

@@ -1,0 +1,5 @@
+"""``python -m streamedit.cli`` = the ``streamedit`` command."""
+
+from .group import main
+
+main()
