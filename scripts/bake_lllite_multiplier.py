@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from streamedit.cli.group import load
+from streamedit.cli.options import load
 from streamedit.temporal.adapter import LLLiteAdapter
 
 

@@ -234,7 +234,8 @@ def probe_graphs(out: Path, res: dict, save, variants: list[str]) -> None:
     import torch._inductor.config as ic
 
     from streamedit.diffusion.denoiser import Denoiser
-    from streamedit.config import EngineConfig, attach_adapter
+    from streamedit.config import EngineConfig
+    from streamedit.temporal.attach import attach_adapter
     from streamedit.models.loading import load_models
     from streamedit.text.fast import FastTextEncoderRunner
     from streamedit.text.exact import TextEncoderRunner

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from streamedit.diffusion.denoiser import Denoiser
-from streamedit.config import EngineConfig, attach_adapter
+from streamedit.config import EngineConfig
+from streamedit.temporal.attach import attach_adapter
 from streamedit.models.loading import load_models
 from streamedit.text.exact import TextEncoderRunner
 

@@ -63,7 +63,7 @@ def stage1(tf457: str) -> None:
     from PIL import Image
 
     from streamedit.models import processor as proc
-    from streamedit.models.loading import _te_config
+    from streamedit.models.architectures import _te_config
     from transformers import Qwen3VLForConditionalGeneration
 
     tok = proc.build_offline_tokenizer()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from streamedit import EngineConfig, StreameditError, StreamEngine, load_models
-from streamedit.models.loading import COMPONENTS, hook_split
+from streamedit.models.components import COMPONENTS
+from streamedit.temporal.hooks import hook_split
 
 
 def _outputs(models, frames):

@@ -326,7 +326,8 @@ def test_fp8_linear_scales():
 
 
 def test_fp8_replaces_only_aligned_linears_and_agrees(tiny_models):
-    from streamedit.text.fp8 import Fp8Linear, te_fp8_agreement, with_fp8_linears
+    from streamedit.text.fp8 import Fp8Linear, with_fp8_linears
+    from streamedit.text.fast import te_fp8_agreement
 
     tree = with_fp8_linears(nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 32), nn.Linear(32, 24)))
     assert [type(m).__name__ for m in tree] == ["Fp8Linear", "ReLU", "Fp8Linear", "Linear"]
@@ -478,7 +479,7 @@ def test_low_latency_errors_and_early_stop(tiny_models):
 
 def test_low_latency_preset_and_row():
     import streamedit.bench.command as bench
-    from streamedit.engine.stream import LOW_LATENCY
+    from streamedit.config import LOW_LATENCY
 
     assert LOW_LATENCY["batch_size"] == 1 and LOW_LATENCY["low_latency"] and LOW_LATENCY["te_fast"]
     row = dict(bench.MATRIX)["low-latency"]

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import Qwen3VLForConditionalGeneration
 
-from streamedit.models.loading import _te_config
+from streamedit.models.architectures import _te_config
 from streamedit.text.fast import FastTextEncoderRunner, _PrefixKV
 from streamedit.text.exact import TextEncoderRunner
 

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from streamedit.cli.group import cli
 from streamedit.video.clips import make_test_clip
-from streamedit.engine.stream import EngineConfig, StreamEngine
+from streamedit.config import EngineConfig
+from streamedit.engine.stream import StreamEngine
 from streamedit.eval.metrics import psnr_per_frame
 from streamedit.models.loading import load_models
 from streamedit.train.base import BaseTrainConfig, train_base
@@ -265,7 +266,7 @@ def test_train_base_cli_bad_folder(tmp_path):
 def _tiny_training_data(device="cpu", n=6, size=32, seed=0, arch="tiny", workers=1):
     """``random:<arch>`` models with the train-base precompute done on random crops and their filters
     (also scripts/gpu_train_check.py's data, at the demo size)."""
-    from streamedit.models.loading import build_random
+    from streamedit.models.architectures import build_random
     from streamedit.train.base import precompute
     from streamedit.train.data import with_targets
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import logging
-import queue
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .errors import StreameditError
-from .video.geometry import fit, working_shape
-from .text.exact import MAX_PROMPT_CHARS, TE_VIEWS
+from .text.exact import TE_VIEWS
+from .video.geometry import working_shape
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,6 @@ def check_frame(frame) -> np.ndarray:
     return frame
 
 
-def to_working(frame: np.ndarray, shape: tuple[int, int], crop: bool = False) -> np.ndarray:
-    """A frame at the working (h, w): centre-cropped first with ``crop``, resized keeping the aspect
-    it had when the working size was chosen (a later frame of another aspect is fitted to it)."""
-    return fit(check_frame(frame), shape, crop)
-
-
 def engine_shape(models, config: EngineConfig, frame_size: tuple[int, int] | None = None) -> tuple[int, int] | None:
     """The working (h, w) for ``config`` and an input of ``frame_size`` (else ``config.frame_size``); None
     while it is unknown (no frame size yet, no crop)."""
@@ -151,69 +145,39 @@ def validate(models, config: EngineConfig) -> None:
                               f"{[round(float(s), 4) for s in sigmas]}")
 
 
-def attach_adapter(models, config: EngineConfig):
-    """Load/build the LLLite adapter and patch it into the U-Net (before compile); the engine sizes its
-    buffers for the working size (``adapter.allocate``)."""
-    if config.lllite is None:
-        return None
-    from .temporal.adapter import LLLiteAdapter, apply_lllite
-
-    if isinstance(config.lllite, LLLiteAdapter):
-        adapter = config.lllite
-    elif config.lllite == "random":  # speed work: real shapes, small random weights
-        adapter = LLLiteAdapter.for_unet(models.unet, hooks=config.hooks or "down", cond_size=config.size)
-        with torch.no_grad():
-            for _, module in adapter.items():
-                module.up[0].weight.normal_(0, 1e-3)
-    else:
-        adapter = LLLiteAdapter.load(adapter_path(config.lllite), models.unet, hooks=config.hooks)
-    apply_lllite(models.unet, adapter, inference_mode=True)
-    adapter.set_multiplier(config.lllite_multiplier)
-    return adapter
+MAX_PROMPT_CHARS = 2000
 
 
-def adapter_path(lllite):
-    """An adapter checkpoint's path: ``lllite`` itself, or the bundled file for ``"demo"``."""
-    from .models.loading import DEMO_LLLITE
+# ------------------------------------------------------------------------------------------- config
+def engine_fields() -> set[str]:
 
-    if lllite != "demo":
-        return lllite
-    if not DEMO_LLLITE.is_file():
-        raise StreameditError("--lllite demo: the bundled demo adapter is not installed "
-                              f"(expected {DEMO_LLLITE})")
-    return DEMO_LLLITE
+    return {f.name for f in dataclasses.fields(EngineConfig)}
 
 
-def start_reader(items, prepare, maxsize: int):
-    """A daemon thread putting ``prepare(item)`` for each item on a bounded queue, then ``end``.
-
-    Returns (queue, stop event, end marker, thread). An exception (source or preparation) is put on the
-    queue for the consumer to raise; setting ``stop`` ends the thread at its next put and closes
-    ``items`` (so a generator source runs its cleanup).
-    """
-    ready: queue.Queue = queue.Queue(maxsize=maxsize)
-    stop, end = threading.Event(), object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def read():
+def parse_sets(sets) -> dict:
+    """``--set KEY=VALUE`` pairs -> EngineConfig overrides (values as Python literals, else strings)."""
+    out, fields = {}, engine_fields()
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise StreameditError(f"--set expects KEY=VALUE, got {item!r}")
+        if key not in fields or key == "prompt":
+            raise StreameditError(f"--set {key}: EngineConfig has no such field (fields: {', '.join(sorted(fields))})")
         try:
-            for item in items:
-                if not put(prepare(item)):
-                    return
-            put(end)
-        except BaseException as exc:  # re-raised by the consumer
-            put(exc)
-        finally:
-            items.close()
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
 
-    thread = threading.Thread(target=read, daemon=True, name="streamedit-reader")
-    thread.start()
-    return ready, stop, end, thread
+
+def build_config(base: dict, overrides: dict, forced: dict):
+    """EngineConfig of base < row overrides < --set; returns (config, notes)."""
+
+    fields, merged = engine_fields(), {**base, **overrides, **forced}
+    notes = [f"engine has no {k!r}: runs without it" for k in merged if k not in fields and merged[k] is not None]
+    return EngineConfig(**{k: v for k, v in merged.items() if k in fields}), notes
+
+
+# named EngineConfig overrides (the CLI's --low-latency)
+PRESETS = {"low_latency": LOW_LATENCY}

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from .graphs import compile_fn, mode_options
+
 log = logging.getLogger(__name__)
 
 ENV = "STREAMEDIT_CACHE_DIR"
@@ -148,7 +150,6 @@ def compiled(method, mode: str | None, backend: str, key: str | None, name: str,
     ``torch.compile(method, **options)`` (inductor's own caches only). ``inductor``: extra inductor options."""
     if key is not None and backend in PRECOMPILE_BACKENDS and hasattr(torch.compiler, "load_compiled_function"):
         return Precompiled(method, key, name, mode, backend, variant, inductor, **options)
-    from .graphs import compile_fn
 
     return compile_fn(method, mode, backend, inductor, **options)
 
@@ -307,8 +308,6 @@ class Precompiled:
     def _aot_compiler(self, weights: dict):
         """torch.compile of the whole method that keeps only guards that can be written to disk; the
         weights' tensor guards go into ``weights`` as metadata instead (:func:`serialisable_guards`)."""
-        from .graphs import mode_options
-
         # torch.compile takes a mode or options, not both: the mode's inductor options + ours + the filter
         options = {**mode_options(self.mode), **self.inductor} if self.backend == "inductor" else {}
         options["guard_filter_fn"] = functools.partial(serialisable_guards, weights=weights)
@@ -316,8 +315,6 @@ class Precompiled:
             return torch.compile(self.method, backend=self.backend, options=options, fullgraph=True, dynamic=False)
 
     def _torch_compile(self):
-        from .graphs import compile_fn
-
         return compile_fn(self.method, self.mode, self.backend, self.inductor, **self.options)
 
     def _prepare(self, args, sig):

@@ -11,24 +11,28 @@ code is in bench/run.py.
 
 from __future__ import annotations
 
-import ast
-import dataclasses
 import datetime
-import json
 import logging
 import shlex
 import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
-from .report import check_matplotlib, command_line, device_name, format_startup, format_table, save_plot
+from .report import check_matplotlib, format_startup, format_table, save_plot
+from ..cli.options import command_line
+from ..telemetry import device_name
 from .run import (BENCH_KEYS, FLOPS_METHOD, PREWARM_BATCHES, SimulatedSource, bench_frames,  # noqa: F401
                         count_flops, run_matrix, run_row)
-from ..cli.group import check_size, lllite_options, load, model_options, resolve_device, te_size_option, temporal_config
+from ..cli.options import check_size, lllite_options, load, model_options, resolve_device, te_size_option, temporal_config
 from ..config import LOW_LATENCY
 from ..errors import StreameditError
+from ..config import build_config as _build_config, parse_sets
+from ..telemetry import dumps
+from ..config import clean_prompt
+from ..models.loading import working_size
+from .run import held
+from .startup import measure_startup
 
 log = logging.getLogger(__name__)
 
@@ -58,54 +62,6 @@ MATRIX = [
     # latency: one frame per batch, latency-first schedule, a 30 fps camera
     ("low-latency", dict(PAPER, **LOW_LATENCY, compile_vae=True, source_fps=30.0)),
 ]
-
-
-# ------------------------------------------------------------------------------------------- config
-def engine_fields() -> set[str]:
-    from ..engine.stream import EngineConfig
-
-    return {f.name for f in dataclasses.fields(EngineConfig)}
-
-
-def parse_sets(sets) -> dict:
-    """``--set KEY=VALUE`` pairs -> EngineConfig overrides (values as Python literals, else strings)."""
-    out, fields = {}, engine_fields()
-    for item in sets:
-        key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise StreameditError(f"--set expects KEY=VALUE, got {item!r}")
-        if key not in fields or key == "prompt":
-            raise StreameditError(f"--set {key}: EngineConfig has no such field (fields: {', '.join(sorted(fields))})")
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
-    return out
-
-
-def build_config(base: dict, overrides: dict, forced: dict):
-    """EngineConfig of base < row overrides < --set; returns (config, notes)."""
-    from ..engine.stream import EngineConfig
-
-    overrides = {k: v for k, v in overrides.items() if k not in BENCH_KEYS}
-    fields, merged = engine_fields(), {**base, **overrides, **forced}
-    notes = [f"engine has no {k!r}: runs without it" for k in merged if k not in fields and merged[k] is not None]
-    return EngineConfig(**{k: v for k, v in merged.items() if k in fields}), notes
-
-
-def finite(obj):
-    """NaN/inf -> None, recursively: strict JSON (jq, browsers) has no NaN."""
-    if isinstance(obj, float):
-        return obj if np.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    return [finite(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
-
-
-def dumps(obj) -> str:
-    """One strict-JSON line; objects such as an adapter in a config are written as their class name."""
-    return json.dumps(finite(obj), default=lambda o: type(o).__name__)
 
 
 def select_rows(matrix: bool, rows: str | None, compile_: bool, lllite: str | None) -> list[tuple[str, dict]]:
@@ -167,9 +123,7 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
     """Throughput and latency of the engine on a simulated real-time source."""
     import torch
 
-    from ..engine.stream import clean_prompt
 
-    from ..models.loading import working_size
 
     ctx = click.get_current_context()
     check_size(size)
@@ -205,7 +159,6 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
     if json_path:
         open(json_path, "w").close()
     if startup or startup_only:  # before this process loads anything on the GPU
-        from .startup import measure_startup
 
         name, overrides = selected[0]
         config, _ = build_config(base, overrides, forced)
@@ -218,8 +171,6 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
             return
     frames = bench_frames(clip, size, count)
     if hold > 1:
-        from .run import held
-
         frames = held(frames, hold)
     models = load(model, revision, device, torch_dtype)
     meta["device"] = device_name(models.device)
@@ -247,3 +198,8 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
                 fh.write(dumps({**meta, **r}) + "\n")
     if plot_path:
         save_plot(results, plot_path)
+
+
+def build_config(base: dict, overrides: dict, forced: dict):
+    """:func:`streamedit.config.build_config` of a bench row: the bench's own keys (BENCH_KEYS) are not config."""
+    return _build_config(base, {k: v for k, v in overrides.items() if k not in BENCH_KEYS}, forced)

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import platform
-import shlex
-
 import numpy as np
 
 from ..errors import StreameditError
-
-# table order; unet_decode: U-Net + VAE decode as one compiled graph (not separable by events)
-COMPONENTS = ("te", "vae_encode", "cond", "unet", "vae_decode", "unet_decode", "flow_wait", "flow_cpu")
+from ..telemetry import COMPONENTS
 
 
 def _f(v, fmt="{:.1f}"):
@@ -105,26 +100,5 @@ def save_plot(results: list[dict], path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def command_line(ctx) -> str:
-    """The invocation as a reproducible command (non-default options only)."""
-    parts = ["streamedit", ctx.info_name]
-    for p in ctx.command.params:
-        v = ctx.params.get(p.name)
-        if v == p.default or v in (None, False, ()):
-            continue
-        opt = max(p.opts, key=len)
-        parts += [opt] if getattr(p, "is_flag", False) else [x for item in (v if p.multiple else [v])
-                                                             for x in (opt, str(item))]
-    return shlex.join(parts)
 
 

@@ -14,6 +14,13 @@ import time
 
 import numpy as np
 
+from ..config import build_config
+from ..engine.stream import StreamEngine
+from ..telemetry import COMPONENTS
+from ..text.fast import te_fp8_agreement
+from ..video.clips import _scene
+from ..video.io import open_video
+
 log = logging.getLogger(__name__)
 
 BENCH_KEYS = ("source_fps", "hold")  # row overrides for the bench itself, not for the engine
@@ -62,10 +69,7 @@ class SimulatedSource:
 def bench_frames(clip: str | None, size: int, count: int) -> list[np.ndarray]:
     """Up to ``count`` frames of ``clip`` (decoded once, looped by the source), or generated ones."""
     if clip:
-        from ..video.io import open_video
-
         return list(itertools.islice(open_video(clip, size=size).frames(), count))
-    from ..video.clips import _scene  # the synthetic scene of make_test_clip: smooth motion, one moving object
 
     return [_scene(i, size, size) for i in range(min(count, 48))]
 
@@ -89,7 +93,6 @@ def count_flops(models, config, frames) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..engine.stream import StreamEngine
 
     aten = torch.ops.aten
     sdpa = [getattr(aten, n) for n in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
@@ -144,8 +147,6 @@ def run_row(models, config, frames, count: int, fps: float, warmup: int) -> dict
     """Stream ``count`` frames through one engine; timing fields of one result row."""
     import torch
 
-    from .report import COMPONENTS
-    from ..engine.stream import StreamEngine
 
     cuda, bsz = models.device.type == "cuda", config.batch_size
     if cuda:
@@ -210,7 +211,6 @@ def run_matrix(models, rows, base: dict, forced: dict, frames, count: int, fps: 
     """Measure each (name, overrides) row on the same models; add ratio (fps / reference fps)."""
     import torch
 
-    from .command import build_config
 
     echo = echo or (lambda msg, err=False: log.info(msg))
     cuda = models.device.type == "cuda"
@@ -236,7 +236,6 @@ def run_matrix(models, rows, base: dict, forced: dict, frames, count: int, fps: 
             fl = flop_cache[key]
             res = {"row": name, **run_row(models, config, row_frames, count, row_fps, warmup)}
             if config.te_fp8:  # how far FP8 moves the TE output, on this row's frames
-                from ..text.fp8 import te_fp8_agreement
 
                 batch = torch.from_numpy(np.stack([row_frames[i % len(row_frames)] for i in range(config.batch_size)]))
                 res["te_fp8_agreement"] = te_fp8_agreement(models, batch, config.prompt, config.te_size)

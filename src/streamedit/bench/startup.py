@@ -91,8 +91,9 @@ def _probe(spec: dict) -> dict:
 
     from ..accel import compile_cache, graphs
     from .run import bench_frames
-    from ..cli.group import load
-    from ..engine.stream import EngineConfig, StreamEngine
+    from ..cli.options import load
+    from ..config import EngineConfig
+    from ..engine.stream import StreamEngine
 
     t_import = time.time() - t0
     models = load(spec["model"], spec["revision"], spec["device"], getattr(torch, spec["dtype"]))
@@ -127,7 +128,7 @@ def _compile_phases() -> dict:
 
 
 def _device_name(device) -> str:
-    from .report import device_name
+    from ..telemetry import device_name
 
     return device_name(device)
 

@@ -1,1 +1,1 @@
-"""diffusion."""
+"""Denoising with upstream's arithmetic: sigmas, FlowMatch Euler, the VAE around it (``denoiser.py``)."""

@@ -44,20 +44,23 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from ..accel import compile_cache
+from ..accel.graphs import release_memory
+from ..config import LOW_LATENCY, EngineConfig, check_frame, clean_prompt, engine_shape, model_strength, validate
 from ..diffusion.denoiser import Denoiser
-from ..config import (LOW_LATENCY, EngineConfig, attach_adapter, check_frame, clean_prompt, engine_shape,
-                            model_strength, start_reader, to_working, validate)
 from ..errors import StreameditError
 from ..models.loading import warn_unknown_instruction
+from ..telemetry import SPANS
+from ..temporal.adapter import remove_lllite
+from ..temporal.attach import attach_adapter
+from ..temporal.conditioner import CondPlan, TemporalConditioner
 from ..text.exact import TextEncoderRunner
+from ..text.fast import FastTextEncoderRunner
+from .host import start_reader, to_working
+from .similarity import SimilarityFilter, thumbnail
 
 __all__ = ["EngineConfig", "StreamEngine", "clean_prompt", "LOW_LATENCY"]
 log = logging.getLogger(__name__)
-
-# (name, start event, end event) of the per-batch CUDA-event timings; unet_decode: the fused graph
-SPANS = (("te", "te0", "te1"), ("vae_encode", "te1", "enc1"), ("cond", "cond0", "unet0"),
-         ("unet", "unet0", "unet1"), ("vae_decode", "unet1", "dec1"), ("unet_decode", "unet0", "dec1"),
-         ("wait_side", "main0", "cond0"), ("d2h", "dec1", "out1"))
 
 
 @dataclass
@@ -85,8 +88,6 @@ class StreamEngine:
         self.device = models.device
         self.cuda = self.device.type == "cuda"
         if config.te_fast:
-            from ..text.fast import FastTextEncoderRunner
-
             # compiled in _setup
             self.te = FastTextEncoderRunner(models, config.batch_size, fp8=config.te_fp8, te_size=config.te_size)
         else:
@@ -96,8 +97,6 @@ class StreamEngine:
         try:  # a failure past this point must not leave the shared U-Net patched
             self.temporal = None
             if self.adapter is not None or (config.cut_refresh and config.te_refresh_every > 1):
-                from ..temporal.conditioner import TemporalConditioner
-
                 self.temporal = TemporalConditioner(
                     self.adapter, config.cond_refresh_every, config.cut_refresh, config.motion_refresh,
                     config.flow_size, stagger=config.cond_stagger,
@@ -111,8 +110,6 @@ class StreamEngine:
             if self.temporal is not None:
                 self.temporal.close()
             if self.adapter is not None:
-                from ..temporal.adapter import remove_lllite
-
                 remove_lllite(models.unet)
             raise
         self.main_stream = None
@@ -134,8 +131,6 @@ class StreamEngine:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="streamedit-prefetch")
         self._similar = self._pre_similar = None
         if config.skip_similar is not None:
-            from .similarity import SimilarityFilter
-
             # prefetch thread: provisional decision (skip preparing batches that will be skipped);
             # main thread: the decision, against what was really stylized with the current prompt
             self._pre_similar = SimilarityFilter(config.skip_similar)
@@ -156,8 +151,6 @@ class StreamEngine:
         self.shape = shape
         precompile_key = None
         if config.compile or config.vae_compiled:
-            from ..accel import compile_cache
-
             compile_cache.setup()
             key = compile_cache.artifact_key(models, config, shape)
             if config.precompile and config.compile_backend in compile_cache.PRECOMPILE_BACKENDS:
@@ -279,8 +272,6 @@ class StreamEngine:
         index, frames, count = item
         batch = _Batch(index, frames, count)
         if self._pre_similar is not None:
-            from .similarity import thumbnail
-
             batch.thumbs = [thumbnail(f) for f in frames[:count]]
             if all(self._pre_similar.mark(batch.thumbs)):
                 return batch  # most likely skipped: prepared late (_fill) if it is not
@@ -329,8 +320,6 @@ class StreamEngine:
         if not all(batch.skip) and batch.host_frames is None:
             self._fill(batch)  # the prefetch thread guessed "skipped" (prompt change, drift): prepare now
             if self.temporal is not None:
-                from ..temporal.conditioner import CondPlan
-
                 batch.plan = CondPlan(False)  # keep the current cond embedding
 
     # ---- device side --------------------------------------------------------------------------
@@ -476,7 +465,6 @@ class StreamEngine:
                 self._last_out = out[i]
                 yield out[i]
         if self._cache_key is not None:  # first compiled batch done: keep its compile artifacts
-            from ..accel import compile_cache
 
             compile_cache.save_artifacts(self._cache_key)
             self._cache_key = None
@@ -515,8 +503,6 @@ class StreamEngine:
             for stream in {self.main_stream, self.side_stream, self.copy_stream}:
                 stream.synchronize()
         if self.adapter is not None:
-            from ..temporal.adapter import remove_lllite
-
             remove_lllite(self.models.unet)
         if self.temporal is not None:
             self.temporal.release()
@@ -526,7 +512,6 @@ class StreamEngine:
         if self._owns_adapter:
             self.adapter.release_buffers()
         self._te_cache = self._te_prompt = None
-        from ..accel.graphs import release_memory
 
         release_memory(self.device)
 

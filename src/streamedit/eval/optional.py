@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import StreameditError
-from .metrics import BASE_METRICS, _chunks, _device, _float, as_frames
+from .frames import BASE_METRICS, _chunks, _device, _float, as_frames
 
 RAFT_UPDATES = 12  # torchvision's default number of recurrent refinement steps
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..cli.group import lllite_options, load, model_options, resolve_device, te_size_option, temporal_config
+from ..cli.options import lllite_options, load, model_options, resolve_device, te_size_option, temporal_config
 from ..video.clips import find_clips
 from ..errors import StreameditError
 
@@ -226,8 +226,10 @@ def eval_command(clips, prompt, out_dir, model, revision, device, dtype, baselin
     """Stylize each clip of --clips, measure it, and compare with a previous run."""
     import torch
 
-    from ..bench.command import build_config, command_line, device_name, dumps, parse_sets
-    from ..engine.stream import clean_prompt
+    from ..config import build_config, parse_sets
+    from ..bench.command import command_line, device_name
+    from ..telemetry import dumps
+    from ..config import clean_prompt
 
     paths = find_clips([clips])
     base_records = read_jsonl(baseline) if baseline else None

@@ -17,7 +17,7 @@ DEFAULT_MODEL = "demo"  # the bundled demo model; random:tiny (with a warning) w
 def load_runtime(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
                  revision: str | None = None):
     """The model every session shares (same device/dtype defaults and demo fallback as `stylize`)."""
-    from ..cli.group import load, resolve_device
+    from ..cli.options import load, resolve_device
 
     device, torch_dtype = resolve_device(device, dtype)
     return load(model, revision, device, torch_dtype)
@@ -39,7 +39,7 @@ def live_model_options(fn):
     ]
     for opt in reversed(opts):
         fn = opt(fn)
-    from ..cli.group import te_size_option
+    from ..cli.options import te_size_option
 
     return te_size_option(fn)
 

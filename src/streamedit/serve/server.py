@@ -25,7 +25,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
 from .session import Session, check_prompt
-from .tracks import discard, drain
+from .tracks import StylizedTrack, discard, drain
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
@@ -147,7 +147,8 @@ class Server:
             pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: nothing leaves this host
             session = Session(sid, self.engine_factory, params["prompt"], params["size"], asyncio.get_running_loop(),
                               max_queue=cfg.max_queue, max_input_pixels=cfg.max_input_pixels,
-                              engine_lock=self.engine_lock, trace=cfg.trace, crop=cfg.crop)
+                              engine_lock=self.engine_lock, trace=cfg.trace, crop=cfg.crop,
+                              track_factory=StylizedTrack)
             self._wire(pc, session)
             sdp = filter_candidates(params["sdp"], cfg.ice_hosts)
             await asyncio.wait_for(pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer")), 10)

@@ -120,7 +120,7 @@ class Session:
     def __init__(self, sid: str, engine_factory: Callable, prompt: str, size: int, loop: asyncio.AbstractEventLoop,
                  *, batch_size: int = 1, max_queue: int = 1, max_input_pixels: int = 1920 * 1080,
                  engine_lock: threading.Lock | None = None, on_error: Callable[[str], None] | None = None,
-                 trace: bool = False, crop: bool = False):
+                 trace: bool = False, crop: bool = False, track_factory: Callable | None = None):
         self.id = sid
         self.size, self.crop = size, crop  # long side of the working size; crop: a centre square instead
         self.shape: tuple[int, int] | None = None  # working (h, w): the first frame's aspect decides
@@ -142,9 +142,8 @@ class Session:
         self.trace: deque | None = deque(maxlen=2000) if trace else None  # (output pts, input pts) pairs
         self.channel = None  # the WebRTC data channel, once the browser opens it
         self.tasks: list = []  # asyncio tasks the server runs for this session
-        from .tracks import StylizedTrack  # aiortc is imported only by the server
-
-        self.track = StylizedTrack(self)
+        # the outgoing aiortc track (serve/tracks.py, made by the server: aiortc is imported only there)
+        self.track = track_factory(self) if track_factory is not None else None
 
     @property
     def closed(self) -> bool:
@@ -198,7 +197,8 @@ class Session:
             return
         self._closed = True
         self.queue.close()
-        self.track.stop()
+        if self.track is not None:
+            self.track.stop()
         if self._thread.is_alive():
             await asyncio.to_thread(self._thread.join, 30)
 

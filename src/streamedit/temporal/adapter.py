@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,11 +49,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import StreameditError
-from ..models.loading import hook_sites
+from .checkpoint import load_adapter, save_adapter
+from .cond import CondEmbedder, patch_layout
+from .hooks import hook_level, select_hooks
 
 log = logging.getLogger(__name__)
 
-HOOK_SUBSETS = ("all", "down", "mid", "up")
 # How the runtime builds the cond image (temporal/conditioner.py): "backward" = flow current -> previous, previous output
 # sampled at x + F (ours); "forward" = flow previous -> current, sampled at x - F (the paper's released adapter)
 FLOW_CONVENTIONS = ("backward", "forward")
@@ -75,38 +75,6 @@ class LLLiteConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def select_hooks(unet: nn.Module, hooks: str | list[str] | tuple[str, ...] = "down") -> list[str]:
-    """Hook names for ``all``/``down``/``mid``/``up``, a list of names or a comma-separated string of
-    them (the CLI's ``--hooks``), returned in U-Net order."""
-    sites = hook_sites(unet)
-    if isinstance(hooks, str):
-        if hooks in HOOK_SUBSETS:
-            return sites if hooks == "all" else [n for n in sites if n.startswith(hooks)]
-        hooks = [h.strip() for h in hooks.split(",") if h.strip()]
-    wanted = set(hooks)
-    unknown = sorted(wanted - set(sites))
-    if unknown:
-        raise StreameditError(f"{len(unknown)} LLLite hook name(s) are not hook sites of this U-Net, "
-                              f"e.g. {unknown[0]!r} (subsets: {', '.join(HOOK_SUBSETS)})")
-    return [n for n in sites if n in wanted]
-
-
-def hook_level(unet: nn.Module, name: str) -> int:
-    """Resolution level of a hook: 0 = latent resolution, +1 per 2x downsampling before its block."""
-    down = list(unet.down_blocks)
-    n_down = [getattr(b, "downsamplers", None) is not None for b in down]
-    m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.|mid_block\.", name)
-    if m is None:
-        raise StreameditError(f"cannot place LLLite hook {name!r} in the U-Net (not in down/mid/up blocks)")
-    if m.group(1) == "down_blocks":
-        return sum(n_down[: int(m.group(2))])
-    level = sum(n_down)
-    if m.group(1) == "up_blocks":
-        ups = list(unet.up_blocks)[: int(m.group(2))]
-        level -= sum(getattr(b, "upsamplers", None) is not None for b in ups)
-    return level
 
 
 def conv_strides(total: int) -> list[int]:
@@ -318,8 +286,6 @@ class LLLiteAdapter(nn.Module):
         """Inference: every hook's cond embedding of (B,3,H,W) images in [-1,1], as {stride: (B, h, w,
         hooks, cond_emb_dim)} (the hooks in ``_by_stride`` order), without the zero source half."""
         if self._embedder is None:
-            from .cond import CondEmbedder, patch_layout
-
             groups = self._by_stride()
             self._embedder = CondEmbedder(groups) if patch_layout(groups) else False
         if self._embedder:
@@ -365,8 +331,6 @@ class LLLiteAdapter(nn.Module):
                     m.multiplier.fill_(float(value))
 
     def save(self, path: str | Path) -> None:
-        from .checkpoint import save_adapter
-
         save_adapter(self, path)
 
     @classmethod
@@ -377,8 +341,6 @@ class LLLiteAdapter(nn.Module):
         ``hooks=None`` loads every hook the file has weights for; a subset skips the others (one
         warning). ``cond_size`` is only needed for files without streamedit metadata (default 512).
         """
-        from .checkpoint import load_adapter
-
         return load_adapter(cls, path, unet, hooks, cond_size)
 
 

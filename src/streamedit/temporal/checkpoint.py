@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import StreameditError
-from ..models.loading import hook_sites
+from .hooks import hook_level, hook_sites, select_hooks
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,6 @@ def read_checkpoint(path: str | Path, unet) -> tuple[dict[str, dict[str, tuple[s
 
 
 def load_adapter(cls, path, unet, hooks, cond_size):
-    from .adapter import hook_level, select_hooks
-
     weights, meta, layout, unknown = read_checkpoint(path, unet)
     name = Path(path).name
     sites = set(hook_sites(unet))

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..accel.graphs import StaticGraph
 from .adapter import FLOW_CONVENTIONS
 
 FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
@@ -233,7 +234,6 @@ class TemporalConditioner:
         if self._graphs is None:
             fn(*inputs, rows)
             return
-        from ..accel.graphs import StaticGraph
 
         key = (fn.__name__, len(slots))
         if key not in self._graphs:

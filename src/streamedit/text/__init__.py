@@ -1,1 +1,2 @@
-"""text."""
+"""The Qwen3-VL text conditioning: ``exact.py`` (numerically upstream's ``encode_prompt``), ``fast.py``
+(static shapes, sync-free, compiled and CUDA-graphed), ``fp8.py`` (FP8 Linears, an approximation)."""

@@ -40,7 +40,6 @@ from ..models.processor import EDIT_INSTRUCTION, EDIT_TEMPLATE
 
 log = logging.getLogger(__name__)
 
-MAX_PROMPT_CHARS = 2000
 # te_size -> (PIL resample, token count the sequence is padded/truncated to; None: neither)
 TE_VIEWS = {512: (Image.LANCZOS, None), 256: (Image.BILINEAR, 256)}
 FEATURES = ("last decoder layer before the final norm (transformers 4.57 hidden_states[-1], "

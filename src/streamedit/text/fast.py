@@ -27,7 +27,6 @@ those modules; the shared model is not modified.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -45,6 +44,7 @@ from ..accel.compile_cache import compiled
 from ..accel.graphs import StaticGraph, inductor_mode, wants_graph
 from ..accel.kernels import linear_gelu_tanh, shallow, with_prefix_causal
 from .exact import TextEncoderRunner
+from ..accel.kernels import shallow
 
 
 class _PrefixKV:
@@ -355,3 +355,25 @@ class FastTextEncoderRunner(TextEncoderRunner):
                             variant=lambda: (self.span, tuple(self.c["cos"].shape), self.n_pad), **options)
         self._graph = StaticGraph(self._fn, self.device, name="te") if graph else None
         return self
+
+
+@torch.no_grad()
+def te_fp8_agreement(models, frames: torch.Tensor, prompt: str, te_size: int = 512) -> dict:
+    """How close the FP8 TE's output is to the exact one on the same (B,H,W,3) uint8 frames (TE view ``te_size``).
+
+    Both run the uncompiled fast forward (the compiled one computes the same ops). Cosine
+    similarity per output token over the hidden dim (mean and min over tokens and frames), and
+    the relative L2 error ``|fp8 - ref| / |ref|`` of the whole output.
+    """
+
+    b = frames.shape[0]
+    runner = FastTextEncoderRunner(models, b, te_size=te_size)
+    ref = runner.encode(prompt, frames, b).float()
+    fp8 = FastTextEncoderRunner(models, b, fp8=True, te_size=te_size).encode(prompt, frames, b).float()
+    mask = runner.text_mask(prompt)
+    if mask is not None:  # te_size 256: the pad rows are zeros in both, not tokens
+        keep = mask[0].bool()
+        ref, fp8 = ref[:, keep], fp8[:, keep]
+    cos = F.cosine_similarity(fp8, ref, dim=-1)
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+            "rel_l2": float((fp8 - ref).norm() / ref.norm().clamp(min=1e-12)), "frames": b}

@@ -14,7 +14,6 @@ This is an approximation (3 mantissa bits): :func:`te_fp8_agreement` says how mu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..accel.kernels import shallow
@@ -88,24 +87,3 @@ def check_fp8_device(device) -> str | None:
     return None
 
 
-@torch.no_grad()
-def te_fp8_agreement(models, frames: torch.Tensor, prompt: str, te_size: int = 512) -> dict:
-    """How close the FP8 TE's output is to the exact one on the same (B,H,W,3) uint8 frames (TE view ``te_size``).
-
-    Both run the uncompiled fast forward (the compiled one computes the same ops). Cosine
-    similarity per output token over the hidden dim (mean and min over tokens and frames), and
-    the relative L2 error ``|fp8 - ref| / |ref|`` of the whole output.
-    """
-    from .fast import FastTextEncoderRunner
-
-    b = frames.shape[0]
-    runner = FastTextEncoderRunner(models, b, te_size=te_size)
-    ref = runner.encode(prompt, frames, b).float()
-    fp8 = FastTextEncoderRunner(models, b, fp8=True, te_size=te_size).encode(prompt, frames, b).float()
-    mask = runner.text_mask(prompt)
-    if mask is not None:  # te_size 256: the pad rows are zeros in both, not tokens
-        keep = mask[0].bool()
-        ref, fp8 = ref[:, keep], fp8[:, keep]
-    cos = F.cosine_similarity(fp8, ref, dim=-1)
-    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-            "rel_l2": float((fp8 - ref).norm() / ref.norm().clamp(min=1e-12)), "frames": b}

@@ -138,7 +138,8 @@ def _embed_all(models, sources: np.ndarray, chunk: int = 32) -> list[torch.Tenso
 @torch.no_grad()
 def validate(models, frames: np.ndarray, targets: np.ndarray, size: int, batch: int = 16) -> dict:
     """PSNR (dB, mean over frames) of the 1-step model output and of the VAE round trip, per style."""
-    from ..engine.stream import EngineConfig, StreamEngine
+    from ..config import EngineConfig
+    from ..engine.stream import StreamEngine
     from ..eval.metrics import psnr_per_frame
 
     report = {}
@@ -236,7 +237,8 @@ def train_base(clips: str, out: str, holdout: list[str], cfg: BaseTrainConfig, d
 def _initial_models(cfg: BaseTrainConfig, device: torch.device):
     """Fresh random demo-size models, or (``init_from``) a saved model to continue, in float32."""
     from ..errors import StreameditError
-    from ..models.loading import build_random, load_models
+    from ..models.architectures import build_random
+    from ..models.loading import load_models
 
     if not cfg.init_from:
         return build_random("demo", device=device, dtype=torch.float32, seed=cfg.seed)
@@ -350,7 +352,7 @@ def base_command(clips, output, holdout, size, crops, max_frames, vae_steps, une
                  unet_minutes, pixel_weight, one_step_fraction, joint_decoder, decoder_steps, unet_channels, unet_heads,
                  unet_layers, decoder_channels, decoder_blocks, seed, init_from, device):
     """Train the small demo edit model to imitate the built-in filters; writes a model folder."""
-    from ..cli.group import resolve_device
+    from ..cli.options import resolve_device
 
     if joint_decoder and not pixel_weight:
         raise click.UsageError("--joint-decoder trains the decoder on the image loss: it needs --pixel-weight > 0")

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cli.group import load, model_options, resolve_device
+from ..cli.options import load, model_options, resolve_device
 from ..errors import StreameditError
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ import click
 import numpy as np
 import torch
 
-from ..cli.group import load, model_options, resolve_device
+from ..cli.options import load, model_options, resolve_device
 from ..video.clips import find_clips, read_frames
 from ..errors import StreameditError
 
@@ -88,7 +88,8 @@ def make_pairs(models, clips: list[Path], prompts: list[str], out_dir, size: int
     """Write one pair file per (clip, prompt) and ``manifest.json`` into ``out_dir``; returns a summary."""
     from tqdm import tqdm
 
-    from ..engine.stream import EngineConfig, StreamEngine, clean_prompt
+    from ..config import EngineConfig, clean_prompt
+    from ..engine.stream import StreamEngine
 
     if not 0.0 < alpha <= 1.0:
         raise StreameditError(f"--alpha must be in (0, 1], got {alpha}")
@@ -206,7 +207,7 @@ def load_pair_file(path) -> tuple[dict[str, np.ndarray], dict]:
 def pairs_command(model, revision, device, dtype, clips, prompts, output, size, alpha, max_frames, exclude, batch,
                   steps, seed, no_cut_detect):
     """Make (source, cond, target) teacher pairs for training a temporal LLLite adapter."""
-    from ..engine.stream import clean_prompt
+    from ..config import clean_prompt
 
     files = find_clips(clips, exclude)  # fail on bad input before any slow loading
     prompts = [clean_prompt(p) for p in prompts]

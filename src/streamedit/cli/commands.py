@@ -1,0 +1,160 @@
+"""``streamedit stylize`` and ``streamedit info``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import click
+
+from .group import _sigterm_to_interrupt, cli
+from .options import (check_size, check_speed_flags, lllite_options, load, low_latency_fields, model_options,
+                      resolve_device, speed_options, te_size_option, temporal_config)
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT")
+@click.option("-o", "--output", required=True, help="Output video file (.mp4, .mkv, .mov).")
+@click.option("-p", "--prompt", required=True, help="The edit instruction, e.g. 'oil painting'.")
+@model_options
+@click.option("--batch", default=8, show_default=True, help="Frames per batch.")
+@click.option("--steps", default=1, show_default=True, help="Denoising steps (1-4).")
+@click.option("--strength", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Start sigma in (0, 1]: 1 starts from pure noise; lower starts from the noised source "
+                   "(default: the model's own, 1 unless its streamedit.json says otherwise).")
+@click.option("--size", type=int, default=None,
+              help="Working resolution: the long side (the short side keeps the input's aspect, rounded to 32). "
+                   "Default: the model's own (256 for demo), else 512.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--fixed-noise", is_flag=True, help="Start every frame from the same noise (less flicker).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile U-Net, VAE and (with --te-fast) TE into CUDA graphs (first batches pay for it).")
+@click.option("--compile-mode", default="reduce-overhead", show_default=True)
+@click.option("--te-fast", is_flag=True, help="Static, sync-free text encoder (exact; compiled with --compile).")
+@click.option("--te-batch-one", is_flag=True, help="Approximation: one TE pass per batch.")
+@click.option("--te-refresh", default=1, show_default=True, help="Approximation: reuse the TE output N batches.")
+@click.option("--keep-size", is_flag=True, help="Write the working size instead of scaling back to the input's.")
+@click.option("--crop", is_flag=True, help="Centre-crop to a square (size x size) instead of keeping the aspect.")
+@te_size_option
+@speed_options
+@lllite_options
+def stylize(input_path, output, prompt, model, revision, device, dtype, batch, steps, strength, size, seed, fixed_noise,
+            compile_, compile_mode, te_fast, te_batch_one, te_refresh, keep_size, crop, te_size, te_fp8, skip_similar,
+            low_latency, main_priority, **temporal):
+    """Stylize INPUT with an instruction and write OUTPUT (same fps, timestamps and audio)."""
+    from tqdm import tqdm
+
+    from ..config import EngineConfig
+    from ..engine.stream import StreamEngine
+    from ..video.io import VideoWriter, open_video
+    from ..models.loading import working_size
+
+    check_size(size)
+    size = working_size(size, model)
+    fields = dict(batch_size=batch, compile=compile_, te_fast=te_fast, te_size=te_size, te_fp8=te_fp8,
+                  skip_similar=skip_similar, main_priority=main_priority)
+    if low_latency:
+        fields.update(low_latency_fields(click.get_current_context(), batch))
+    config = EngineConfig(prompt=prompt, steps=steps, strength=strength, size=size, crop=crop, seed=seed,
+                          fixed_noise=fixed_noise,
+                          compile_mode=compile_mode, te_batch_one=te_batch_one, te_refresh_every=te_refresh,
+                          **fields, **temporal_config(**temporal))
+    from ..config import clean_prompt
+
+    config.prompt = clean_prompt(prompt)  # fail on a bad prompt before any slow loading
+    device, torch_dtype = resolve_device(device, dtype)
+    check_speed_flags(config, device)
+    source = open_video(input_path, size=size, keep_size=keep_size, crop=crop)
+    config.frame_size = (source.info.height, source.info.width)  # the engine sets up for this aspect
+    written, writer = 0, None
+    t0 = time.perf_counter()
+    restore = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    try:
+        with VideoWriter(output, source) as writer:
+            engine = StreamEngine(load(model, revision, device, torch_dtype), config)
+            t0 = time.perf_counter()
+            bar = tqdm(total=source.info.frame_count, unit="frame", desc="stylize", dynamic_ncols=True,
+                       disable=None)
+            for frame in engine.run(source.frames()):
+                writer.write(frame)
+                written += 1
+                bar.update(1)
+                bar.set_postfix(fps=f"{written / (time.perf_counter() - t0):.1f}", refresh=False)
+            bar.close()
+            engine.close()
+    except KeyboardInterrupt:
+        click.echo(f"\n{_interrupted(writer, output)}", err=True)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, restore)
+    wall = time.perf_counter() - t0
+    peak = ""
+    if device.startswith("cuda"):
+        import torch
+
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    click.echo(f"{written} frames in {wall:.1f} s ({written / max(wall, 1e-9):.1f} fps{peak}) -> {output}")
+    if source.warning:
+        click.echo(f"error: {source.warning}", err=True)
+        sys.exit(2)
+
+
+def _interrupted(writer, output) -> str:
+    """What an interrupted stylize leaves behind, truly: frames saved, or nothing written."""
+    saved = writer.frames_written if writer is not None else 0
+    if saved:
+        return f"interrupted: {saved} stylized frames saved to {output}"
+    if os.path.exists(output):
+        return f"interrupted before the first stylized frame: {output} was left as it was"
+    return f"interrupted before the first stylized frame: nothing was written ({output} not created)"
+
+
+@cli.command()
+@model_options
+@click.option("--lllite", default=None, help="Also load this adapter and list its hooks.")
+@click.option("--hooks", default=None, help="Hook subset to attach (default: every hook in the file).")
+def info(model, revision, device, dtype, lllite, hooks):
+    """Print each component's class and parameter count, and the LLLite hook sites."""
+    from ..models.loading import describe
+    from ..temporal.hooks import hook_split
+
+    rows, models = describe(model if model != "demo" else _demo_or_tiny(), revision=revision)
+    click.echo(f"model: {model}" + (" (built on the meta device: no weights allocated)"
+                                    if model.startswith("random:") else ""))
+    for name, cls, n in rows:
+        click.echo(f"  {name:<13} {cls:<36} {_count(n):>9} params" if n else f"  {name:<13} {cls}")
+    click.echo(f"  {'total':<13} {'':<36} {_count(sum(n for _, _, n in rows)):>9} params")
+    split = hook_split(models.unet)
+    click.echo(f"hook sites: {sum(split.values())} (down {split['down']} / mid {split['mid']} / up {split['up']})")
+    click.echo(f"edit template prefix dropped from the TE output: {models.edit_prefix_len} tokens")
+    from ..text.exact import FEATURES
+
+    click.echo(f"text-encoder features: {FEATURES}")
+    if lllite:
+        from ..temporal.adapter import LLLiteAdapter
+
+        if models.device.type == "meta":  # adapter weights need real storage
+            models = load(model, revision, "cpu", __import__("torch").float32)
+        from ..temporal.attach import adapter_path
+
+        adapter = LLLiteAdapter.load(adapter_path(lllite), models.unet, hooks=hooks)
+        cfg = adapter.config
+        parts = {p: sum(h.startswith(p) for h in adapter.hooks) for p in ("down", "mid", "up")}
+        click.echo(f"lllite: {lllite}: {len(adapter.hooks)} hooks (down {parts['down']} / mid {parts['mid']} / "
+                   f"up {parts['up']}), cond_emb_dim {cfg.cond_emb_dim}, mlp_dim {cfg.mlp_dim}, "
+                   f"cond image {cfg.cond_size}, {sum(p.numel() for p in adapter.parameters()) / 1e6:.2f} M params, "
+                   f"flow convention {cfg.flow}")
+        for hook in adapter.hooks:
+            click.echo(f"  {hook}")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"
+
+
+def _demo_or_tiny() -> str:
+    from ..models.loading import demo_available
+
+    return "demo" if demo_available() else "random:tiny"
