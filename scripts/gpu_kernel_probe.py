@@ -233,12 +233,12 @@ def probe_graphs(out: Path, res: dict, save, variants: list[str]) -> None:
     import numpy as np
     import torch._inductor.config as ic
 
-    from streamedit.diffusion.denoiser import Denoiser
     from streamedit.config import EngineConfig
-    from streamedit.temporal.attach import attach_adapter
+    from streamedit.diffusion.denoiser import Denoiser
     from streamedit.models.loading import load_models
-    from streamedit.text.fast import FastTextEncoderRunner
+    from streamedit.temporal.attach import attach_adapter
     from streamedit.text.exact import TextEncoderRunner
+    from streamedit.text.fast import FastTextEncoderRunner
 
     models = load_models("random:real", device=DEV, dtype=DT)
     config = EngineConfig(prompt="oil painting", lllite="random", hooks="down", compile=True, size=512)

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamedit.diffusion.denoiser import Denoiser
 from streamedit.config import EngineConfig
-from streamedit.temporal.attach import attach_adapter
+from streamedit.diffusion.denoiser import Denoiser
 from streamedit.models.loading import load_models
+from streamedit.temporal.attach import attach_adapter
 from streamedit.text.exact import TextEncoderRunner
 
 

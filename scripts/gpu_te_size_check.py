@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from streamedit import EngineConfig, StreamEngine, load_models
-from streamedit.text.fast import FastTextEncoderRunner
 from streamedit.text.exact import TextEncoderRunner
+from streamedit.text.fast import FastTextEncoderRunner
 
 
 def frames(n, size=512):

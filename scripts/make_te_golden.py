@@ -61,10 +61,10 @@ def view(frame: np.ndarray, size: int) -> np.ndarray:
 
 def stage1(tf457: str) -> None:
     from PIL import Image
+    from transformers import Qwen3VLForConditionalGeneration
 
     from streamedit.models import processor as proc
     from streamedit.models.architectures import _te_config
-    from transformers import Qwen3VLForConditionalGeneration
 
     tok = proc.build_offline_tokenizer()
     torch.manual_seed(0)

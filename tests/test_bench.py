@@ -12,6 +12,7 @@ from PIL import Image
 
 import streamedit.bench.command as bench
 import streamedit.bench.report as bench_report
+from streamedit.bench.run import SimulatedSource
 from streamedit.cli.group import _Group
 from streamedit.video.clips import make_test_clip
 
@@ -29,7 +30,7 @@ def frames(n=4, size=16):
 
 
 def test_source_paces_frames_at_its_rate():
-    src = bench.SimulatedSource(frames(), count=61, fps=30)  # 2 s of camera
+    src = SimulatedSource(frames(), count=61, fps=30)  # 2 s of camera
     t0 = time.perf_counter()
     got = [int(f[0, 0, 0]) for f in src]
     elapsed = time.perf_counter() - t0
@@ -41,10 +42,10 @@ def test_source_paces_frames_at_its_rate():
 
 
 def test_source_as_fast_as_possible_and_stops_its_thread():
-    src = bench.SimulatedSource(frames(), count=1000, fps=0)
+    src = SimulatedSource(frames(), count=1000, fps=0)
     t0 = time.perf_counter()
     assert len(list(src)) == 1000 and time.perf_counter() - t0 < 1.0
-    paced = iter(bench.SimulatedSource(frames(), count=1000, fps=50))
+    paced = iter(SimulatedSource(frames(), count=1000, fps=50))
     next(paced)
     paced.close()  # consumer gone (engine error): the producer must end, not run on for 20 s
     time.sleep(0.2)

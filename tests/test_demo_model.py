@@ -7,10 +7,10 @@ from click.testing import CliRunner
 
 from streamedit import EngineConfig, StreamEngine, load_models
 from streamedit.cli.group import cli
-from streamedit.video.clips import make_test_clip, read_frames
 from streamedit.eval.metrics import psnr_per_frame
 from streamedit.models.loading import DEMO_LLLITE, demo_available
 from streamedit.train.filters import STYLES, apply_style
+from streamedit.video.clips import make_test_clip, read_frames
 
 pytestmark = pytest.mark.skipif(not demo_available(), reason="the demo model is not bundled in this checkout")
 

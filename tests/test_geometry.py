@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from streamedit.cli.group import cli
+from streamedit.models.loading import demo_available
 from streamedit.video.clips import write_clip
 from streamedit.video.geometry import working_shape
 from streamedit.video.io import VideoWriter, open_video
-from streamedit.models.loading import demo_available
 
 W, H = 320, 180  # 16:9
 

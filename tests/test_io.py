@@ -1,4 +1,4 @@
-"""Tests for streamedit.io: decoding, encoding, timestamps, audio, bad input and interruption."""
+"""Tests for streamedit.video.io: decoding, encoding, timestamps, audio, bad input and interruption."""
 
 import contextlib
 import errno
@@ -348,7 +348,7 @@ def test_ctrl_c_in_real_process(tmp_path):
     out = tmp_path / "out.mp4"
     script = textwrap.dedent(f"""
         import sys, time
-        from streamedit.io import VideoWriter, open_video
+        from streamedit.video.io import VideoWriter, open_video
         src = open_video({str(inp)!r}, size=32)
         w = VideoWriter({str(out)!r}, src)
         try:

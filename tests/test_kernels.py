@@ -1,4 +1,4 @@
-"""Exact kernel substitutions (streamedit.kernels) against the library modules they stand in for.
+"""Exact kernel substitutions (streamedit.accel.kernels) against the library modules they stand in for.
 
 The CUDA kernels themselves (flash attention, cuBLASLt's GELU epilogue, cuDNN's fused convolutions)
 are checked on the GPU by scripts/gpu_kernel_probe.py; here the CPU paths, the plumbing around the
@@ -8,13 +8,12 @@ CUDA ones and the assumption each relies on.
 import pytest
 import torch
 import torch.nn.functional as F
+from test_te_fast import smooth_frames
 from torch.nn.attention.bias import causal_lower_right
 
 from streamedit.accel import kernels
 from streamedit.accel.kernels import FusedTinyBlock, fuse_tiny_vae, prefix_causal_attention
 from streamedit.text.fast import FastTextEncoderRunner
-
-from test_te_fast import smooth_frames
 
 
 def test_fused_tiny_vae_equals_library_vae_eager_and_compiled(tiny_models):

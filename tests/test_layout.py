@@ -143,10 +143,11 @@ def test_old_names_resolve_in_their_new_homes():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        from streamedit.engine import EngineConfig, StreamEngine  # package now, re-exports the old module's names
-        from streamedit.engine_config import attach_adapter, to_working  # split over three modules
-        from streamedit.models import hook_sites, load_models
         import streamedit.lllite as lllite
+        from streamedit.engine_config import attach_adapter, to_working  # split over three modules
+
+        from streamedit.engine import EngineConfig, StreamEngine  # package now, re-exports the old module's names
+        from streamedit.models import hook_sites, load_models
     from streamedit.temporal import attach, hooks
     from streamedit.temporal.adapter import LLLiteAdapter
     assert attach_adapter is attach.attach_adapter and hook_sites is hooks.hook_sites

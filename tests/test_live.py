@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from streamedit.errors import StreameditError
-from streamedit.video.clips import make_test_clip
 from streamedit.serve import live
 from streamedit.serve.live import Grabber, LiveLoop, live_command, open_camera
+from streamedit.video.clips import make_test_clip
 
 
 class FakeEngine:

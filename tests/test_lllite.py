@@ -10,11 +10,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from streamedit.errors import StreameditError
+from streamedit.models.architectures import REAL_UNET
+from streamedit.models.loading import load_models
 from streamedit.temporal.adapter import LLLiteAdapter, apply_lllite, remove_lllite
 from streamedit.temporal.checkpoint import read_checkpoint
-from streamedit.models.architectures import REAL_UNET
 from streamedit.temporal.hooks import hook_sites
-from streamedit.models.loading import load_models
 
 COND = 64  # cond image side for the tiny U-Net (latent 8x8, token grids 8x16 / 4x8 / 2x4)
 B = 2

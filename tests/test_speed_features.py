@@ -16,8 +16,8 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from streamedit import EngineConfig, StreameditError, StreamEngine
-from streamedit.diffusion.denoiser import Denoiser
 from streamedit.accel.graphs import StaticGraph
+from streamedit.diffusion.denoiser import Denoiser
 from streamedit.temporal.adapter import LLLiteAdapter, apply_lllite, remove_lllite
 
 
@@ -326,8 +326,8 @@ def test_fp8_linear_scales():
 
 
 def test_fp8_replaces_only_aligned_linears_and_agrees(tiny_models):
-    from streamedit.text.fp8 import Fp8Linear, with_fp8_linears
     from streamedit.text.fast import te_fp8_agreement
+    from streamedit.text.fp8 import Fp8Linear, with_fp8_linears
 
     tree = with_fp8_linears(nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 32), nn.Linear(32, 24)))
     assert [type(m).__name__ for m in tree] == ["Fp8Linear", "ReLU", "Fp8Linear", "Linear"]

@@ -9,8 +9,8 @@ from PIL import Image
 from transformers import Qwen3VLForConditionalGeneration
 
 from streamedit.models.architectures import _te_config
-from streamedit.text.fast import FastTextEncoderRunner, _PrefixKV
 from streamedit.text.exact import TextEncoderRunner
+from streamedit.text.fast import FastTextEncoderRunner, _PrefixKV
 
 TOL = 1e-4
 

@@ -19,8 +19,8 @@ from transformers import Qwen3VLForConditionalGeneration
 
 from streamedit.models import processor as proc
 from streamedit.models.loading import _load_processor
-from streamedit.text.fast import FastTextEncoderRunner
 from streamedit.text.exact import TextEncoderRunner
+from streamedit.text.fast import FastTextEncoderRunner
 
 GOLDEN = Path(__file__).parent / "data" / "te_golden"
 TOL = 1e-5

@@ -10,7 +10,6 @@ import torch
 from click.testing import CliRunner
 
 from streamedit.cli.group import cli
-from streamedit.video.clips import make_test_clip
 from streamedit.config import EngineConfig
 from streamedit.engine.stream import StreamEngine
 from streamedit.eval.metrics import psnr_per_frame
@@ -18,6 +17,7 @@ from streamedit.models.loading import load_models
 from streamedit.train.base import BaseTrainConfig, train_base
 from streamedit.train.data import build_examples, split_clips
 from streamedit.train.filters import STYLES, apply_style
+from streamedit.video.clips import make_test_clip
 
 
 @pytest.fixture(scope="module")

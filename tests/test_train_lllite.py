@@ -12,14 +12,14 @@ import torch
 from click.testing import CliRunner
 
 from streamedit.cli.group import cli
-from streamedit.video.clips import make_test_clip
 from streamedit.diffusion.denoiser import Denoiser
 from streamedit.errors import StreameditError
-from streamedit.temporal.adapter import LLLiteAdapter
 from streamedit.models.loading import load_models
+from streamedit.temporal.adapter import LLLiteAdapter
 from streamedit.temporal.conditioner import farneback
 from streamedit.train.lllite import encode_latents, sigma_schedule, train_lllite
 from streamedit.train.pairs import MANIFEST, blend_clip, find_clips, load_pair_file, make_pairs
+from streamedit.video.clips import make_test_clip
 
 SIZE, ALPHA, FRAMES = 64, 0.7, 6
 PROMPTS = ["oil painting", "pencil sketch"]

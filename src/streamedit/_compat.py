@@ -35,6 +35,7 @@ MOVED = {
     "streamedit.lllite_cond": ("streamedit.temporal.cond",),
     "streamedit.io": ("streamedit.video.io",),
     "streamedit.clips": ("streamedit.video.clips",),
+    "streamedit.geometry": ("streamedit.video.geometry",),
     "streamedit.bench_run": ("streamedit.bench.run",),
     "streamedit.bench_report": ("streamedit.bench.report", "streamedit.telemetry", "streamedit.cli.options"),
     "streamedit.bench_startup": ("streamedit.bench.startup",),

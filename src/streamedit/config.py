@@ -1,4 +1,8 @@
-"""``EngineConfig``, its presets and checks, and the small host-side helpers of the engine."""
+"""``EngineConfig`` (every engine option), its presets, the one validation and prompt policy, and the
+``--set KEY=VALUE`` overrides bench and eval share.
+
+Every command imports this module, so it imports only numpy and ``errors`` at module level: the checks
+that need the model code (scheduler, TE views, FP8 device) import it inside ``validate``."""
 
 from __future__ import annotations
 
@@ -8,11 +12,8 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .errors import StreameditError
-from .text.exact import TE_VIEWS
-from .video.geometry import working_shape
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class EngineConfig:
     te_batch_one: bool = False  # approximation: encode one frame per batch, broadcast
     te_refresh_every: int = 1  # approximation: reuse the TE output for N batches
     te_fast: bool = False  # static, sync-free TE (text/fast.py); compiled (+CUDA graph) with `compile`
-    te_size: int = 512  # the TE's view of a frame: 512 = upstream (LANCZOS); 256 = the paper's (text_encoder.TE_VIEWS)
+    te_size: int = 512  # the TE's view of a frame: 512 = upstream (LANCZOS); 256 = the paper's (text/exact.py TE_VIEWS)
     te_fp8: bool = False  # approximation: the fast TE's Linears in FP8 (text/fp8.py); needs te_fast + an FP8 GPU
     pipeline: bool = True  # overlap TE/VAE-encode of batch k+1 with denoise/decode of batch k
     main_priority: bool = False  # main stream (U-Net + decode) at high CUDA priority: the side stream fills gaps
@@ -89,6 +90,8 @@ def check_frame(frame) -> np.ndarray:
 def engine_shape(models, config: EngineConfig, frame_size: tuple[int, int] | None = None) -> tuple[int, int] | None:
     """The working (h, w) for ``config`` and an input of ``frame_size`` (else ``config.frame_size``); None
     while it is unknown (no frame size yet, no crop)."""
+    from .video.geometry import working_shape  # cv2: not for every command that imports config
+
     frame_size = frame_size or config.frame_size
     if frame_size is None and not config.crop:
         return None
@@ -104,8 +107,11 @@ def model_strength(models, config: EngineConfig) -> float:
 
 
 def validate(models, config: EngineConfig) -> None:
+    import torch
+
     from .diffusion.denoiser import sigma_schedule
     from .models.loading import check_scheduler
+    from .text.exact import TE_VIEWS
 
     check_scheduler(models.scheduler)
     if not 0.0 < model_strength(models, config) <= 1.0:

@@ -7,7 +7,6 @@ import platform
 
 import numpy as np
 
-
 # (name, start event, end event) of the per-batch CUDA-event timings; unet_decode: the fused graph
 SPANS = (("te", "te0", "te1"), ("vae_encode", "te1", "enc1"), ("cond", "cond0", "unet0"),
          ("unet", "unet0", "unet1"), ("vae_decode", "unet1", "dec1"), ("unet_decode", "unet0", "dec1"),

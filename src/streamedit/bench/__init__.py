@@ -3,4 +3,5 @@ camera, timings, FLOPs), ``startup.py`` (fresh processes to their first frame), 
 
 from .command import BEST, MATRIX, PAPER, bench_command, build_config, select_rows
 from .report import format_startup, format_table, save_plot
-from .run import BENCH_KEYS, FLOPS_METHOD, PREWARM_BATCHES, SimulatedSource, bench_frames, count_flops, run_matrix, run_row
+from .run import (BENCH_KEYS, FLOPS_METHOD, PREWARM_BATCHES, SimulatedSource, bench_frames, count_flops, run_matrix,
+                  run_row)

@@ -19,19 +19,16 @@ from pathlib import Path
 
 import click
 
-from .report import check_matplotlib, format_startup, format_table, save_plot
-from ..cli.options import command_line
-from ..telemetry import device_name
-from .run import (BENCH_KEYS, FLOPS_METHOD, PREWARM_BATCHES, SimulatedSource, bench_frames,  # noqa: F401
-                        count_flops, run_matrix, run_row)
-from ..cli.options import check_size, lllite_options, load, model_options, resolve_device, te_size_option, temporal_config
+from ..cli.options import (check_size, command_line, lllite_options, load, model_options, resolve_device,
+                           te_size_option, temporal_config)
 from ..config import LOW_LATENCY
+from ..config import build_config as _build_config
+from ..config import clean_prompt, parse_sets
 from ..errors import StreameditError
-from ..config import build_config as _build_config, parse_sets
-from ..telemetry import dumps
-from ..config import clean_prompt
 from ..models.loading import working_size
-from .run import held
+from ..telemetry import device_name, dumps
+from .report import check_matplotlib, format_startup, format_table, save_plot
+from .run import BENCH_KEYS, FLOPS_METHOD, PREWARM_BATCHES, bench_frames, held, run_matrix
 from .startup import measure_startup
 
 log = logging.getLogger(__name__)

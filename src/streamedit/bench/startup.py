@@ -90,10 +90,10 @@ def _probe(spec: dict) -> dict:
     import torch  # noqa: F401  (import time is part of the startup)
 
     from ..accel import compile_cache, graphs
-    from .run import bench_frames
     from ..cli.options import load
     from ..config import EngineConfig
     from ..engine.stream import StreamEngine
+    from .run import bench_frames
 
     t_import = time.time() - t0
     models = load(spec["model"], spec["revision"], spec["device"], getattr(torch, spec["dtype"]))

@@ -48,8 +48,8 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
 
     from ..config import EngineConfig
     from ..engine.stream import StreamEngine
-    from ..video.io import VideoWriter, open_video
     from ..models.loading import working_size
+    from ..video.io import VideoWriter, open_video
 
     check_size(size)
     size = working_size(size, model)

@@ -10,7 +10,6 @@ import torch
 
 from ..errors import StreameditError
 
-
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, the weights of cv2.COLOR_RGB2GRAY
 
 

@@ -25,8 +25,8 @@ import click
 import numpy as np
 
 from ..cli.options import lllite_options, load, model_options, resolve_device, te_size_option, temporal_config
-from ..video.clips import find_clips
 from ..errors import StreameditError
+from ..video.clips import find_clips
 
 WINDOW_METRICS = ("warp_error", "sobel", "hf_fft")  # cheap enough to run per window
 
@@ -226,10 +226,9 @@ def eval_command(clips, prompt, out_dir, model, revision, device, dtype, baselin
     """Stylize each clip of --clips, measure it, and compare with a previous run."""
     import torch
 
-    from ..config import build_config, parse_sets
     from ..bench.command import command_line, device_name
+    from ..config import build_config, clean_prompt, parse_sets
     from ..telemetry import dumps
-    from ..config import clean_prompt
 
     paths = find_clips([clips])
     base_records = read_jsonl(baseline) if baseline else None

@@ -11,7 +11,6 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from . import processor as proc
 from .components import Models
 
-
 _UNET_BLOCKS = dict(
     down_block_types=("DreamLiteCrossAttnNoSelfAttnDownBlock2D", "DreamLiteCrossAttnNoSelfAttnDownBlock2D",
                       "DreamLiteCrossAttnDownBlock2D"),

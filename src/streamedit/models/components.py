@@ -13,7 +13,6 @@ from transformers import Qwen3VLForConditionalGeneration
 
 from . import processor as proc
 
-
 COMPONENTS = ("text_encoder", "tokenizer", "processor", "vae", "unet", "scheduler")
 
 

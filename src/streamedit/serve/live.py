@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 
 from ..errors import StreameditError
-from .runtime import live_model_options
 from ..video.geometry import fit, working_shape
+from .runtime import live_model_options
 from .session import LatestQueue, check_prompt
 
 WINDOW = "streamedit live"

@@ -9,7 +9,6 @@ from torch import nn
 
 from ..errors import StreameditError
 
-
 HOOK_RE = re.compile(r"transformer_blocks\.\d+\.(attn1\.to_[qkv]|attn2\.to_q)$")
 
 

@@ -1,6 +1,6 @@
 """Static-shape, sync-free Qwen3-VL conditioning: :class:`TextEncoderRunner` for a fixed size and prompt.
 
-With a fixed TE view (``te_size`` 512 or 256, text_encoder.TE_VIEWS) and prompt, every shape in the TE
+With a fixed TE view (``te_size`` 512 or 256, text/exact.py TE_VIEWS) and prompt, every shape in the TE
 is static: each frame gives the same token ids and a 1x32x32 (1x16x16) patch grid. Everything that
 depends only on (size, prompt) and the weights is computed once, on the device, with the model's own code:
 
@@ -39,12 +39,11 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision, eager_attention_forward
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
-from .fp8 import Fp8Linear, with_fp8_linears  # noqa: F401  (Fp8Linear: public name kept here)
 from ..accel.compile_cache import compiled
 from ..accel.graphs import StaticGraph, inductor_mode, wants_graph
 from ..accel.kernels import linear_gelu_tanh, shallow, with_prefix_causal
 from .exact import TextEncoderRunner
-from ..accel.kernels import shallow
+from .fp8 import Fp8Linear, with_fp8_linears  # noqa: F401  (Fp8Linear: public name kept here)
 
 
 class _PrefixKV:

@@ -18,8 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..video.clips import find_clips, read_frames
 from ..errors import StreameditError
+from ..video.clips import find_clips, read_frames
 from .filters import STYLES, apply_style
 
 

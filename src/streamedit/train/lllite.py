@@ -193,8 +193,8 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
     from tqdm import tqdm
 
     from ..diffusion.denoiser import Denoiser, start_sample
-    from ..temporal.adapter import LLLiteAdapter, apply_lllite, remove_lllite
     from ..models.loading import default_strength
+    from ..temporal.adapter import LLLiteAdapter, apply_lllite, remove_lllite
 
     _check(steps, batch_size, grad_accum, lr, p_one, save_every, pixel_weight)
     t_start = time.perf_counter()

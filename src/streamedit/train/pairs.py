@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from ..cli.options import load, model_options, resolve_device
-from ..video.clips import find_clips, read_frames
 from ..errors import StreameditError
+from ..video.clips import find_clips, read_frames
 
 FORMAT = "streamedit-pairs"
 MANIFEST = "manifest.json"
