@@ -120,7 +120,10 @@ def test_long_prompt_is_truncated_with_a_warning(tmp_path):
 def test_info_prints_the_feature_convention():
     code, out, err = _run("info", "--model", "random:tiny")
     assert code == 0, err
-    assert "text-encoder features: last decoder layer before the final norm" in out
+    assert "text-encoder features: prenorm: last decoder layer before the final norm" in out
+    code, out, err = _run("info", "--model", "demo")  # trained on the normed output (its streamedit.json)
+    assert code == 0, err
+    assert "text-encoder features: normed: last decoder layer after the final norm" in out
 
 
 def test_info_real_builds_on_meta():

@@ -31,6 +31,8 @@ def test_demo_folder_describes_itself(demo):
     assert demo.extras["instructions"] == list(STYLES)
     assert 0 < demo.extras["strength"] < 1
     assert type(demo.unet).__name__ == "DreamLiteUNetModel" and type(demo.vae).__name__ == "AutoencoderTiny"
+    # trained on the TE's normed output (last_hidden_state), unlike DreamLite: its streamedit.json says so
+    assert demo.te_features == demo.extras["te_features"] == "normed"
 
 
 def test_demo_model_imitates_the_sketch_filter(demo, scene):

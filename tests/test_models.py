@@ -140,6 +140,34 @@ def _hub_layout(models, path):
     return path
 
 
+def test_the_paper_te_view_leaves_the_tokenizer_as_it_was(tiny_models, tmp_path):
+    """te_size 256 pads/truncates the prompt to 256 tokens; the tokenizer must not keep that setting, or a
+    folder saved afterwards truncates every 512-view prompt (its image tokens) when loaded."""
+    from streamedit.text.exact import TextEncoderRunner
+
+    TextEncoderRunner(tiny_models, te_size=256).text_inputs("oil painting")
+    tiny_models.save_pretrained(tmp_path / "pipe")
+    saved = json.loads((tmp_path / "pipe" / "processor" / "tokenizer.json").read_text())
+    assert saved["truncation"] is None and saved["padding"] is None
+    loaded = load_models(str(tmp_path / "pipe"), device="cpu", dtype=torch.float32)
+    ids = TextEncoderRunner(loaded, te_size=512).text_inputs("oil painting")["input_ids"]
+    assert torch.equal(ids, TextEncoderRunner(tiny_models, te_size=512).text_inputs("oil painting")["input_ids"])
+
+
+def test_streamedit_json_names_the_feature_convention(saved, tmp_path):
+    """A folder without the key is DreamLite's (pre-norm); one that names "normed" gets that convention;
+    a value we do not know is refused with one message naming the file."""
+    assert load_models(str(saved), device="cpu", dtype=torch.float32).te_features == "prenorm"
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved, folder)
+    meta = folder / "streamedit.json"
+    meta.write_text(json.dumps({"te_features": "normed"}))
+    assert load_models(str(folder), device="cpu", dtype=torch.float32).te_features == "normed"
+    meta.write_text(json.dumps({"te_features": "hidden_states[-2]"}))
+    with pytest.raises(StreameditError, match="te_features must be one of prenorm, normed"):
+        load_models(str(folder), device="cpu", dtype=torch.float32)
+
+
 def test_loads_a_folder_laid_out_like_the_hub_branch(tmp_path, tiny_models, frames):
     path = _hub_layout(tiny_models, tmp_path / "DreamLite-mobile")
     assert json.loads((path / "unet" / "config.json").read_text())["mid_block_type"] == "UNetMidBlock2DCrossAttn"

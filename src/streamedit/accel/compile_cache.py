@@ -75,7 +75,7 @@ def artifact_key(models, config, shape: tuple[int, int] | None = None) -> str:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "dtype": str(models.dtype),
         "unet": _public(models.unet.config), "vae": _public(models.vae.config),
-        "te": models.text_encoder.config.to_json_string(use_diff=False),
+        "te": models.text_encoder.config.to_json_string(use_diff=False), "te_features": models.te_features,
         "lllite": config.lllite is not None,
         "shape": list(shape or (config.size, config.size)),
         "config": {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in GRAPH_FIELDS},

@@ -129,9 +129,9 @@ def info(model, revision, device, dtype, lllite, hooks):
     split = hook_split(models.unet)
     click.echo(f"hook sites: {sum(split.values())} (down {split['down']} / mid {split['mid']} / up {split['up']})")
     click.echo(f"edit template prefix dropped from the TE output: {models.edit_prefix_len} tokens")
-    from ..text.exact import FEATURES
+    from ..models.components import TE_FEATURES
 
-    click.echo(f"text-encoder features: {FEATURES}")
+    click.echo(f"text-encoder features: {models.te_features}: {TE_FEATURES[models.te_features]}")
     if lllite:
         from ..temporal.adapter import LLLiteAdapter
 

@@ -14,6 +14,15 @@ from transformers import Qwen3VLForConditionalGeneration
 from . import processor as proc
 
 COMPONENTS = ("text_encoder", "tokenizer", "processor", "vae", "unet", "scheduler")
+# Which text-encoder output a model was trained on (``Models.te_features``; a model folder's
+# ``streamedit.json`` key ``te_features``, default "prenorm"). DreamLite-mobile was trained with
+# transformers 4.57, whose ``hidden_states[-1]`` is the last decoder layer *before* the final RMSNorm;
+# transformers >= 5 returns the normed output there. The bundled demo model was trained on the normed one.
+TE_FEATURES = {
+    "prenorm": "last decoder layer before the final norm (transformers 4.57 hidden_states[-1], what DreamLite "
+               "was trained on)",
+    "normed": "last decoder layer after the final norm (last_hidden_state; what this model was trained on)",
+}
 
 
 @dataclass
@@ -29,6 +38,7 @@ class Models:
     source: str = ""
     edit_prefix_len: int = proc.QWEN_EDIT_PREFIX_LEN  # TE output tokens dropped (upstream: 64 for Qwen)
     te_image_size: int = 512  # upstream resizes the TE's view of the source to 512x512
+    te_features: str = "prenorm"  # the TE output the U-Net was trained on (TE_FEATURES)
     extras: dict = field(default_factory=dict)
 
     @property

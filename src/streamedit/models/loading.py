@@ -24,7 +24,7 @@ from diffusers import DreamLiteMobilePipeline, FlowMatchEulerDiscreteScheduler
 from ..errors import StreameditError
 from . import processor as proc
 from .architectures import ARCHITECTURES, build_random
-from .components import COMPONENTS, Models
+from .components import COMPONENTS, TE_FEATURES, Models
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,11 @@ def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, revi
             extras = json.loads(meta.read_text())
         except ValueError:
             log.warning("ignoring unreadable %s", meta)
-    return Models(**{c: getattr(pipe, c) for c in COMPONENTS}, source=source, edit_prefix_len=prefix, extras=extras)
+    features = extras.get("te_features", "prenorm")
+    if features not in TE_FEATURES:
+        raise StreameditError(f"{meta}: te_features must be one of {', '.join(TE_FEATURES)}, got {features!r}")
+    return Models(**{c: getattr(pipe, c) for c in COMPONENTS}, source=source, edit_prefix_len=prefix,
+                  te_features=features, extras=extras)
 
 
 def check_scheduler(scheduler) -> None:

@@ -12,11 +12,13 @@ overlapped:
 * ``encode`` (GPU, side stream): the base model only (``text_encoder.model``; the LM head's
   logits, 151936 x 2048 per token, are never needed).
 
-Features (:data:`FEATURES`): DreamLite-mobile was trained with transformers 4.57, where
-``hidden_states[-1]`` is the output of the last decoder layer *before* the final RMSNorm;
-transformers >= 5 returns the normed ``last_hidden_state`` there (the model card's "block pattern
-artifacts"). Both runners return the pre-norm output on any transformers version: the exact one runs
-a parameter-sharing copy of the model whose final norm is the identity (its compute is skipped).
+Features (``Models.te_features``, :data:`streamedit.models.components.TE_FEATURES`): DreamLite-mobile
+was trained with transformers 4.57, where ``hidden_states[-1]`` is the output of the last decoder layer
+*before* the final RMSNorm; transformers >= 5 returns the normed ``last_hidden_state`` there (the model
+card's "block pattern artifacts"). For such a model ("prenorm", the default) both runners return the
+pre-norm output on any transformers version: the exact one runs a parameter-sharing copy of the model
+whose final norm is the identity (its compute is skipped). A model trained on the normed output (the
+bundled demo model, ``streamedit.json``: ``"te_features": "normed"``) gets that one.
 Tests: ``test_te_golden.py`` (a 4.57.3 golden), ``test_engine.py`` (diffusers with the same features).
 
 ``te_size`` (:data:`TE_VIEWS`): 512 is upstream's view (LANCZOS, 256 image tokens per frame, no
@@ -42,8 +44,6 @@ log = logging.getLogger(__name__)
 
 # te_size -> (PIL resample, token count the sequence is padded/truncated to; None: neither)
 TE_VIEWS = {512: (Image.LANCZOS, None), 256: (Image.BILINEAR, 256)}
-FEATURES = ("last decoder layer before the final norm (transformers 4.57 hidden_states[-1], "
-            "what DreamLite was trained on)")
 
 
 def edit_text(prompt: str) -> str:
@@ -71,11 +71,18 @@ def prenorm_model(model: nn.Module) -> nn.Module:
     return shallow(model, language_model=shallow(model.language_model, norm=nn.Identity()))
 
 
+def feature_model(models) -> nn.Module:
+    """The base model (no LM head) whose ``last_hidden_state`` is the feature ``models`` was trained on."""
+    if models.te_features == "normed":
+        return models.text_encoder.model
+    check_features(models.text_encoder.config)
+    return prenorm_model(models.text_encoder.model)
+
+
 class TextEncoderRunner:
     def __init__(self, models, te_size: int | None = None):
         self.models = models
-        check_features(models.text_encoder.config)
-        self.model = prenorm_model(models.text_encoder.model)  # Qwen3VLModel, no LM head, no final norm
+        self.model = feature_model(models)  # Qwen3VLModel: no LM head; "prenorm": no final norm either
         self.image_processor = models.processor.image_processor
         self.size = te_size or models.te_image_size
         check_te_size(self.size)
@@ -99,6 +106,11 @@ class TextEncoderRunner:
             probe = Image.new("RGB", (self.size, self.size))
             pad = dict(padding="max_length", max_length=self.pad_to, truncation=True) if self.pad_to else {}
             out = self.models.processor(text=[edit_text(prompt)], images=[probe], return_tensors="pt", **pad)
+            if pad:  # the fast tokenizer keeps these settings, and save_pretrained would write them out
+                backend = getattr(self.models.processor.tokenizer, "backend_tokenizer", None)
+                if backend is not None:
+                    backend.no_truncation()
+                    backend.no_padding()
             if self.pad_to and out["attention_mask"].all():  # full: the paper's processor call truncated it
                 log.warning("te_size %d: the prompt fills all %d tokens; longer prompts are cut (as in the "
                             "paper's code)", self.size, self.pad_to)

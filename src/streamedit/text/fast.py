@@ -12,8 +12,8 @@ depends only on (size, prompt) and the weights is computed once, on the device, 
   prefix (``edit_prefix_len``) from the library's text model with a ``DynamicCache``.
 
 The per-batch forward (:meth:`FastTextEncoderRunner._forward`) then calls the model's submodules
-(patch_embed, block norms/MLPs/qkv/proj, mergers, decoder layers; not the final norm: DreamLite's
-features are the last layer's pre-norm output, text_encoder.FEATURES) with no ``.tolist()`` /
+(patch_embed, block norms/MLPs/qkv/proj, mergers, decoder layers, the final norm: the identity for
+DreamLite's pre-norm features, ``Models.te_features``) with no ``.tolist()`` /
 ``.item()`` / ``nonzero`` and no data-dependent shape, so ``torch.compile(fullgraph=True)`` and
 CUDA graphs apply. The output equals :class:`TextEncoderRunner`'s up to float reassociation (tests:
 <= 1e-4 in fp32). With ``te_size`` 256 the padded sequence's pad tokens are not computed: the real
@@ -92,7 +92,7 @@ class FastTextEncoderRunner(TextEncoderRunner):
 
     def __init__(self, models, batch_size: int = 8, fp8: bool = False, fused_kernels: bool = True,
                  te_size: int | None = None):
-        super().__init__(models, te_size)  # pre-norm model, image_processor, size, text_inputs() and its cache
+        super().__init__(models, te_size)  # the feature model (its final norm: identity if prenorm), image_processor, size, text_inputs() and its cache
         self.batch_size = batch_size  # nominal; shapes come from each call (a new B: one more compile/graph)
         self.visual, self.lm = _hook_free(self.model.visual), _hook_free(self.model.language_model)
         if fp8:  # approximation: the vision blocks' and decoder layers' Linears in FP8 (mergers stay)
@@ -303,9 +303,10 @@ class FastTextEncoderRunner(TextEncoderRunner):
             h = layer(h, position_embeddings=rope, attention_mask=c["mask"], past_key_values=cache)
             if i < len(deepstack):  # Qwen3VLTextModel._deepstack_process: h[image] += deepstack[i]
                 h = torch.cat([h[:, :s], h[:, s:e] + deepstack[i].to(h.dtype), h[:, e:]], dim=1)
+        h = lm.norm(h)  # nn.Identity for a "prenorm" model (DreamLite): nothing is computed
         if self.n_pad:  # the padded sequence's pad rows (masked in the U-Net)
             h = torch.cat([h, h.new_zeros(b, self.n_pad, h.shape[-1])], dim=1)
-        return h  # before the final norm: DreamLite's features (text_encoder.FEATURES)
+        return h  # the features the model was trained on (Models.te_features)
 
     @torch.no_grad()
     def encode(self, prompt: str, images: torch.Tensor, batch: int) -> torch.Tensor:

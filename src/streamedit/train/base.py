@@ -291,6 +291,7 @@ def save_demo(models, out: str, size: int) -> None:
         config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "_name_or_path"},
                                      indent=2, sort_keys=True) + "\n")
     meta = {"instructions": STYLE_NAMES, "size": size, "strength": models.extras.get("strength", 1.0),
+            "te_features": models.te_features,  # what the U-Net was trained on (TextEncoderRunner's)
             "about": "streamedit demo model: imitates OpenCV filters (see docs/demo-model.md)"}
     Path(out, "streamedit.json").write_text(json.dumps(meta, indent=2))
 
