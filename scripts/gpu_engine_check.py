@@ -28,9 +28,9 @@ def measure(models, frames, batch, **kw):
     log = engine.batch_log[1:]  # first batch = warm-up (compile, allocator)
     first = batch  # frames of the first batch
     steady = (len(stamps) - first) / (stamps[-1] - stamps[first - 1])
-    comp = {k: statistics.median(e["ms"][k] for e in log) for k in log[0]["ms"]}
-    walls = [b["t_done"] - a["t_done"] for a, b in zip(engine.batch_log[1:], engine.batch_log[2:])]
-    return {"config": kw, "batch": batch, "fps": steady, "first_batch_s": engine.batch_log[0]["t_done"] - engine.batch_log[0]["t_launch"],
+    comp = {k: statistics.median(e.ms[k] for e in log) for k in log[0].ms}
+    walls = [b.t_done - a.t_done for a, b in zip(engine.batch_log[1:], engine.batch_log[2:])]
+    return {"config": kw, "batch": batch, "fps": steady, "first_batch_s": engine.batch_log[0].t_done - engine.batch_log[0].t_launch,
             "wall_ms_p50": 1e3 * statistics.median(walls), "component_ms_p50": comp,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 

@@ -242,7 +242,7 @@ def probe_graphs(out: Path, res: dict, save, variants: list[str]) -> None:
 
     models = load_models("random:real", device=DEV, dtype=DT)
     config = EngineConfig(prompt="oil painting", lllite="random", hooks="down", compile=True, size=512)
-    attach_adapter(models, config)
+    attach_adapter(models, config.temporal, config.size)
     rng = np.random.default_rng(0)
     host = [rng.integers(0, 256, (512, 512, 3), dtype=np.uint8) for _ in range(8)]
     frames = torch.from_numpy(np.stack(host)).to(DEV)

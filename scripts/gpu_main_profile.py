@@ -90,7 +90,7 @@ def main() -> int:
     t0 = time.perf_counter()
     models = load_models(args.model, device=args.device, dtype=torch.bfloat16 if cuda else torch.float32)
     config = EngineConfig(prompt="oil painting", lllite="random", hooks="down", compile=True, size=args.size)
-    attach_adapter(models, config)
+    attach_adapter(models, config.temporal, config.size)
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8) for _ in range(8)]
     te = TextEncoderRunner(models)

@@ -171,8 +171,8 @@ def test_batched_matches_per_frame(tiny_models, frames):
 def test_te_refresh_and_batch_one(tiny_models, frames):
     engine = _engine(tiny_models, batch_size=2, te_refresh_every=3, te_batch_one=True)
     list(engine.run(frames))  # 5 batches
-    assert [e["te"] for e in engine.batch_log] == ["computed", "reused", "reused", "computed", "reused"]
-    assert engine.stats["te_calls"] == 2 and engine.stats["te_frames"] == 2
+    assert [e.te for e in engine.batch_log] == ["computed", "reused", "reused", "computed", "reused"]
+    assert engine.stats.te_calls == 2 and engine.stats.te_frames == 2
 
 
 def test_te_batch_one_broadcasts_first_frame(tiny_models, frames):
@@ -192,9 +192,9 @@ def test_set_prompt_forces_refresh(tiny_models, frames, pipeline):
             engine.set_prompt("watercolor")
     log = engine.batch_log
     first_new = 1 if not pipeline else 2  # with pipelining, batch 1 was already encoded ahead
-    assert [e["prompt"] for e in log] == ["oil painting"] * first_new + ["watercolor"] * (5 - first_new)
-    assert [e["te"] for e in log][first_new] == "computed"
-    assert engine.stats["te_calls"] == 2
+    assert [e.prompt for e in log] == ["oil painting"] * first_new + ["watercolor"] * (5 - first_new)
+    assert [e.te for e in log][first_new] == "computed"
+    assert engine.stats.te_calls == 2
 
 
 def test_padding_keeps_every_frame_in_order(tiny_models, frames):
@@ -221,8 +221,8 @@ def test_bad_config_and_prompt(tiny_models):
 def test_batch_log_is_bounded(tiny_models, frames):
     engine = _engine(tiny_models, batch_size=1, log_limit=3)
     list(engine.run(frames))
-    assert [e["batch"] for e in engine.batch_log] == [7, 8, 9]  # newest entries kept
-    assert engine.stats["batches"] == 10
+    assert [e.batch for e in engine.batch_log] == [7, 8, 9]  # newest entries kept
+    assert engine.stats.batches == 10
 
 
 @pytest.mark.parametrize("steps", [1, 2])

@@ -43,7 +43,7 @@ def test_close_stops_threads_unpatches_and_releases(tiny_models, frames):
     assert _patched(tiny_models.unet) == []
     assert engine.temporal._graphs == {} and engine.temporal._prev_output is None and not engine.te.c
     assert engine.adapter.rows == 0 and all(m.cond_emb.numel() == 0 for _, m in engine.adapter.items())
-    assert len(engine.batch_log) == len(frames) // 2 and engine.stats["frames"] == len(frames)  # still readable
+    assert len(engine.batch_log) == len(frames) // 2 and engine.stats.frames == len(frames)  # still readable
     with pytest.raises(StreameditError, match="closed"):
         list(engine.run(frames))
     engine.close()  # idempotent

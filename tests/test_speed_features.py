@@ -222,18 +222,18 @@ def test_static_clip_skips_everything_after_the_first_frame(tiny_models):
     frames = [scene(0)] * 10  # B=2: 5 batches
     outs, engine = run(tiny_models, frames, skip_similar=0.5, fixed_noise=False)
     assert all(np.array_equal(o, outs[0]) for o in outs)  # fresh noise per frame: equal only if re-emitted
-    assert engine.stats["skipped_frames"] == 9 and engine.stats["skipped_batches"] == 4
-    assert engine.stats["te_calls"] == 1
-    assert [e["skipped"] for e in engine.batch_log] == [1, 2, 2, 2, 2]
-    assert [e["te"] for e in engine.batch_log] == ["computed"] + ["skipped"] * 4
+    assert engine.stats.skipped_frames == 9 and engine.stats.skipped_batches == 4
+    assert engine.stats.te_calls == 1
+    assert [e.skipped for e in engine.batch_log] == [1, 2, 2, 2, 2]
+    assert [e.te for e in engine.batch_log] == ["computed"] + ["skipped"] * 4
     off, engine = run(tiny_models, frames, fixed_noise=False)
-    assert engine.stats["skipped_frames"] == 0 and not np.array_equal(off[0], off[1])
+    assert engine.stats.skipped_frames == 0 and not np.array_equal(off[0], off[1])
 
 
 def test_moving_clip_is_not_skipped_and_filter_off_is_default(tiny_models):
     frames = [scene(t) for t in range(7)]
     on, engine = run(tiny_models, frames, skip_similar=1.0, fixed_noise=False)
-    assert engine.stats["skipped_frames"] == 0 and engine.stats["skipped_batches"] == 0
+    assert engine.stats.skipped_frames == 0 and engine.stats.skipped_batches == 0
     assert EngineConfig(prompt="x").skip_similar is None
     off, engine = run(tiny_models, frames, fixed_noise=False)
     assert engine._similar is None and all(np.array_equal(a, b) for a, b in zip(on, off))
@@ -248,9 +248,9 @@ def test_held_frames_re_emit_their_first_output(tiny_models, pipeline):
         first = keys.index(k)
         assert np.array_equal(outs[i], outs[first]), i
     assert not np.array_equal(outs[0], outs[3]) and not np.array_equal(outs[5], outs[11])
-    assert engine.stats["skipped_frames"] == len(keys) - 4  # computed: frames 0, 3, 5 and 11
-    assert engine.stats["skipped_batches"] == 1  # frames 12-15: nothing launched
-    assert [e["skipped"] for e in engine.batch_log] == [2, 3, 3, 4]
+    assert engine.stats.skipped_frames == len(keys) - 4  # computed: frames 0, 3, 5 and 11
+    assert engine.stats.skipped_batches == 1  # frames 12-15: nothing launched
+    assert [e.skipped for e in engine.batch_log] == [2, 3, 3, 4]
 
 
 def test_prompt_change_recomputes_a_static_scene(tiny_models):
@@ -265,13 +265,13 @@ def test_prompt_change_recomputes_a_static_scene(tiny_models):
     finally:
         engine.close()
     log = engine.batch_log
-    changed = next(i for i, e in enumerate(log) if e["prompt"] == "watercolor")
-    assert log[changed]["te"] == "computed" and log[changed]["skipped"] == 1  # its first frame re-stylized
-    assert all(e["te"] == "skipped" for e in log[changed + 1:])
+    changed = next(i for i, e in enumerate(log) if e.prompt == "watercolor")
+    assert log[changed].te == "computed" and log[changed].skipped == 1  # its first frame re-stylized
+    assert all(e.te == "skipped" for e in log[changed + 1:])
     first_new = 2 * changed
     assert not np.array_equal(outs[first_new], outs[0])
     assert all(np.array_equal(o, outs[first_new]) for o in outs[first_new:])
-    assert engine.stats["te_calls"] == 2
+    assert engine.stats.te_calls == 2
 
 
 def test_bench_reports_skip_counters(tmp_path):

@@ -30,7 +30,7 @@ def _engine(models, frames_seen=None, **kw):
 
 
 def _refreshes(engine):
-    return [e["batch"] for e in engine.batch_log if e["cond"] != "reuse"]
+    return [e.batch for e in engine.batch_log if e.cond != "reuse"]
 
 
 def test_cut_forces_refresh_exactly_at_its_batch(tiny_models):
@@ -39,7 +39,7 @@ def test_cut_forces_refresh_exactly_at_its_batch(tiny_models):
     engine.close()
     assert len(out) == 40
     assert _refreshes(engine) == [0, 5]  # start, then the batch holding frame 20 (20 // 4)
-    assert engine.batch_log[5]["cond"] == "cut" and engine.batch_log[5]["cut_at"] == 0
+    assert engine.batch_log[5].cond == "cut" and engine.batch_log[5].cut_at == 0
 
 
 def test_no_cut_refreshes_only_on_schedule(tiny_models):
@@ -48,14 +48,14 @@ def test_no_cut_refreshes_only_on_schedule(tiny_models):
     list(engine.run(frames))
     engine.close()
     assert _refreshes(engine) == [0, 8, 16]
-    assert {e["cond"] for e in engine.batch_log} == {"start", "schedule", "reuse"}
+    assert {e.cond for e in engine.batch_log} == {"start", "schedule", "reuse"}
 
 
 def test_cut_forces_te_refresh_when_te_is_reused(tiny_models):
     engine = _engine(tiny_models, lllite=None, te_refresh_every=100)
     list(engine.run(_clip_with_cut()))
     engine.close()
-    assert [e["batch"] for e in engine.batch_log if e["te"] == "computed"] == [0, 5]
+    assert [e.batch for e in engine.batch_log if e.te == "computed"] == [0, 5]
 
 
 def test_cond_cnn_and_flow_skipped_on_reuse_batches(tiny_models, monkeypatch):
@@ -101,7 +101,7 @@ def test_motion_refresh_triggers_early(tiny_models):
     list(engine.run(frames))
     engine.close()
     refreshes = _refreshes(engine)
-    assert len(refreshes) > 1 and all(engine.batch_log[b]["cond"] in ("start", "motion") for b in refreshes)
+    assert len(refreshes) > 1 and all(engine.batch_log[b].cond in ("start", "motion") for b in refreshes)
     calm = _engine(tiny_models, motion_refresh=10.0, cond_refresh_every=100)
     list(calm.run([_textured(4)] * 32))
     calm.close()
@@ -166,7 +166,7 @@ def test_staggered_refresh_rebuilds_each_slot_every_n_batches(tiny_models, monke
     monkeypatch.setattr(temporal, "farneback", lambda *a: (flows.append(1), real_fb(*a))[1])
     list(engine.run(frames))
     log = engine.batch_log
-    assert log[0]["cond"] == "start" and all(e["cond"] == "stagger" for e in log[1:])
+    assert log[0].cond == "start" and all(e.cond == "stagger" for e in log[1:])
     stagger_rows = [rows for _, rows in writes if len(rows) == 1]
     # batch k refreshes slot j with (k - j) % 4 == 0: slots 1, 2, 3, 0, 1, ... one per batch
     assert [r[0] for r in stagger_rows] == [k % 4 for k in range(1, 9)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -18,55 +18,165 @@ from .errors import StreameditError
 log = logging.getLogger(__name__)
 
 
+def _in(group: str, default=None):
+    """A field of option group ``group`` (the views below)."""
+    return field(default=default, metadata={"group": group})
+
+
 @dataclass
 class EngineConfig:
-    prompt: str
-    batch_size: int = 8
-    steps: int = 1  # distilled operating point; 1-4
-    strength: float | None = None  # start sigma (diffusion/denoiser.py): 1 = pure noise; None: the model's default
-    size: int = 512  # long side of the working size (video/geometry.py: the short side keeps the input's aspect)
-    crop: bool = False  # centre-crop frames to a square first (working size: size x size)
-    frame_size: tuple[int, int] | None = None  # (height, width) of the input frames; None: the first frame's
-    seed: int = 0
-    fixed_noise: bool = False  # every frame starts from the same noise (upstream's draw for `seed`)
-    te_batch_one: bool = False  # approximation: encode one frame per batch, broadcast
-    te_refresh_every: int = 1  # approximation: reuse the TE output for N batches
-    te_fast: bool = False  # static, sync-free TE (text/fast.py); compiled (+CUDA graph) with `compile`
-    te_size: int = 512  # the TE's view of a frame: 512 = upstream (LANCZOS); 256 = the paper's (text/exact.py TE_VIEWS)
-    te_fp8: bool = False  # approximation: the fast TE's Linears in FP8 (text/fp8.py); needs te_fast + an FP8 GPU
-    pipeline: bool = True  # overlap TE/VAE-encode of batch k+1 with denoise/decode of batch k
-    main_priority: bool = False  # main stream (U-Net + decode) at high CUDA priority: the side stream fills gaps
-    compile: bool = False  # U-Net (and the fast TE); with compile_vae: U-Net + decode as one graph
-    compile_vae: bool | None = None  # VAE encode/decode compiled; None: same as `compile`
-    compile_mode: str = "reduce-overhead"
-    compile_backend: str = "inductor"  # e.g. "aot_eager" to trace without code generation (tests)
-    channels_last: bool = True  # the compiled VAE runs a channels_last copy
-    precompile: bool = True  # save compiled functions whole; a later launch loads them untraced (compile_cache)
-    warm_on_worker: bool = True  # loaded main graph: first call + capture on a thread beside the TE's loading
-    profile: bool = False  # per-component CUDA-event timings in `engine.batch_log`
-    prefetch: int = 2  # batches prepared ahead on the host
-    low_latency: bool = False  # schedule: hand a batch out as soon as it is done (engine.run)
-    skip_similar: float | None = None  # re-emit the last output for frames this close (engine/similarity.py)
-    log_limit: int = 4096  # batch_log keeps the newest entries only (live sessions run for hours)
-    # temporal LLLite adapter (see temporal/conditioner.py): an LLLiteAdapter, a checkpoint path, "demo" (the bundled
-    # adapter of the demo model) or "random"
-    lllite: object = None
-    hooks: str | list | None = None  # None: every hook in the adapter file; "down" for "random"
-    lllite_multiplier: float = 1.0
-    cond_refresh_every: int = 8  # rebuild the cond embedding every N batches, reuse it in between
-    cut_refresh: bool = True  # a scene cut forces a cond (and TE) refresh on its batch
-    motion_refresh: float | None = None  # refresh early when mean flow (px) since the last refresh exceeds this
-    flow_size: int | None = None  # compute Farnebäck at this resolution (None: working size)
-    cond_stagger: bool = False  # refresh B/N batch slots every batch instead of all B every N (temporal/conditioner.py)
+    """Every engine option, flat (``EngineConfig(prompt=..., te_fast=True)``, ``--set KEY=VALUE``, the
+    compile-cache key and recorded bench rows all use the flat names), in five option groups that each
+    component reads as one typed view: ``run``, ``text``, ``compiling``, ``schedule``, ``temporal``."""
+
+    # run: what is made, at what size
+    prompt: str = field(metadata={"group": "run"})
+    batch_size: int = _in("run", 8)
+    steps: int = _in("run", 1)  # distilled operating point; 1-4
+    strength: float | None = _in("run")  # start sigma (diffusion/denoiser.py): 1 = pure noise; None: the model's
+    size: int = _in("run", 512)  # long side of the working size (video/geometry.py: the short side keeps the aspect)
+    crop: bool = _in("run", False)  # centre-crop frames to a square first (working size: size x size)
+    frame_size: tuple[int, int] | None = _in("run")  # (height, width) of the input frames; None: the first frame's
+    seed: int = _in("run", 0)
+    fixed_noise: bool = _in("run", False)  # every frame starts from the same noise (upstream's draw for `seed`)
+    # text: the text encoder (text/)
+    te_batch_one: bool = _in("text", False)  # approximation: encode one frame per batch, broadcast
+    te_refresh_every: int = _in("text", 1)  # approximation: reuse the TE output for N batches
+    te_fast: bool = _in("text", False)  # static, sync-free TE (text/fast.py); compiled (+CUDA graph) with `compile`
+    te_size: int = _in("text", 512)  # the TE's view of a frame: 512 = upstream (LANCZOS); 256 = the paper's (TE_VIEWS)
+    te_fp8: bool = _in("text", False)  # approximation: the fast TE's Linears in FP8 (text/fp8.py); needs te_fast
+    # schedule: how the host and the two CUDA streams run batches (engine/stream.py)
+    pipeline: bool = _in("schedule", True)  # overlap TE/VAE-encode of batch k+1 with denoise/decode of batch k
+    main_priority: bool = _in("schedule", False)  # main stream at high CUDA priority: the side stream fills gaps
+    profile: bool = _in("schedule", False)  # per-component CUDA-event timings in `engine.batch_log`
+    prefetch: int = _in("schedule", 2)  # batches prepared ahead on the host
+    low_latency: bool = _in("schedule", False)  # hand a batch out as soon as it is done (engine.run)
+    skip_similar: float | None = _in("schedule")  # re-emit the last output for frames this close (similarity.py)
+    log_limit: int = _in("schedule", 4096)  # batch_log keeps the newest entries only (live sessions run for hours)
+    # compiling: torch.compile, CUDA graphs, the compile cache (accel/)
+    compile: bool = _in("compiling", False)  # U-Net (and the fast TE); with compile_vae: U-Net + decode as one graph
+    compile_vae: bool | None = _in("compiling")  # VAE encode/decode compiled; None: same as `compile`
+    compile_mode: str = _in("compiling", "reduce-overhead")
+    compile_backend: str = _in("compiling", "inductor")  # e.g. "aot_eager" to trace without code generation (tests)
+    channels_last: bool = _in("compiling", True)  # the compiled VAE runs a channels_last copy
+    precompile: bool = _in("compiling", True)  # save compiled functions whole; a later launch loads them untraced
+    warm_on_worker: bool = _in("compiling", True)  # loaded main graph: first call + capture on a thread
+    # temporal: the LLLite adapter and its conditioning (temporal/): an LLLiteAdapter, a checkpoint path, "demo"
+    # (the bundled adapter of the demo model) or "random"
+    lllite: object = _in("temporal")
+    hooks: str | list | None = _in("temporal")  # None: every hook in the adapter file; "down" for "random"
+    lllite_multiplier: float = _in("temporal", 1.0)
+    cond_refresh_every: int = _in("temporal", 8)  # rebuild the cond embedding every N batches, reuse it in between
+    cut_refresh: bool = _in("temporal", True)  # a scene cut forces a cond (and TE) refresh on its batch
+    motion_refresh: float | None = _in("temporal")  # refresh early when mean flow (px) since the last one exceeds this
+    flow_size: int | None = _in("temporal")  # compute Farnebäck at this resolution (None: working size)
+    cond_stagger: bool = _in("temporal", False)  # refresh B/N slots every batch instead of all B every N
 
     @property
     def vae_compiled(self) -> bool:
         return self.compile if self.compile_vae is None else self.compile_vae
 
+    def _group(self, name: str) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["group"] == name}
+
+    @property
+    def run(self) -> RunOptions:
+        return RunOptions(**self._group("run"))
+
+    @property
+    def text(self) -> TextOptions:
+        return TextOptions(**self._group("text"))
+
+    @property
+    def schedule(self) -> ScheduleOptions:
+        return ScheduleOptions(**self._group("schedule"))
+
+    @property
+    def compiling(self) -> CompileOptions:
+        return CompileOptions(**self._group("compiling"))
+
+    @property
+    def temporal(self) -> TemporalOptions:
+        return TemporalOptions(**self._group("temporal"))
+
+    @classmethod
+    def from_groups(cls, *groups) -> EngineConfig:
+        """A config from option-group views (``EngineConfig.from_groups(config.run, TextOptions(...), ...)``);
+        groups not given keep their defaults."""
+        return cls(**{k: v for g in groups for k, v in dataclasses.asdict(g).items()})
+
+
+# Typed, read-only views of the option groups (the field comments above say what each option does).
+@dataclass(frozen=True)
+class RunOptions:
+    prompt: str
+    batch_size: int = 8
+    steps: int = 1
+    strength: float | None = None
+    size: int = 512
+    crop: bool = False
+    frame_size: tuple[int, int] | None = None
+    seed: int = 0
+    fixed_noise: bool = False
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    te_batch_one: bool = False
+    te_refresh_every: int = 1
+    te_fast: bool = False
+    te_size: int = 512
+    te_fp8: bool = False
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    pipeline: bool = True
+    main_priority: bool = False
+    profile: bool = False
+    prefetch: int = 2
+    low_latency: bool = False
+    skip_similar: float | None = None
+    log_limit: int = 4096
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    compile: bool = False
+    compile_vae: bool | None = None
+    compile_mode: str = "reduce-overhead"
+    compile_backend: str = "inductor"
+    channels_last: bool = True
+    precompile: bool = True
+    warm_on_worker: bool = True
+
+
+@dataclass(frozen=True)
+class TemporalOptions:
+    lllite: object = None
+    hooks: str | list | None = None
+    lllite_multiplier: float = 1.0
+    cond_refresh_every: int = 8
+    cut_refresh: bool = True
+    motion_refresh: float | None = None
+    flow_size: int | None = None
+    cond_stagger: bool = False
+
+
+GROUPS = {"run": RunOptions, "text": TextOptions, "schedule": ScheduleOptions, "compiling": CompileOptions,
+          "temporal": TemporalOptions}
+
 
 # `--low-latency`: one frame per batch, everything compiled, one batch prepared ahead, and the
 # latency-first schedule (engine.run: never waits for the next frame to hand out the current one).
 LOW_LATENCY = dict(batch_size=1, te_fast=True, compile=True, prefetch=1, pipeline=True, low_latency=True)
+
+
+# The prompt policy, in two entry points. A prompt the user typed (CLI, API) is cleaned and, if very long,
+# truncated with a warning; one that arrives over the network (serve, live's stdin) is refused outright
+# (ValueError, one line) unless it is a short single line of text.
+MAX_PROMPT_CHARS = 2000  # what the engine encodes at most
+MAX_NETWORK_PROMPT_CHARS = 500
 
 
 def clean_prompt(prompt: str) -> str:
@@ -77,6 +187,20 @@ def clean_prompt(prompt: str) -> str:
     if len(prompt) > MAX_PROMPT_CHARS:
         log.warning("prompt is %d characters; truncated to %d", len(prompt), MAX_PROMPT_CHARS)
         prompt = prompt[:MAX_PROMPT_CHARS]
+    return prompt
+
+
+def check_prompt(prompt) -> str:
+    """A prompt from the network: whitespace collapsed, or ValueError with a one-line reason."""
+    if not isinstance(prompt, str):
+        raise ValueError("prompt must be a string")
+    prompt = " ".join(prompt.split())
+    if not prompt:
+        raise ValueError("prompt is empty")
+    if len(prompt) > MAX_NETWORK_PROMPT_CHARS:
+        raise ValueError(f"prompt is longer than {MAX_NETWORK_PROMPT_CHARS} characters")
+    if any(ord(c) < 32 for c in prompt):
+        raise ValueError("prompt contains control characters")
     return prompt
 
 
@@ -150,8 +274,6 @@ def validate(models, config: EngineConfig) -> None:
         raise StreameditError(f"the model's scheduler gives a non-finite schedule for --steps {config.steps}: "
                               f"{[round(float(s), 4) for s in sigmas]}")
 
-
-MAX_PROMPT_CHARS = 2000
 
 
 # ------------------------------------------------------------------------------------------- config

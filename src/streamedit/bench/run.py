@@ -169,17 +169,16 @@ def run_row(models, config, frames, count: int, fps: float, warmup: int) -> dict
     full = count // bsz
     counted = range(warmup, full)  # batch indices kept by the warm-up rule
     t0 = source.captured[0]
-    done = [e["t_done"] for e in blog]
+    done = [e.t_done for e in blog]
     frames_counted = len(counted) * bsz
     lat = [1e3 * (out_t[i] - source.captured[i]) for i in range(warmup * bsz, full * bsz)]
     walls = [1e3 * (done[k] - done[k - 1]) for k in counted]
     # CUDA-event ms, plus host-side ms (flow wait/CPU) of batches that had them; absent = 0 ms
-    per_batch = [{**(blog[k].get("ms") or {}),
-                  **{n.removesuffix("_ms"): v for n, v in blog[k].get("host_ms", {}).items()}} for k in counted]
+    per_batch = [{**(blog[k].ms or {}), **blog[k].host_ms} for k in counted]
     names = set().union(*per_batch)
     order = [c for c in COMPONENTS if c in names] + sorted(names - set(COMPONENTS))
     comps = {c: [b.get(c, 0.0) for b in per_batch] for c in order}
-    skipped_batches = sum(blog[k]["te"] == "skipped" for k in counted)
+    skipped_batches = sum(blog[k].te == "skipped" for k in counted)
     return {
         "frames_fed": count, "frames_out": len(out_t), "batch": bsz, "warmup_batches": warmup,
         "tail_frames_dropped": count % bsz, "frames_counted": frames_counted, "source_fps": fps,
@@ -189,10 +188,10 @@ def run_row(models, config, frames, count: int, fps: float, warmup: int) -> dict
         "component_ms_p50": {c: float(np.median(comps[c])) for c in order},
         "component_ms_mean": {c: float(np.mean(comps[c])) for c in order},
         # steady-state share of batches that ran the TE / rebuilt the adapter's cond embedding
-        "te_fraction": float(np.mean([blog[k]["te"] == "computed" for k in counted])),
-        "cond_fraction": float(np.mean([blog[k].get("cond", "reuse") != "reuse" for k in counted])),
+        "te_fraction": float(np.mean([blog[k].te == "computed" for k in counted])),
+        "cond_fraction": float(np.mean([(blog[k].cond or "reuse") != "reuse" for k in counted])),
         # similarity filter (skip_similar): frames that re-emitted the last output, batches that ran nothing
-        "skipped_frames": int(sum(blog[k].get("skipped", 0) for k in counted)),
+        "skipped_frames": int(sum(blog[k].skipped for k in counted)),
         "skipped_batches": int(skipped_batches), "computed_fraction": 1 - skipped_batches / len(counted),
         "peak_gpu_gib": torch.cuda.max_memory_allocated(models.device) / 2**30 if cuda else None,
         "series": {"t_done_s": [d - t0 for d in done], "batch_wall_ms": [1e3 * (d - p) for d, p in

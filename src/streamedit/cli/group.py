@@ -50,6 +50,9 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
         except Exception as exc:  # a bug, not a user error: still one line unless asked for more
+            if SIGNALLED:  # a library turned the interrupt into another error (an import cut short, say)
+                click.echo("\ninterrupted", err=True)
+                sys.exit(130)
             if os.environ.get("STREAMEDIT_DEBUG"):
                 raise
             click.echo(f"error: {type(exc).__name__}: {exc} (set STREAMEDIT_DEBUG=1 for the traceback)", err=True)
@@ -76,7 +79,12 @@ def setup_logging(verbose: bool = False) -> None:
         tlog.set_verbosity_error()
 
 
+SIGNALLED: list[int] = []  # signals main() turned into KeyboardInterrupt: any error after one is the interrupt's
+
+
 def _sigterm_to_interrupt(signum, frame):
+    """SIGINT and SIGTERM: a KeyboardInterrupt, remembered (a library may catch it and raise something else)."""
+    SIGNALLED.append(signum)
     raise KeyboardInterrupt
 
 
@@ -84,5 +92,15 @@ def main() -> None:
     # SIGTERM as Ctrl-C from the start (model loading included): one line and exit 130, not a silent death
     # (_Group.invoke prints it; this module imports no torch, so that covers every slow import too)
     signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
-    cli(prog_name="streamedit")
+    signal.signal(signal.SIGINT, _sigterm_to_interrupt)
+    try:
+        cli(prog_name="streamedit")
+    except SystemExit as exc:
+        if exc.code == 130 and SIGNALLED:  # everything is finalized and said: leave with exactly 130
+            # (CPython 3.11 would re-raise SIGINT at exit where the interrupt passed through PyRun_String code)
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        raise
 

@@ -1,8 +1,8 @@
 """The stream engine: frames -> batches -> side stream (TE + VAE encode) -> main stream (denoise + decode) -> frames.
 
 ``stream.py``: :class:`StreamEngine` (batching, prefetch, the two CUDA streams, both host schedules);
-``host.py``: frames to the working size, the low-latency reader thread; ``similarity.py``: the
-skip-similar filter. Options: :mod:`streamedit.config`; what it measures: :mod:`streamedit.telemetry`.
+``batch.py``: what travels between the stages; ``host.py``: frames to the working size, the low-latency
+reader thread; ``similarity.py``: the skip-similar filter. Options: :mod:`streamedit.config`; what it measures: :mod:`streamedit.telemetry`.
 """
 
 from ..config import LOW_LATENCY, EngineConfig, clean_prompt

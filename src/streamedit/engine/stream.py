@@ -38,7 +38,6 @@ import logging
 import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -46,38 +45,23 @@ import torch
 
 from ..accel import compile_cache
 from ..accel.graphs import release_memory
-from ..config import LOW_LATENCY, EngineConfig, check_frame, clean_prompt, engine_shape, model_strength, validate
+from ..config import EngineConfig, check_frame, clean_prompt, engine_shape, model_strength, validate
 from ..diffusion.denoiser import Denoiser
 from ..errors import StreameditError
 from ..models.loading import warn_unknown_instruction
-from ..telemetry import SPANS
+from ..telemetry import SPANS, BatchRecord, EngineStats
 from ..temporal.adapter import remove_lllite
 from ..temporal.attach import attach_adapter
 from ..temporal.conditioner import CondPlan, TemporalConditioner
+from ..text.base import TextEncoder
 from ..text.exact import TextEncoderRunner
 from ..text.fast import FastTextEncoderRunner
+from .batch import Batch, DeviceBatch
 from .host import start_reader, to_working
 from .similarity import SimilarityFilter, thumbnail
 
-__all__ = ["EngineConfig", "StreamEngine", "clean_prompt", "LOW_LATENCY"]
+__all__ = ["StreamEngine"]
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Batch:
-    index: int
-    frames: list  # HxWx3 uint8, padded to batch_size
-    count: int  # real frames (the rest is padding)
-    host_frames: torch.Tensor | None = None  # (B,H,W,3) uint8, pinned on CUDA; None: not prepared
-    images: object = None  # processor outputs for the TE
-    plan: object = None  # temporal.CondPlan
-    thumbs: list | None = None  # similarity thumbnails of the real frames (skip_similar)
-    skip: list | None = None  # per real frame: re-emit the last output instead
-    entry: dict = field(default_factory=dict)  # this batch's line in batch_log
-    keep: list = field(default_factory=list)  # host tensors that must outlive async copies
-    tensors: tuple | None = None  # device tensors between _encode and _generate; None: skipped batch
-    output: torch.Tensor | None = None
-    ready: object = None
 
 
 class StreamEngine:
@@ -87,20 +71,19 @@ class StreamEngine:
         self.models, self.config = models, config
         self.device = models.device
         self.cuda = self.device.type == "cuda"
-        if config.te_fast:
-            # compiled in _setup
-            self.te = FastTextEncoderRunner(models, config.batch_size, fp8=config.te_fp8, te_size=config.te_size)
+        text, temporal = config.text, config.temporal
+        self.te: TextEncoder
+        if text.te_fast:  # compiled in _setup
+            self.te = FastTextEncoderRunner(models, config.batch_size, fp8=text.te_fp8, te_size=text.te_size)
         else:
-            self.te = TextEncoderRunner(models, te_size=config.te_size)
-        self.adapter = attach_adapter(models, config)  # patches the U-Net: before compiling it
-        self._owns_adapter = self.adapter is not None and self.adapter is not config.lllite  # close frees its buffers
+            self.te = TextEncoderRunner(models, te_size=text.te_size)
+        self.adapter = attach_adapter(models, temporal, config.size)  # patches the U-Net: before compiling it
+        self._owns_adapter = self.adapter is not None and self.adapter is not temporal.lllite  # close frees it
         try:  # a failure past this point must not leave the shared U-Net patched
             self.temporal = None
-            if self.adapter is not None or (config.cut_refresh and config.te_refresh_every > 1):
-                self.temporal = TemporalConditioner(
-                    self.adapter, config.cond_refresh_every, config.cut_refresh, config.motion_refresh,
-                    config.flow_size, stagger=config.cond_stagger,
-                    graph=self.cuda and config.compile and self.adapter is not None)
+            if self.adapter is not None or (temporal.cut_refresh and text.te_refresh_every > 1):
+                self.temporal = TemporalConditioner.from_options(
+                    self.adapter, temporal, graph=self.cuda and config.compile and self.adapter is not None)
             self.shape = self.denoiser = None  # set by _setup, once the working size is known
             self._cache_key = None
             shape = engine_shape(models, config)
@@ -119,9 +102,8 @@ class StreamEngine:
         self.side_stream = torch.cuda.Stream(self.device) if self.cuda and config.pipeline else self.main_stream
         # device -> host copies of the outputs, so they do not hold the main stream between two batches
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda and config.pipeline else self.main_stream
-        self.batch_log: list[dict] = []
-        self.stats = {"batches": 0, "frames": 0, "te_calls": 0, "te_frames": 0, "skipped_frames": 0,
-                      "skipped_batches": 0}
+        self.batch_log: list[BatchRecord] = []  # the newest config.log_limit batches
+        self.stats = EngineStats()
         warn_unknown_instruction(models, self._prompt)
         self._te_prompt = None  # prompt of the cached TE output
         self._te_cache = None
@@ -147,24 +129,24 @@ class StreamEngine:
         """Everything that depends on the working (h, w), or compiles under its cache key (one per working
         size): the text encoder's compile, denoiser (latent shape, time_ids, shift), adapter buffers, compiled
         graphs."""
-        models, config = self.models, self.config
+        models, config, comp = self.models, self.config, self.config.compiling
         self.shape = shape
         precompile_key = None
-        if config.compile or config.vae_compiled:
+        if comp.compile or config.vae_compiled:
             compile_cache.setup()
             key = compile_cache.artifact_key(models, config, shape)
-            if config.precompile and config.compile_backend in compile_cache.PRECOMPILE_BACKENDS:
+            if comp.precompile and comp.compile_backend in compile_cache.PRECOMPILE_BACKENDS:
                 precompile_key = key  # whole functions on disk: inductor's mega-cache is not needed
             elif not compile_cache.load_artifacts(key):
                 self._cache_key = key  # saved after batch 1
-        if config.te_fast and config.compile:
-            self.te.compile(config.compile_mode, backend=config.compile_backend, cache_key=precompile_key)
+        if config.te_fast and comp.compile:
+            self.te.compile(comp.compile_mode, backend=comp.compile_backend, cache_key=precompile_key)
         if self.adapter is not None:
             self.adapter.allocate(config.batch_size, *shape)  # before the U-Net is compiled
         self.denoiser = Denoiser(models, config.steps, shape, strength=model_strength(models, config))
-        if config.compile or config.vae_compiled:
-            self.denoiser.compile(config.compile_mode, config.compile_backend, unet=config.compile,
-                                  vae=config.vae_compiled, channels_last=config.channels_last,
+        if comp.compile or config.vae_compiled:
+            self.denoiser.compile(comp.compile_mode, comp.compile_backend, unet=comp.compile,
+                                  vae=config.vae_compiled, channels_last=comp.channels_last,
                                   cache_key=precompile_key)
 
     def setup_for(self, frame_size: tuple[int, int]) -> tuple[int, int]:
@@ -217,7 +199,7 @@ class StreamEngine:
         """Synchronous form of :meth:`run` for callers that hold a batch already (live serving)."""
         return list(self.run(frames))
 
-    def _run_pipelined(self, batches: Iterator[_Batch]) -> Iterator[np.ndarray]:
+    def _run_pipelined(self, batches: Iterator[Batch]) -> Iterator[np.ndarray]:
         """Batch k's side-stream work (TE + VAE encode) and main-stream work are both queued before the
         host waits for batch k-1, so the main stream already holds batch k while the host hands out
         k-1's frames and launches the next batch; TE(k+1) still runs during the U-Net of k."""
@@ -268,9 +250,9 @@ class StreamEngine:
             count = len(chunk)
             yield index, chunk + [chunk[-1]] * (bsz - count), count
 
-    def _prepare(self, item) -> _Batch:
+    def _prepare(self, item) -> Batch:
         index, frames, count = item
-        batch = _Batch(index, frames, count)
+        batch = Batch(index, frames, count)
         if self._pre_similar is not None:
             batch.thumbs = [thumbnail(f) for f in frames[:count]]
             if all(self._pre_similar.mark(batch.thumbs)):
@@ -280,18 +262,14 @@ class StreamEngine:
             batch.plan = self.temporal.plan(frames, count)
         return batch
 
-    def _fill(self, batch: _Batch) -> None:
+    def _fill(self, batch: Batch) -> None:
         """Host tensors of a batch (prefetch thread; main thread for a batch deferred by the filter)."""
         frames = batch.frames
         host = torch.from_numpy(np.stack(frames))
-        images = self.te.prepare_images(frames[:1] if self.config.te_batch_one else frames)
-        if self.cuda:
-            host = host.pin_memory()
-            if isinstance(images, dict):  # the fast TE returns one uint8 tensor, pinned already
-                images = {k: v.pin_memory() for k, v in images.items()}
-        batch.host_frames, batch.images = host, images
+        batch.host_frames = host.pin_memory() if self.cuda else host
+        batch.images = self.te.prepare_images(frames[:1] if self.config.te_batch_one else frames)  # pinned
 
-    def _prefetched(self, items: Iterator) -> Iterator[_Batch]:
+    def _prefetched(self, items: Iterator) -> Iterator[Batch]:
         """Prepare up to `prefetch` batches ahead in a worker thread (PIL and numpy release the GIL)."""
         pending = []
         for item in items:
@@ -312,7 +290,7 @@ class StreamEngine:
         # one draw per frame, so the noise of frame i does not depend on the batch size
         return torch.cat([torch.randn(shape, generator=self._noise_gen, dtype=dtype) for _ in range(batch)])
 
-    def _decide_skips(self, batch: _Batch, prompt: str) -> None:
+    def _decide_skips(self, batch: Batch, prompt: str) -> None:
         """The filter's decision for this batch, in stream order, against what was really stylized."""
         if prompt != self._encoded_prompt:  # outputs of an older prompt must not be re-emitted
             self._similar.reset()
@@ -333,7 +311,7 @@ class StreamEngine:
         ev.record(stream)
         return ev
 
-    def _encode(self, batch: _Batch) -> _Batch:
+    def _encode(self, batch: Batch) -> Batch:
         """Side stream: TE (unless its output is reused) and VAE encode of the source frames."""
         self._check_open()  # a generator of run() resumed after close()
         cfg, bsz = self.config, self.config.batch_size
@@ -342,34 +320,33 @@ class StreamEngine:
         if self._similar is not None:
             self._decide_skips(batch, prompt)
         skipped = sum(batch.skip) if batch.skip else 0
-        entry = {"batch": batch.index, "frames": batch.count, "prompt": prompt, "t_launch": time.perf_counter(),
-                 "skipped": skipped}
-        batch.entry = entry
+        record = batch.record = BatchRecord(batch.index, batch.count, prompt, time.perf_counter(), skipped)
         if skipped == batch.count:  # every frame re-emits the last output: nothing to launch
-            entry["te"] = "skipped"
+            record.te = "skipped"
             return batch
         self._encoded_prompt = prompt
         forced = batch.plan is not None and batch.plan.force_te
         reuse = (self._te_cache is not None and prompt == self._te_prompt and self._te_age < cfg.te_refresh_every
                  and not forced)
         noise = self._noise(bsz)
-        entry["te"] = "reused" if reuse else "computed"
+        record.te = "reused" if reuse else "computed"
         if batch.plan is not None:
-            entry["cond"] = batch.plan.reason if batch.plan.refresh else "reuse"
-            entry["cut_at"] = batch.plan.cut_at
+            record.cond = batch.plan.reason if batch.plan.refresh else "reuse"
+            record.cut_at = batch.plan.cut_at
         if not self._main_warm_started:  # warm start: the main graph's set-up overlaps the TE's loading
             self._main_warm_started = True
-            if cfg.warm_on_worker and self.denoiser.fused is not None and hasattr(self.te, "output_shape"):
-                self._main_warm = self.denoiser.warm_main(bsz, self.te.output_shape(prompt),
-                                                          masked=self.te.text_mask(prompt) is not None)
+            shape = self.te.output_shape(prompt)  # None: known only after the first encode (exact TE)
+            if cfg.warm_on_worker and self.denoiser.fused is not None and shape is not None:
+                self._main_warm = self.denoiser.warm_main(bsz, shape, masked=self.te.text_mask(prompt) is not None)
+        ev = batch.events
         with self._stream(self.side_stream):
-            ev = {"te0": self._event(self.side_stream)}
+            ev["te0"] = self._event(self.side_stream)
             if not reuse:
                 te_batch = 1 if cfg.te_batch_one else bsz
                 self._te_cache = self.te.encode(prompt, batch.images, te_batch)
                 self._te_prompt, self._te_age = prompt, 0
-                self.stats["te_calls"] += 1
-                self.stats["te_frames"] += te_batch
+                self.stats.te_calls += 1
+                self.stats.te_frames += te_batch
             self._te_age += 1
             embeds = self._te_cache.expand(bsz, -1, -1)
             mask = self.te.text_mask(self._te_prompt)  # te_size 256: the padded sequence's mask, for the U-Net
@@ -385,41 +362,38 @@ class StreamEngine:
                 for t in (embeds, source, noise, frames, *([mask] if mask is not None else [])):
                     t.record_stream(self.main_stream)
         batch.keep = [batch.host_frames, batch.images]
-        batch.device_frames = frames
-        batch.tensors = (noise, source, embeds, mask, done, ev)
+        batch.device = DeviceBatch(noise, source, embeds, mask, frames, done)
         return batch
 
-    def _generate(self, batch: _Batch) -> _Batch:
+    def _generate(self, batch: Batch) -> Batch:
         """Main stream: wait for the side stream's event, denoise, decode, copy to the host."""
-        if batch.tensors is None:  # skipped batch
+        if batch.device is None:  # skipped batch
             return batch
         with self._stream(self.main_stream):
             return self._generate_on_main(batch)
 
-    def _generate_on_main(self, batch: _Batch) -> _Batch:
+    def _generate_on_main(self, batch: Batch) -> Batch:
         if self._main_warm is not None:
             self._main_warm.result()  # its capture is done (or its error raised here)
             self._main_warm = None
-        noise, source, embeds, mask, done, ev = batch.tensors
-        text = (embeds,) if mask is None else (embeds, mask)  # the mask: te_size 256 only
+        dev, ev = batch.device, batch.events
         ev["main0"] = self._event(self.main_stream)  # main0 -> cond0: the main stream waiting for the side
-        if done is not None:
-            self.main_stream.wait_event(done)
-        timings = batch.entry.setdefault("host_ms", {})
+        if dev.done is not None:
+            self.main_stream.wait_event(dev.done)
         ev["cond0"] = self._event(self.main_stream)
         if self.temporal is not None and self.adapter is not None:
-            self.temporal.apply(batch.plan, batch.device_frames, timings)
+            self.temporal.apply(batch.plan, dev.frames, batch.record.host_ms)
         ev["unet0"] = self._event(self.main_stream)
         if self.denoiser.fused is not None:  # U-Net x steps + decode + uint8: one compiled graph
-            images = self.denoiser.fused(noise, source, *text)
+            images = self.denoiser.fused(dev.noise, dev.source, *dev.text)
         else:
-            latents = self.denoiser.denoise(noise, source, *text)
+            latents = self.denoiser.denoise(dev.noise, dev.source, *dev.text)
             ev["unet1"] = self._event(self.main_stream)
             images = (self.denoiser.decode_fn or self.denoiser.decode)(latents)
         ev["dec1"] = self._event(self.main_stream)
         if self.temporal is not None:
             self.temporal.remember(images, batch.count)
-        batch.device_frames = None
+        batch.device = None  # free the side stream's tensors early
         if self.cuda:
             host = torch.empty(images.shape, dtype=torch.uint8, pin_memory=True)
             if self.copy_stream is not self.main_stream:
@@ -435,26 +409,24 @@ class StreamEngine:
         else:
             host, batch.ready = images, None
         batch.output = host
-        batch.tensors = (None, None, None, None, None, ev)  # free device tensors early
         return batch
 
-    def _finish(self, batch: _Batch) -> Iterator[np.ndarray]:
+    def _finish(self, batch: Batch) -> Iterator[np.ndarray]:
         if batch.ready is not None:
             batch.ready.synchronize()
         out = batch.output.numpy() if batch.output is not None else None
-        entry = batch.entry
-        entry["t_done"] = time.perf_counter()
-        ev = batch.tensors[-1] if batch.tensors is not None else {}
+        record, ev = batch.record, batch.events
+        record.t_done = time.perf_counter()
         if ev and all(v is not None for v in ev.values()):
-            entry["ms"] = {name: ev[a].elapsed_time(ev[b]) for name, a, b in SPANS
-                           if a in ev and b in ev and (name != "unet_decode" or "unet1" not in ev)}
-        self.batch_log.append(entry)
+            record.ms = {s.name: ev[s.start].elapsed_time(ev[s.end]) for s in SPANS
+                         if s.start in ev and s.end in ev and (s.name != "unet_decode" or "unet1" not in ev)}
+        self.batch_log.append(record)
         if len(self.batch_log) > self.config.log_limit:
             del self.batch_log[: len(self.batch_log) - self.config.log_limit]
-        self.stats["batches"] += 1
-        self.stats["frames"] += batch.count
-        self.stats["skipped_frames"] += entry["skipped"]
-        self.stats["skipped_batches"] += out is None
+        self.stats.batches += 1
+        self.stats.frames += batch.count
+        self.stats.skipped_frames += record.skipped
+        self.stats.skipped_batches += out is None
         self._inflight -= 1
         batch.keep.clear()
         skip = batch.skip or [False] * batch.count
@@ -465,7 +437,6 @@ class StreamEngine:
                 self._last_out = out[i]
                 yield out[i]
         if self._cache_key is not None:  # first compiled batch done: keep its compile artifacts
-
             compile_cache.save_artifacts(self._cache_key)
             self._cache_key = None
 

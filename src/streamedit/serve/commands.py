@@ -54,9 +54,9 @@ def serve_command(host, port, model, revision, device, dtype, lllite, steps, te_
                   max_size, max_sessions, max_resolution, ice_hosts, cpu_threads, certfile, keyfile):
     """Serve a web page that stylizes the browser's camera (or a video file) live over WebRTC."""
     _need_server_deps()
+    from ..config import check_prompt
     from .runtime import check_lllite, engine_factory, load_runtime, set_cpu_threads
     from .server import Server, ServerConfig, is_loopback, new_token
-    from .session import check_prompt
 
     if token is not None and len(token) < 8:
         raise click.UsageError("--token must be at least 8 characters")

@@ -19,10 +19,11 @@ import click
 import cv2
 import numpy as np
 
+from ..config import check_prompt
 from ..errors import StreameditError
 from ..video.geometry import fit, working_shape
 from .runtime import live_model_options
-from .session import LatestQueue, check_prompt
+from .session import LatestQueue
 
 WINDOW = "streamedit live"
 VCAM_HINT = ("Linux: 'sudo modprobe v4l2loopback devices=1'; Windows/macOS: install OBS Studio and start its "

@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 
+from ..config import EngineConfig
 from ..errors import StreameditError
 
 log = logging.getLogger(__name__)
@@ -79,14 +80,11 @@ class LiveEngine:
 
     def __init__(self, models, prompt: str, size: int, steps: int = 1, lllite: str | None = None, seed: int = 0,
                  lllite_multiplier: float = 1.0, te_size: int = 512):
-        from .. import EngineConfig, StreamEngine
+        from ..engine.stream import StreamEngine  # torch, diffusers: not for `streamedit serve --help`
 
-        fields = {f.name for f in dataclasses.fields(EngineConfig)}
         config = EngineConfig(prompt=prompt, batch_size=1, steps=steps, size=size, seed=seed, fixed_noise=True,
                               pipeline=False, prefetch=0, te_size=te_size)
         if lllite is not None:
-            if "lllite" not in fields:
-                raise StreameditError("--lllite: this build's engine has no LLLite support")
             config = dataclasses.replace(config, lllite=lllite, lllite_multiplier=lllite_multiplier)
             models = dataclasses.replace(models, unet=copy.deepcopy(models.unet))
         self.engine = StreamEngine(models, config)
@@ -102,7 +100,7 @@ class LiveEngine:
     def process(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         out = self.engine.process(frames)
         log_ = self.engine.batch_log  # bounded by EngineConfig.log_limit
-        self.last_prompt = log_[-1].get("prompt") if log_ else None
+        self.last_prompt = log_[-1].prompt if log_ else None
         return out
 
     def close(self) -> None:

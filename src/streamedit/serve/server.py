@@ -24,7 +24,8 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
-from .session import Session, check_prompt
+from ..config import check_prompt
+from .session import Session
 from .tracks import StylizedTrack, discard, drain
 
 log = logging.getLogger(__name__)

@@ -19,12 +19,12 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from ..config import check_prompt
 from ..video.geometry import fit, working_shape
 
 log = logging.getLogger(__name__)
 
 VIDEO_TIME_BASE = fractions.Fraction(1, 90000)
-MAX_PROMPT_CHARS = 500
 
 
 class LatestQueue:
@@ -61,20 +61,6 @@ class LatestQueue:
             self.closed = True
             self._items.clear()
             self._cond.notify_all()
-
-
-def check_prompt(prompt) -> str:
-    """A clean prompt string or ValueError with a one-line reason."""
-    if not isinstance(prompt, str):
-        raise ValueError("prompt must be a string")
-    prompt = " ".join(prompt.split())
-    if not prompt:
-        raise ValueError("prompt is empty")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
-    if any(ord(c) < 32 for c in prompt):
-        raise ValueError("prompt contains control characters")
-    return prompt
 
 
 def square_resize(rgb: np.ndarray, size: int) -> np.ndarray:

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ..accel.graphs import StaticGraph
+from ..config import TemporalOptions
 from .adapter import FLOW_CONVENTIONS
 
 FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
@@ -158,6 +159,12 @@ class TemporalConditioner:
         self._prev_last = None  # last input frame of the previous batch
         self._prev_output = None  # last decoded output of the previous batch (device, (3,H,W) uint8)
 
+    @classmethod
+    def from_options(cls, adapter, options: TemporalOptions, graph: bool = False) -> TemporalConditioner:
+        """From the engine's temporal options (``EngineConfig.temporal``)."""
+        return cls(adapter, options.cond_refresh_every, options.cut_refresh, options.motion_refresh,
+                   options.flow_size, stagger=options.cond_stagger, graph=graph)
+
     # ---- prefetch thread ----------------------------------------------------------------
     def plan(self, frames: list[np.ndarray], count: int) -> CondPlan:
         cut_at = None
@@ -220,8 +227,8 @@ class TemporalConditioner:
         """(n,H,W,2) float32 flows of the plan (waited for here), on the host (pinned on CUDA)."""
         t0 = time.perf_counter()
         results = [f.result() for f in plan.flows]
-        timings["flow_wait_ms"] = 1e3 * (time.perf_counter() - t0)
-        timings["flow_cpu_ms"] = sum(ms for _, ms in results)
+        timings["flow_wait"] = 1e3 * (time.perf_counter() - t0)
+        timings["flow_cpu"] = sum(ms for _, ms in results)
         flows = torch.from_numpy(np.stack([flow for flow, _ in results]))
         return flows.pin_memory() if self._prev_output.device.type == "cuda" else flows
 

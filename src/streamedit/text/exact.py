@@ -39,6 +39,7 @@ from torch import nn
 
 from ..accel.kernels import shallow
 from ..models.processor import EDIT_INSTRUCTION, EDIT_TEMPLATE
+from .base import ProcessorImages
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ def feature_model(models) -> nn.Module:
 
 
 class TextEncoderRunner:
+    """Upstream's ``encode_prompt`` for a batch of frames (a :class:`~streamedit.text.base.TextEncoder`)."""
+
     def __init__(self, models, te_size: int | None = None):
         self.models = models
         self.model = feature_model(models)  # Qwen3VLModel: no LM head; "prenorm": no final norm either
@@ -94,11 +97,17 @@ class TextEncoderRunner:
         """Drop the device tensors kept between batches (the prompt's token ids)."""
         self._device_text = None
 
-    def prepare_images(self, frames: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        """Frames (HxWx3 uint8) -> pixel_values / image_grid_thw, as the processor makes them."""
+    def prepare_images(self, frames: list[np.ndarray]) -> ProcessorImages:
+        """Frames (HxWx3 uint8) -> pixel_values / image_grid_thw, as the processor makes them (pinned on CUDA:
+        the prefetch thread pays for it, and the side stream's copies are asynchronous)."""
         images = [Image.fromarray(f).resize((self.size, self.size), resample=self.resample) for f in frames]
         out = self.image_processor(images=images, return_tensors="pt")
-        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+        pin = self.models.device.type == "cuda"
+        return {k: out[k].pin_memory() if pin else out[k] for k in ("pixel_values", "image_grid_thw")}
+
+    def output_shape(self, prompt: str) -> None:
+        """Unknown until the first :meth:`encode` (the processor decides the token count)."""
+        return None
 
     def text_inputs(self, prompt: str) -> dict[str, torch.Tensor]:
         """input_ids / attention_mask / mm_token_type_ids for one frame (cached per prompt)."""
@@ -130,7 +139,7 @@ class TextEncoderRunner:
         return self._device_inputs(prompt)["attention_mask"][:, self.models.edit_prefix_len:]
 
     @torch.no_grad()
-    def encode(self, prompt: str, images: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+    def encode(self, prompt: str, images: ProcessorImages, batch: int) -> torch.Tensor:
         """(batch, tokens - prefix, hidden) prompt embeddings on the model's device/dtype."""
         device, dtype = self.models.device, self.models.dtype
         text = {k: v.expand(batch, -1) for k, v in self._device_inputs(prompt).items()}
