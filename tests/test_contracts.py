@@ -51,9 +51,9 @@ def test_both_text_encoders_meet_the_protocol(tiny_models):
 
 
 def test_the_engine_records_typed_batches(tiny_models, frames):
-    engine = StreamEngine(tiny_models, EngineConfig(prompt="ink", batch_size=4, size=64, profile=True,
-                                                    lllite="random", te_refresh_every=2))
-    list(engine.run(frames))  # 10 frames: batches of 4, 4, 2
+    config = EngineConfig(prompt="ink", batch_size=4, size=64, profile=True, lllite="random", te_refresh_every=2)
+    with StreamEngine(tiny_models, config) as engine:  # closed: the shared U-Net loses the adapter's patch
+        list(engine.run(frames))  # 10 frames: batches of 4, 4, 2
     log = engine.batch_log
     assert all(isinstance(r, BatchRecord) for r in log) and [r.batch for r in log] == [0, 1, 2]
     assert [r.frames for r in log] == [4, 4, 2] and [r.te for r in log] == ["computed", "reused", "computed"]

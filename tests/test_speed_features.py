@@ -416,7 +416,7 @@ def test_startup_second_launch_hits_the_cache(tmp_path, precompile):
         assert warm["precompiled"] == {"compiled": 0, "loaded": 3, "fallback": 0, "stale": 0}
         assert "bytecode_tracing" not in warm["compile_phases_s"]  # dynamo never traced in the warm launch
         assert row["profile"] == str(tmp_path / "prof" / "warm-profiled.prof") and Path(row["profile"]).is_file()
-        assert "bench_startup.py" in (tmp_path / "prof" / "warm-profiled.txt").read_text()
+        assert "bench/startup.py" in (tmp_path / "prof" / "warm-profiled.txt").read_text()
         names = ("te", "encode", "main")  # seconds each function's first call spent compiling / loading it
         assert set(cold["precompiled_s"]) == {f"compiled:{n}" for n in names}
         assert set(warm["precompiled_s"]) == {f"loaded:{n}" for n in names}
