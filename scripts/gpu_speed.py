@@ -7,9 +7,9 @@ Each part is one `streamedit bench --model random:real --dtype bfloat16 --size 5
 them; the low-latency row feeds itself at 30 fps), meant to fit one 10-minute call. Every compiled row
 starts from torch._dynamo.reset(): a graph an earlier row (or part) compiled costs only its tracing.
 
-  A: reference, best                 the claim: U-Net + VAE decode one graph, graphed VAE encode, fast TE
-  B: reference, approx, similar      te_refresh 8 + te_batch_one; similarity filter on a low-motion source
-  C: reference, fp8, best-eager-vae  FP8 TE (+ its cosine agreement); what the compiled VAE buys
+  A: paper, reference-512, best, best-te256   the claim, against the paper's recipe and upstream's TE view
+  B: paper, approx, similar          te_refresh 8 + te_batch_one; similarity filter on a low-motion source
+  C: paper, fp8, best-eager-vae      FP8 TE (+ its cosine agreement); what the compiled VAE buys
   D: low-latency                     B=1, latency-first schedule, 30 fps source: latency p50/p95
   S: startup (best config)           fresh processes, cold and warm compile cache, to the first frame
 
@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 
 PARTS = {
-    "A": ["--rows", "reference,best"],
-    "B": ["--rows", "reference,approx,similar"],
-    "C": ["--rows", "reference,fp8,best-eager-vae"],
+    "A": ["--rows", "paper,reference-512,best,best-te256"],
+    "B": ["--rows", "paper,approx,similar"],
+    "C": ["--rows", "paper,fp8,best-eager-vae"],
     "D": ["--rows", "low-latency"],
     "S": ["--rows", "best", "--startup-only"],
 }

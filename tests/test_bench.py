@@ -102,18 +102,17 @@ def test_matrix_rows_share_one_model_and_one_table(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "load", lambda *a: loads.append(a) or real_load(*a))
     out = tmp_path / "m.jsonl"
     res = invoke(*TINY, "--batch", "4", "--frames", "12", "--source-fps", "0", "--rows",
-                 "reference,no-side-stream,B=1", "--set", "compile=False", "--cond-refresh", "1", "--json", str(out))
+                 "reference,no-side-stream,paper", "--set", "compile=False", "--cond-refresh", "1", "--json", str(out))
     assert res.exit_code == 0, res.output
     assert len(loads) == 1
     rows = {r["row"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert list(rows) == ["reference", "no-side-stream", "B=1"]
-    ref = rows["reference"]
-    assert ref["ratio"] == 1.0
+    assert list(rows) == ["reference-512", "no-side-stream", "paper"]  # "reference": the 0.1 name
+    paper, ref = rows["paper"], rows["reference-512"]
+    assert paper["ratio"] == 1.0 and paper["config"]["te_size"] == 256 and ref["config"]["te_size"] == 512
     for r in rows.values():
-        assert r["ratio"] == pytest.approx(r["fps"] / ref["fps"])
+        assert r["ratio"] == pytest.approx(r["fps"] / paper["fps"])  # every ratio is against the paper's recipe
         assert r["config"]["compile"] is False  # --set wins over the rows' compile=True
     assert ref["config"]["pipeline"] and not rows["no-side-stream"]["config"]["pipeline"]
-    assert rows["B=1"]["batch"] == 1 and rows["B=1"]["frames_counted"] == 11
     assert ref["frames_counted"] == 8
     # the reference recipe carries the (random) adapter; refreshed every batch, its flow shows up
     assert ref["config"]["lllite"] == "random" and ref["cond_fraction"] == 1.0 and ref["cond_flops_per_refresh"] > 0
@@ -143,7 +142,11 @@ def test_mistakes_are_one_line_errors(args, message):
 
 def test_matrix_rows_are_named_overrides():
     names = [n for n, _ in bench.MATRIX]
-    assert names[0] == "reference" and {"best", "no-side-stream", "B=1", "no-compile"} <= set(names)
+    assert names[0] == "paper" and {"reference-512", "best", "best-te256", "no-side-stream", "B=1", "no-compile"} <= set(names)
+    rows = dict(bench.MATRIX)  # the paper's recipe: its TE view, eager TE and VAE, compiled U-Net
+    assert rows["paper"]["te_size"] == 256 and not rows["paper"]["te_fast"] and not rows["paper"]["compile_vae"]
+    assert rows["reference-512"] == dict(rows["paper"], te_size=512) and rows["best-te256"]["te_size"] == 256
+    assert [n for n, _ in bench.select_rows(True, "reference,best", False, None)] == ["reference-512", "best"]
     config, notes = bench.build_config({"prompt": "x", "batch_size": 8}, dict(bench.MATRIX)["B=1"],
                                        {"warp_drive": True})
     assert config.batch_size == 1 and config.compile and config.compile_mode == "reduce-overhead"
@@ -167,7 +170,7 @@ def test_gpu_speed_script_commands_are_valid_bench_invocations(tmp_path):
         assert [n for n, _ in bench.select_rows(True, ctx.params["rows"], False, "random")] == names  # known rows
         assert ctx.params["lllite"] == "random" and ctx.params["source_fps"] == 0 and ctx.params["count"] == 480
     assert {n for p in script.PARTS.values() for n in p[1].split(",")} >= {
-        "reference", "best", "approx", "fp8", "low-latency", "similar"}
+        "paper", "reference-512", "best", "best-te256", "approx", "fp8", "low-latency", "similar"}
 
 
 def test_a_row_that_cannot_keep_up_says_so_in_the_table(tmp_path):

@@ -136,14 +136,14 @@ def _engines_child(spec: dict) -> None:
     import gc
 
     from streamedit import EngineConfig, StreamEngine, load_models
-    from streamedit.bench.command import BEST, PAPER
+    from streamedit.bench.command import BEST, PAPER_512
     from streamedit.bench.run import bench_frames
 
     models = load_models(spec["model"], device=spec.get("device", "cuda"), dtype=torch.bfloat16)
     _vivid_decoder(models)
     size, batch = spec["size"], spec["batch"]
     frames = bench_frames(None, size, 6 * batch)
-    configs = {"best": BEST, "reference": PAPER, "eager": dict(PAPER, compile=False)}
+    configs = {"best": BEST, "reference": PAPER_512, "eager": dict(PAPER_512, compile=False)}
     results = {}
     for i, name in enumerate(spec["order"]):
         # refresh every 2 batches: the reference's cond graph replays after its cudagraph trees recorded

@@ -307,5 +307,20 @@ def build_config(base: dict, overrides: dict, forced: dict):
     return EngineConfig(**{k: v for k, v in merged.items() if k in fields}), notes
 
 
-# named EngineConfig overrides (the CLI's --low-latency)
-PRESETS = {"low_latency": LOW_LATENCY}
+# Named option bundles (`--preset`; the bench rows of the same names, docs/benchmarks.md):
+#   exact: every speed-up that keeps upstream's arithmetic (the bench's `best` row): static compiled and
+#          CUDA-graphed TE, U-Net + VAE decode one compiled graph, compiled VAE encode, the main stream at
+#          high priority; for the adapter, its cond refresh spread over the batches and flow at 256 px;
+#   paper: the streaming paper's recipe (its TE view: 256x256 BILINEAR, padded; TE and VAE eager, the U-Net
+#          compiled with reduce-overhead);
+#   max:   exact plus the approximations (the paper's TE view, the TE once per 8 batches on one frame);
+#   low-latency: one frame per batch, handed out as soon as it is done;
+#   eager: nothing compiled (the default on CPU, and for short jobs on a cold compile cache).
+EXACT = dict(te_fast=True, compile=True, compile_vae=True, main_priority=True, cond_stagger=True, flow_size=256)
+PRESETS = {
+    "exact": EXACT,
+    "paper": dict(te_size=256, te_fast=False, compile=True, compile_vae=False, compile_mode="reduce-overhead"),
+    "max": dict(EXACT, te_size=256, te_refresh_every=8, te_batch_one=True),
+    "low-latency": dict(LOW_LATENCY, compile_vae=True),
+    "eager": dict(te_fast=False, compile=False, compile_vae=False),
+}

@@ -93,6 +93,11 @@ def _mega_path(key: str) -> Path:
     return root() / "mega" / f"{key}.bin"
 
 
+def is_warm(key: str) -> bool:
+    """Whether a launch under ``key`` finds compiled code to load (saved functions or inductor's mega-cache)."""
+    return any((root() / "precompiled").glob(f"{key}-*.bin")) or _mega_path(key).is_file()
+
+
 def load_artifacts(key: str) -> bool:
     """Load a saved mega-cache into inductor's caches; False when there is none (or it is unusable)."""
     path = _mega_path(key)

@@ -3,7 +3,7 @@
 Frames come from :class:`SimulatedSource` (a camera at ``--source-fps``: a producer thread sleeps
 until each frame's capture time and stamps it) and go through ``StreamEngine.run`` with
 ``profile=True``, exactly as ``stylize`` runs them. ``--matrix`` measures :data:`MATRIX` rows (named
-EngineConfig overrides) on one loaded model, so every ``ratio`` (fps / reference fps) comes from one
+EngineConfig overrides) on one loaded model, so every ``ratio`` (fps / fps of the ``paper`` row) comes from one
 process. ``--startup`` times fresh processes to their first output frame (bench/startup.py).
 Warm-up rule, latency, FLOP counting and the JSONL fields: docs/benchmarks.md. The measuring
 code is in bench/run.py.
@@ -21,7 +21,7 @@ import click
 
 from ..cli.options import (check_size, command_line, lllite_options, load, model_options, resolve_device,
                            te_size_option, temporal_config)
-from ..config import LOW_LATENCY
+from ..config import EXACT, PRESETS
 from ..config import build_config as _build_config
 from ..config import clean_prompt, parse_sets
 from ..errors import StreameditError
@@ -38,27 +38,34 @@ log = logging.getLogger(__name__)
 # not have are dropped and the row's notes say so. --lllite PATH replaces "random" in every row.
 # Rows may also set the bench's own BENCH_KEYS: source_fps (the row's camera rate) and hold (each
 # source frame repeated N times: a low-motion source for the similarity filter).
-PAPER = dict(pipeline=True, compile=True, compile_mode="reduce-overhead", lllite="random", compile_vae=False)
-# + the cond refresh spread over batches (one slot per batch at B=8, N=8), Farnebäck at 256 px and the
-# main stream at high CUDA priority
-BEST = dict(PAPER, te_fast=True, compile_vae=True, cond_stagger=True, flow_size=256, main_priority=True)
+# The paper's recipe as its code runs it (config.PRESETS["paper"]): the TE eager at its 256x256 BILINEAR view
+# padded to 256 tokens, the U-Net compiled (reduce-overhead), the VAE eager, TE + VAE encode on the side
+# stream, the adapter on the down blocks refreshed every 8 batches, Farnebäck threaded at full resolution.
+PAPER = dict(pipeline=True, lllite="random", **PRESETS["paper"])
+PAPER_512 = dict(PAPER, te_size=512)  # the same at upstream's 512x512 TE view (the 0.1 `reference` row)
+BEST = dict(PAPER_512, **EXACT)  # the exact preset: every exact speed-up, at upstream's TE view
 MATRIX = [
-    ("reference", PAPER),  # the paper's recipe (U-Net compiled, VAE eager); every ratio is against this row
-    # exact speed-ups: static, sync-free, compiled/graphed TE; U-Net + VAE decode one graph, graphed VAE encode
+    ("paper", PAPER),  # every ratio is against this row
+    ("reference-512", PAPER_512),
+    # exact speed-ups: static, sync-free, compiled/graphed TE; U-Net + VAE decode one graph, graphed VAE encode;
+    # + the cond refresh spread over batches (one slot per batch at B=8, N=8), Farnebäck at 256 px and the
+    # main stream at high CUDA priority
     ("best", BEST),
+    ("best-te256", dict(BEST, te_size=256)),  # the same at the paper's TE view
     ("best-eager-vae", dict(BEST, compile_vae=False)),  # what compiling the VAE buys
     ("best-no-prio", dict(BEST, main_priority=False)),  # what the main stream's priority buys
-    ("no-side-stream", dict(PAPER, pipeline=False)),
-    ("B=1", dict(PAPER, batch_size=1)),
-    ("no-compile", dict(PAPER, compile=False)),
-    ("no-lllite", dict(PAPER, lllite=None)),
+    ("no-side-stream", dict(PAPER_512, pipeline=False)),
+    ("B=1", dict(PAPER_512, batch_size=1)),
+    ("no-compile", dict(PAPER_512, compile=False)),
+    ("no-lllite", dict(PAPER_512, lllite=None)),
     # approximations
     ("approx", dict(BEST, te_refresh_every=8, te_batch_one=True)),  # TE once per 8 batches, on one frame
     ("fp8", dict(BEST, te_fp8=True)),  # FP8 TE Linears (Hopper/Ada); records te_fp8_agreement
     ("similar", dict(BEST, skip_similar=1.0, hold=16)),  # similarity filter on a low-motion source
     # latency: one frame per batch, latency-first schedule, a 30 fps camera
-    ("low-latency", dict(PAPER, **LOW_LATENCY, compile_vae=True, source_fps=30.0)),
+    ("low-latency", dict(PAPER_512, **PRESETS["low-latency"], source_fps=30.0)),
 ]
+ALIASES = {"reference": "reference-512"}  # 0.1 row names
 
 
 def select_rows(matrix: bool, rows: str | None, compile_: bool, lllite: str | None) -> list[tuple[str, dict]]:
@@ -68,7 +75,7 @@ def select_rows(matrix: bool, rows: str | None, compile_: bool, lllite: str | No
         raise StreameditError("--compile is for a single run; matrix rows set compile themselves "
                               "(--set compile=False turns it off everywhere)")
     known = dict(MATRIX)
-    names = [n.strip() for n in rows.split(",")] if rows else list(known)
+    names = [ALIASES.get(n.strip(), n.strip()) for n in rows.split(",")] if rows else list(known)
     bad = [n for n in names if n not in known]
     if bad:
         raise StreameditError(f"unknown --rows {', '.join(bad)}: choose from {', '.join(known)}")
@@ -188,7 +195,7 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
                                              if r0["matmul_peak_tflops"] else "CUDA-only fields: —"))
     click.echo(format_table(results))
     if all(r["ratio"] is None for r in results) and len(results) > 1:
-        click.echo("ratio: — (no 'reference' row in this run)")
+        click.echo("ratio: — (no 'paper' row in this run)")
     if json_path:
         with open(json_path, "w") as fh:
             for r in [line for line in lines if line.get("kind") == "startup"] + results:

@@ -207,7 +207,7 @@ FLOPS_METHOD = ("FlopCounterMode over one eager batch of the row's config (TE + 
 
 def run_matrix(models, rows, base: dict, forced: dict, frames, count: int, fps: float, warmup: int,
                echo=None, on_row=None) -> list[dict]:
-    """Measure each (name, overrides) row on the same models; add ratio (fps / reference fps)."""
+    """Measure each (name, overrides) row on the same models; add ratio (fps / the `paper` row's fps)."""
     import torch
 
 
@@ -263,10 +263,10 @@ def run_matrix(models, rows, base: dict, forced: dict, frames, count: int, fps: 
         if on_row is not None:
             on_row(res)
         echo(f"  {name}: {res['fps']:.1f} fps, latency p50 {res['latency_ms']['p50']:.0f} ms", err=True)
-    ref = next((r for r in results if r["row"] == "reference"), None)
+    ref = next((r for r in results if r["row"] == "paper"), None)
     for r in results:
         comparable = ref is not None and r["source_fps"] == ref["source_fps"]
         r["ratio"] = r["fps"] / ref["fps"] if comparable else None
         if ref is not None and not comparable:
-            r["notes"].append(f"no ratio: fed at {r['source_fps']:g} fps, the reference at {ref['source_fps']:g}")
+            r["notes"].append(f"no ratio: fed at {r['source_fps']:g} fps, the paper row at {ref['source_fps']:g}")
     return results

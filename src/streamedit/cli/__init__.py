@@ -4,5 +4,5 @@ bench, eval, serve, live and train live with their mechanism and import ``cli.op
 
 from . import commands  # noqa: F401  (registers stylize and info on the group)
 from .group import LAZY_COMMANDS, _Group, cli, main, setup_logging
-from .options import (DTYPES, check_speed_flags, command_line, lllite_options, load, low_latency_fields, model_options,
+from .options import (DTYPES, check_speed_flags, command_line, lllite_options, load, model_options,
                       resolve_device, speed_options, temporal_config)

@@ -10,8 +10,9 @@ import time
 import click
 
 from .group import _sigterm_to_interrupt, cli
-from .options import (check_size, check_speed_flags, lllite_options, load, low_latency_fields, model_options,
-                      resolve_device, speed_options, te_size_option, temporal_config)
+from ..errors import StreameditError
+from .options import (auto_preset, check_size, check_speed_flags, lllite_options, load, model_options, preset_fields,
+                      preset_option, resolve_device, speed_options, te_size_option, temporal_config)
 
 
 @cli.command()
@@ -29,10 +30,12 @@ from .options import (check_size, check_speed_flags, lllite_options, load, low_l
                    "Default: the model's own (256 for demo), else 512.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--fixed-noise", is_flag=True, help="Start every frame from the same noise (less flicker).")
-@click.option("--compile", "compile_", is_flag=True,
+@preset_option
+@click.option("--compile/--no-compile", "compile_", default=False,
               help="torch.compile U-Net, VAE and (with --te-fast) TE into CUDA graphs (first batches pay for it).")
 @click.option("--compile-mode", default="reduce-overhead", show_default=True)
-@click.option("--te-fast", is_flag=True, help="Static, sync-free text encoder (exact; compiled with --compile).")
+@click.option("--te-fast/--no-te-fast", default=False,
+              help="Static, sync-free text encoder (exact; compiled with --compile).")
 @click.option("--te-batch-one", is_flag=True, help="Approximation: one TE pass per batch.")
 @click.option("--te-refresh", default=1, show_default=True, help="Approximation: reuse the TE output N batches.")
 @click.option("--keep-size", is_flag=True, help="Write the working size instead of scaling back to the input's.")
@@ -41,30 +44,32 @@ from .options import (check_size, check_speed_flags, lllite_options, load, low_l
 @speed_options
 @lllite_options
 def stylize(input_path, output, prompt, model, revision, device, dtype, batch, steps, strength, size, seed, fixed_noise,
-            compile_, compile_mode, te_fast, te_batch_one, te_refresh, keep_size, crop, te_size, te_fp8, skip_similar,
-            low_latency, main_priority, **temporal):
+            preset, compile_, compile_mode, te_fast, te_batch_one, te_refresh, keep_size, crop, te_size, te_fp8,
+            skip_similar, low_latency, main_priority, **temporal):
     """Stylize INPUT with an instruction and write OUTPUT (same fps, timestamps and audio)."""
     from tqdm import tqdm
 
-    from ..config import EngineConfig
+    from ..config import EngineConfig, clean_prompt
     from ..engine.stream import StreamEngine
     from ..models.loading import working_size
     from ..video.io import VideoWriter, open_video
 
     check_size(size)
     size = working_size(size, model)
-    fields = dict(batch_size=batch, compile=compile_, te_fast=te_fast, te_size=te_size, te_fp8=te_fp8,
-                  skip_similar=skip_similar, main_priority=main_priority)
     if low_latency:
-        fields.update(low_latency_fields(click.get_current_context(), batch))
-    config = EngineConfig(prompt=prompt, steps=steps, strength=strength, size=size, crop=crop, seed=seed,
-                          fixed_noise=fixed_noise,
-                          compile_mode=compile_mode, te_batch_one=te_batch_one, te_refresh_every=te_refresh,
-                          **fields, **temporal_config(**temporal))
-    from ..config import clean_prompt
-
-    config.prompt = clean_prompt(prompt)  # fail on a bad prompt before any slow loading
+        if preset not in (None, "low-latency"):
+            raise StreameditError(f"--low-latency is --preset low-latency: drop it or --preset {preset}")
+        preset = "low-latency"
+    ctx = click.get_current_context()
+    fields = dict(prompt=clean_prompt(prompt),  # fail on a bad prompt before any slow loading
+                  steps=steps, strength=strength, size=size, crop=crop, seed=seed, fixed_noise=fixed_noise,
+                  batch_size=batch, compile=compile_, compile_mode=compile_mode, te_fast=te_fast,
+                  te_batch_one=te_batch_one, te_refresh_every=te_refresh, te_size=te_size, te_fp8=te_fp8,
+                  skip_similar=skip_similar, main_priority=main_priority, **temporal_config(**temporal))
     device, torch_dtype = resolve_device(device, dtype)
+    cuda = device.startswith("cuda")
+    chosen, why = (preset, "--preset") if preset else ("exact" if cuda else "eager", None)
+    config = EngineConfig(**preset_fields(ctx, chosen, fields))
     check_speed_flags(config, device)
     source = open_video(input_path, size=size, keep_size=keep_size, crop=crop)
     config.frame_size = (source.info.height, source.info.width)  # the engine sets up for this aspect
@@ -73,7 +78,12 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
     restore = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     try:
         with VideoWriter(output, source) as writer:
-            engine = StreamEngine(load(model, revision, device, torch_dtype), config)
+            models = load(model, revision, device, torch_dtype)
+            if why is None:  # no --preset: compile only where the job earns it back
+                chosen, why = auto_preset(cuda, source.info.frame_count, cuda and _compile_cache_warm(models, config))
+                config = EngineConfig(**preset_fields(ctx, chosen, fields), frame_size=config.frame_size)
+            click.echo(f"preset: {chosen} ({why})", err=True)
+            engine = StreamEngine(models, config)
             t0 = time.perf_counter()
             bar = tqdm(total=source.info.frame_count, unit="frame", desc="stylize", dynamic_ncols=True,
                        disable=None)
@@ -99,6 +109,14 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
     if source.warning:
         click.echo(f"error: {source.warning}", err=True)
         sys.exit(2)
+
+
+def _compile_cache_warm(models, config) -> bool:
+    """Whether the compile cache holds this run's compiled functions (config: the exact preset's)."""
+    from ..accel import compile_cache
+    from ..config import engine_shape
+
+    return compile_cache.is_warm(compile_cache.artifact_key(models, config, engine_shape(models, config)))
 
 
 def _interrupted(writer, output) -> str:

@@ -40,7 +40,7 @@ def lllite_options(fn):
                      help="Refresh cond (and TE) on the batch holding a scene cut."),
         click.option("--motion-refresh", type=float, default=None,
                      help="Refresh early when mean flow (px) since the last refresh exceeds this."),
-        click.option("--cond-stagger", is_flag=True,
+        click.option("--cond-stagger/--no-cond-stagger", default=False,
                      help="Spread the cond refresh: B/N batch slots every batch instead of all B every N batches."),
         click.option("--flow-size", type=int, default=None,
                      help="Compute the optical flow at this resolution (default: the working size)."),
@@ -79,8 +79,8 @@ def speed_options(fn):
                      help="Re-emit the last output for frames whose 64x64 gray thumbnail differs from the last "
                           "stylized one by at most T levels (mean abs, 0-255); ~1 skips a static camera."),
         click.option("--low-latency", is_flag=True,
-                     help="Batch 1, fast TE, compiled, 1 batch prefetched, each frame handed out as soon as done."),
-        click.option("--main-priority", is_flag=True,
+                     help="= --preset low-latency: batch 1, fast TE, compiled, each frame handed out as soon as done."),
+        click.option("--main-priority/--no-main-priority", default=False,
                      help="Run the U-Net + decode stream at high CUDA priority (the TE stream fills its gaps)."),
     ]
     for opt in reversed(opts):
@@ -88,15 +88,55 @@ def speed_options(fn):
     return fn
 
 
-def low_latency_fields(ctx, batch: int) -> dict:
-    """The --low-latency preset (engine_config.LOW_LATENCY); an explicit --batch other than 1 conflicts."""
+# stylize's parameters that a preset sets -> their EngineConfig field; a flag given on the command line wins
+PRESET_PARAMS = {"batch": "batch_size", "compile_": "compile", "compile_mode": "compile_mode", "te_fast": "te_fast",
+                 "te_batch_one": "te_batch_one", "te_refresh": "te_refresh_every", "te_size": "te_size",
+                 "te_fp8": "te_fp8", "main_priority": "main_priority", "cond_stagger": "cond_stagger",
+                 "flow_size": "flow_size"}
+# When no --preset is given on CUDA: compile (the exact preset) unless the job is too short to earn it back.
+# Measured on the H100 (random:real, 512^2, B=8; docs/benchmarks.md): starting the exact path costs ~145 s
+# more than eager on a cold compile cache and ~8 s warm (first frame at 15.8 s against imports and loading),
+# and saves at least 1/46 - 1/153 s a frame (the paper recipe's 46 fps, itself faster than all-eager, vs 153).
+COMPILE_COST_S = {"cold": 145.0, "warm": 8.0}
+SAVED_S_PER_FRAME = 1 / 46 - 1 / 153
+
+
+def preset_option(fn):
+    from ..config import PRESETS
+
+    return click.option(
+        "--preset", type=click.Choice(list(PRESETS)), default=None,
+        help="Option bundle: exact (every exact speed-up), paper (the paper's recipe), max (exact + "
+             "approximations), low-latency, eager. Default: exact on CUDA (eager for a job too short to earn "
+             "its compile back), eager on CPU. Flags given with it override its values.")(fn)
+
+
+def preset_fields(ctx, preset: str, fields: dict) -> dict:
+    """``fields`` (the command's values, EngineConfig names) with ``preset``'s values wherever the user did not
+    give that flag on the command line."""
     from click.core import ParameterSource
 
-    from ..config import LOW_LATENCY
+    from ..config import PRESETS
 
-    if ctx.get_parameter_source("batch") is ParameterSource.COMMANDLINE and batch != 1:
-        raise StreameditError(f"--low-latency runs batch 1; drop --batch {batch} or --low-latency")
-    return dict(LOW_LATENCY)
+    given = {field for param, field in PRESET_PARAMS.items()
+             if param in ctx.params and ctx.get_parameter_source(param) is ParameterSource.COMMANDLINE}
+    if preset == "low-latency" and "batch_size" in given and fields.get("batch_size") != 1:
+        raise StreameditError(f"--low-latency runs batch 1; drop --batch {fields['batch_size']} or --low-latency")
+    if "compile" in given:  # --compile / --no-compile is about everything compiled: the VAE follows it
+        given.add("compile_vae")
+    return {**fields, **{k: v for k, v in PRESETS[preset].items() if k not in given}}
+
+
+def auto_preset(cuda: bool, frames: int | None, warm: bool) -> tuple[str, str]:
+    """The preset a run without --preset gets, and why (said at start-up)."""
+    if not cuda:
+        return "eager", "on CPU"
+    cache = "warm" if warm else "cold"
+    if frames is not None and frames * SAVED_S_PER_FRAME < COMPILE_COST_S[cache]:
+        return "eager", (f"{frames} frames: compiling (about {COMPILE_COST_S[cache]:.0f} s on this {cache} compile "
+                         "cache) would cost more than it saves; --preset exact compiles anyway")
+    return "exact", ("compiled functions load from the compile cache" if warm else
+                     "the first batch compiles (minutes); later runs load it from the compile cache")
 
 
 def check_speed_flags(config, device: str) -> None:
