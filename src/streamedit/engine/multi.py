@@ -29,7 +29,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -44,7 +44,7 @@ from ..config import EngineConfig, check_frame, engine_shape, validate
 from ..diffusion.denoiser import Denoiser
 from ..errors import StreameditError
 from ..models.loading import warn_unknown_instruction
-from ..telemetry import EngineStats
+from ..telemetry import EngineStats, TickRecord
 from ..temporal.adapter import remove_lllite
 from ..temporal.attach import attach_adapter
 from ..temporal.conditioner import TemporalConditioner
@@ -82,6 +82,7 @@ class _Tick:
     done: object = None  # side stream event
     output: torch.Tensor | None = None
     ready: object = None  # D2H event
+    record: TickRecord | None = None
 
 
 class MultiStreamEngine:
@@ -112,6 +113,7 @@ class MultiStreamEngine:
         self.error: BaseException | None = None  # what ended the tick thread
         self.ticks = 0
         self.histogram: Counter[int] = Counter()  # real rows per batch -> batches
+        self.tick_log: deque[TickRecord] = deque(maxlen=config.log_limit)
         self.stats = EngineStats()
         self.main_stream = self.side_stream = self.copy_stream = None
         if self.cuda:  # as StreamEngine: the main stream is the critical path
@@ -174,7 +176,7 @@ class MultiStreamEngine:
         # its conditioner is only dropped: a tick in flight may still use it (flows run on the shared pool)
 
     # ---- scheduling -------------------------------------------------------------------------------
-    def _select(self) -> tuple[tuple[int, int], list] | None:
+    def _select(self) -> tuple[int, tuple[int, int], list] | None:
         """The streams of the next batch (under ``_cond``): the least recently served ready stream's size
         group, its least recently served ready streams first, up to the largest bucket."""
         ready = sorted((s for s in self._streams if s.pending is not None), key=lambda s: (s.last_tick, s.id))
@@ -185,7 +187,7 @@ class MultiStreamEngine:
         for s in chosen:
             s.last_tick = self.ticks
         self.ticks += 1
-        return shape, [(s, s.take()) for s in chosen]
+        return self.ticks - 1, shape, [(s, s.take()) for s in chosen]
 
     def _rows(self, group: _Group, streams: list[Stream], bucket: int) -> list[int]:
         """Batch rows for ``streams``: the row a stream had, if its cond embedding is still there, else a
@@ -209,20 +211,23 @@ class MultiStreamEngine:
         if picked is None:
             return 0
         self._finish(self._launch(*picked))
-        return len(picked[1])
+        return len(picked[2])
 
-    def _launch(self, shape: tuple[int, int], items: list) -> _Tick:
+    def _launch(self, index: int, shape: tuple[int, int], items: list) -> _Tick:
         group = self._group(shape)
         bucket = next(b for b in self.buckets if b >= len(items))
         tick = _Tick(group, [None] * bucket)
         for r, item in zip(self._rows(group, [s for s, _ in items], bucket), items):
             tick.rows[r] = item
         real = [(r, s, p) for r, (s, p) in ((r, it) for r, it in enumerate(tick.rows) if it is not None)]
+        tick.record = TickRecord(index, shape, tuple(it[0].id if it else None for it in tick.rows),
+                                 tuple(it[0].prompt if it else None for it in tick.rows), time.perf_counter())
+        self.tick_log.append(tick.record)
         filler = real[0][2].frame  # padding rows repeat a real frame; their outputs are dropped
         frames = [it[1].frame if it is not None else filler for it in tick.rows]
         by_prompt: dict[str, list[int]] = {}
         for r, s, _ in real:
-            by_prompt.setdefault(s.prompt, []).append(r)  # the prompt as of this tick: a change applies from here
+            by_prompt.setdefault(tick.record.prompts[r], []).append(r)  # a change applies from the next tick
             if s.temporal is not None:
                 tick.plans[r] = s.temporal.plan([frames[r]], 1)
         images = {p: self.te.prepare_images([frames[r] for r in rows]) for p, rows in by_prompt.items()}
@@ -327,6 +332,7 @@ class MultiStreamEngine:
         self.stats.batches += 1
         self.stats.frames += len(real)
         self.histogram[len(real)] += 1
+        tick.record.t_done = time.perf_counter()
         for r, (s, p) in real:
             if s.closed:
                 continue
