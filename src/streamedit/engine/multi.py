@@ -31,12 +31,9 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 
 from ..accel import compile_cache
 from ..accel.graphs import release_memory
@@ -50,39 +47,11 @@ from ..temporal.attach import attach_adapter
 from ..temporal.conditioner import TemporalConditioner
 from .build import build_denoiser, text_encoder
 from .host import to_working
+from .rows import TOKEN_STEP, RowBatch, SizeGroup, assign_rows, default_buckets, stack_text
 from .streams import Pending, Stream, StreamOutput, latency_ms
 
 __all__ = ["MultiStreamEngine", "Stream", "StreamOutput", "default_buckets"]
 log = logging.getLogger(__name__)
-TOKEN_STEP = 64  # compiled: the text sequence is padded to a multiple of this (few graph signatures)
-
-
-def default_buckets(batch_size: int) -> tuple[int, ...]:
-    """1, 2, 4, ... up to ``batch_size`` (and ``batch_size`` itself)."""
-    return tuple(sorted({2 ** i for i in range(batch_size.bit_length()) if 2 ** i <= batch_size} | {batch_size}))
-
-
-@dataclass
-class _Group:
-    """What one working size needs: a denoiser per bucket (own CUDA graphs, shared compiled functions), the
-    adapter's buffers for this size and which stream's cond embedding each buffer row holds."""
-    shape: tuple[int, int]
-    denoisers: dict[int, Denoiser]
-    buffers: object = None  # LLLiteAdapter.buffer_set()
-    owners: list = field(default_factory=list)  # row -> (stream id, cond version)
-    cache_key: str | None = None  # compile artifacts to save after its first batch
-
-
-@dataclass
-class _Tick:
-    group: _Group
-    rows: list  # batch row -> (stream, Pending); None for padding rows
-    plans: dict = field(default_factory=dict)  # row -> CondPlan
-    device: tuple = ()  # (noise, source, text tensors, frames) from the side stream
-    done: object = None  # side stream event
-    output: torch.Tensor | None = None
-    ready: object = None  # D2H event
-    record: TickRecord | None = None
 
 
 class MultiStreamEngine:
@@ -104,7 +73,7 @@ class MultiStreamEngine:
         self.adapter = attach_adapter(models, config.temporal, config.size)  # patches the U-Net: before compiling
         self._owns_adapter = self.adapter is not None and self.adapter is not config.lllite
         self._flow_pool = ThreadPoolExecutor(4, thread_name_prefix="streamedit-flow") if self.adapter else None
-        self._groups: dict[tuple[int, int], _Group] = {}
+        self._groups: dict[tuple[int, int], SizeGroup] = {}  # working size -> its denoisers and adapter rows
         self._streams: list[Stream] = []
         self._ids = itertools.count()
         self._cond = threading.Condition()  # a frame arrived / stop
@@ -189,17 +158,6 @@ class MultiStreamEngine:
         self.ticks += 1
         return self.ticks - 1, shape, [(s, s.take()) for s in chosen]
 
-    def _rows(self, group: _Group, streams: list[Stream], bucket: int) -> list[int]:
-        """Batch rows for ``streams``: the row a stream had, if its cond embedding is still there, else a
-        free one (only the adapter's rows carry state; without it any order would do)."""
-        rows, free = [], set(range(bucket))
-        for s in streams:
-            mine = next((r for r in range(bucket) if group.owners[r] and group.owners[r][0] == s.id), None)
-            rows.append(mine if mine in free else None)
-            free.discard(mine)
-        free = sorted(free)
-        return [r if r is not None else free.pop(0) for r in rows]
-
     # ---- the batch ---------------------------------------------------------------------------------
     def tick(self) -> int:
         """Run one batch now (not while :meth:`start`'s thread runs); returns its number of streams."""
@@ -213,18 +171,19 @@ class MultiStreamEngine:
         self._finish(self._launch(*picked))
         return len(picked[2])
 
-    def _launch(self, index: int, shape: tuple[int, int], items: list) -> _Tick:
+    def _launch(self, index: int, shape: tuple[int, int], items: list) -> RowBatch:
+        """Queue one batch: host preparation, then the side stream's and the main stream's work."""
         group = self._group(shape)
         bucket = next(b for b in self.buckets if b >= len(items))
-        tick = _Tick(group, [None] * bucket)
-        for r, item in zip(self._rows(group, [s for s, _ in items], bucket), items):
+        tick = RowBatch(group, [None] * bucket)
+        for r, item in zip(assign_rows(group.owners, [s.id for s, _ in items], bucket), items):
             tick.rows[r] = item
-        real = [(r, s, p) for r, (s, p) in ((r, it) for r, it in enumerate(tick.rows) if it is not None)]
+        real = tick.real
         tick.record = TickRecord(index, shape, tuple(it[0].id if it else None for it in tick.rows),
                                  tuple(it[0].prompt if it else None for it in tick.rows), time.perf_counter())
         self.tick_log.append(tick.record)
-        filler = real[0][2].frame  # padding rows repeat a real frame; their outputs are dropped
-        frames = [it[1].frame if it is not None else filler for it in tick.rows]
+        filler = real[0]  # padding rows repeat a real row's frame and noise; their outputs are dropped
+        frames = [it[1].frame if it else filler[2].frame for it in tick.rows]
         by_prompt: dict[str, list[int]] = {}
         for r, s, _ in real:
             by_prompt.setdefault(tick.record.prompts[r], []).append(r)  # a change applies from the next tick
@@ -235,9 +194,9 @@ class MultiStreamEngine:
         host = host.pin_memory() if self.cuda else host
         den = group.denoisers[bucket]
         latent = (1, self.models.vae.config.latent_channels, *den.latent_shape)
-        noise = torch.cat([(it[0] if it else real[0][1]).noise(latent, self.models.dtype) for it in tick.rows])
+        noise = torch.cat([(it[0] if it else filler[1]).noise(latent, self.models.dtype) for it in tick.rows])
         with self._on(self.side_stream):
-            text = self._encode_text(by_prompt, images, bucket, real[0][0])
+            text = stack_text(self.te, by_prompt, images, bucket, TOKEN_STEP if self.config.compile else 1)
             frames_dev = host.to(self.device, non_blocking=True)
             source = den.encode(frames_dev)
             noise = noise.to(self.device, non_blocking=True)
@@ -253,31 +212,7 @@ class MultiStreamEngine:
             self._generate(tick, den)
         return tick
 
-    def _encode_text(self, by_prompt: dict, images: dict, bucket: int, filler: int) -> tuple:
-        """One TE call per prompt group; the embeddings in row order, zero-padded to the longest (and to
-        TOKEN_STEP when compiled, so graphs see few shapes), with a mask where lengths or views differ."""
-        embeds, masks = [None] * bucket, [None] * bucket
-        for prompt, rows in by_prompt.items():
-            out = self.te.encode(prompt, images[prompt], len(rows))
-            mask = self.te.text_mask(prompt)  # te_size 256: its own pad rows
-            for j, r in enumerate(rows):
-                embeds[r] = out[j]
-                masks[r] = mask[0] if mask is not None else torch.ones(len(out[j]), dtype=torch.long,
-                                                                       device=out.device)
-        uniform = len({e.shape[0] for e in embeds if e is not None}) == 1
-        any_mask = any(self.te.text_mask(p) is not None for p in by_prompt)
-        for r in range(bucket):  # padding rows: a real row's text
-            if embeds[r] is None:
-                embeds[r], masks[r] = embeds[filler], masks[filler]
-        embeds, mask = pad_sequence(embeds, batch_first=True), pad_sequence(masks, batch_first=True)
-        if self.config.compile:
-            extra = -embeds.shape[1] % TOKEN_STEP
-            embeds, mask = F.pad(embeds, (0, 0, 0, extra)), F.pad(mask, (0, extra))
-        elif uniform and not any_mask:
-            return (embeds,)  # the single-stream engine's inputs exactly: no mask
-        return embeds, mask
-
-    def _generate(self, tick: _Tick, den: Denoiser) -> None:
+    def _generate(self, tick: RowBatch, den: Denoiser) -> None:
         """Main stream: the cond rows, U-Net + decode, each stream's previous output, the copy to the host."""
         noise, source, text, frames = tick.device
         if tick.done is not None:
@@ -288,9 +223,9 @@ class MultiStreamEngine:
             images = den.fused(noise, source, *text)
         else:
             images = (den.decode_fn or den.decode)(den.denoise(noise, source, *text))
-        for r, item in enumerate(tick.rows):
-            if item is not None and item[0].temporal is not None:  # a copy: the next replay overwrites a graph's output
-                item[0].temporal.remember(images[r:r + 1].clone(), 1)
+        for r, s, _ in tick.real:
+            if s.temporal is not None:  # a copy: the next replay overwrites a graph's output
+                s.temporal.remember(images[r:r + 1].clone(), 1)
         tick.device = ()
         if self.cuda:
             host = torch.empty(images.shape, dtype=torch.uint8, pin_memory=True)
@@ -305,14 +240,12 @@ class MultiStreamEngine:
             host = images
         tick.output = host
 
-    def _write_cond(self, tick: _Tick, frames: torch.Tensor) -> None:
+    def _write_cond(self, tick: RowBatch, frames: torch.Tensor) -> None:
         """Each stream's cond image into its row: new on its refresh batches (its own conditioner), rewritten
         from the kept image when another stream used the row since; all rows in one cond CNN pass."""
         group, rows, images = tick.group, [], []
-        for r, item in enumerate(tick.rows):
-            if item is None:
-                continue
-            s, plan = item[0], tick.plans[r]
+        for r, s, _ in tick.real:
+            plan = tick.plans[r]
             if plan.refresh:
                 s.cond = s.temporal.cond_images(plan, frames[r:r + 1], {}).contiguous()
                 s.cond_version += 1
@@ -323,17 +256,17 @@ class MultiStreamEngine:
         if rows:
             self.adapter.set_cond_rows(torch.cat(images), torch.tensor(rows, device=frames.device))
 
-    def _finish(self, tick: _Tick) -> None:
+    def _finish(self, tick: RowBatch) -> None:
         """Wait for the tick's outputs and hand each to its stream (a closed stream's are dropped)."""
         if tick.ready is not None:
             tick.ready.synchronize()
         out = tick.output.numpy()
-        real = [(r, it) for r, it in enumerate(tick.rows) if it is not None]
+        real = tick.real
         self.stats.batches += 1
         self.stats.frames += len(real)
         self.histogram[len(real)] += 1
         tick.record.t_done = time.perf_counter()
-        for r, (s, p) in real:
+        for r, s, p in real:
             if s.closed:
                 continue
             try:
@@ -353,11 +286,11 @@ class MultiStreamEngine:
         self._group(shape)
         return shape
 
-    def _group(self, shape: tuple[int, int]) -> _Group:
+    def _group(self, shape: tuple[int, int]) -> SizeGroup:
         group = self._groups.get(shape)
         if group is None:
             den, key = build_denoiser(self.models, self.config, shape, self.te, self.adapter, self.buckets[-1])
-            group = _Group(shape, {b: den.with_own_graphs() for b in self.buckets}, cache_key=key,
+            group = SizeGroup(shape, {b: den.with_own_graphs() for b in self.buckets}, cache_key=key,
                            owners=[None] * self.buckets[-1])
             if self.adapter is not None:
                 group.buffers = self.adapter.buffer_set()
