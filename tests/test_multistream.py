@@ -39,8 +39,8 @@ def single(models, prompt, seed, frames, spy=None, **kw):
     """What the sequential path makes of ``frames``: a batch-1 StreamEngine with this stream's options (with
     ``spy``: also its denoised latents, one (1,C,h,w) per frame)."""
     start = len(spy) if spy is not None else 0
-    with StreamEngine(models, EngineConfig(prompt=prompt, batch_size=1, fixed_noise=True, seed=seed, size=64,
-                                           **kw)) as engine:
+    cfg = dict(prompt=prompt, batch_size=1, fixed_noise=True, seed=seed, size=64) | kw
+    with StreamEngine(models, EngineConfig(**cfg)) as engine:
         out = list(engine.run(frames))
     return out if spy is None else (out, spy[start:])
 
@@ -225,23 +225,31 @@ def test_fair_share_with_more_streams_than_the_largest_bucket(tiny_models):
 
 
 def test_sizes_are_grouped(tiny_models):
-    """A 64x64 stream and a 32x64 one: separate batches (one working size each), taking turns, each equal to
-    its single-stream run."""
+    """Three working sizes (64x64; 32x64 frames; 64x64 frames at size 32): separate batches, taking turns,
+    each stream equal to its single-stream run. A warmed-up size runs a batch of each bucket first, and
+    that leaves no trace in the counters."""
     with multi(tiny_models) as engine:
+        assert engine.prepare((64, 64), warm=True) == (64, 64)
+        assert sorted(engine.warm_seconds) == [((64, 64), b) for b in (1, 2, 4)]
+        assert engine.stats.batches == 0 and not engine.tick_log and not engine.histogram
         square, wide = engine.open_stream("oil painting", seed=0), engine.open_stream("watercolor", seed=1)
+        small = engine.open_stream("pencil sketch", seed=2, size=32)
         wide_frames = [np.ascontiguousarray(pattern(1, t)[::2]) for t in range(2)]  # 32x64
-        got = {square: [], wide: []}
+        got = {square: [], wide: [], small: []}
         for t in range(2):
             square.submit(pattern(0, t))
             wide.submit(wide_frames[t])
-            assert engine.tick() == 1 and engine.tick() == 1  # one size group per tick, both served
+            small.submit(pattern(2, t))
+            assert [engine.tick() for _ in range(3)] == [1, 1, 1]  # one size group per tick, all served
             for s in got:
                 got[s].append(s.get(timeout=0).image)
-        assert square.shape == (64, 64) and wide.shape == (32, 64)
+        assert (square.shape, wide.shape, small.shape) == ((64, 64), (32, 64), (32, 32))
     for t, want in enumerate(single(tiny_models, "oil painting", 0, [pattern(0, t) for t in range(2)])):
         assert_close(got[square][t], want)
     for t, want in enumerate(single(tiny_models, "watercolor", 1, wide_frames)):
         assert_close(got[wide][t], want)
+    for t, want in enumerate(single(tiny_models, "pencil sketch", 2, [pattern(2, t) for t in range(2)], size=32)):
+        assert_close(got[small][t], want)
 
 
 def test_bad_input_is_refused_per_stream(tiny_models):

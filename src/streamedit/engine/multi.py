@@ -25,6 +25,7 @@ runs one batch synchronously (tests, callers with their own loop).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -84,6 +85,7 @@ class MultiStreamEngine:
         self.histogram: Counter[int] = Counter()  # real rows per batch -> batches
         self.tick_log: deque[TickRecord] = deque(maxlen=config.log_limit)
         self.stats = EngineStats()
+        self.warm_seconds: dict[tuple, float] = {}  # (working size, bucket) -> prepare(warm=True)'s first batch
         self.main_stream = self.side_stream = self.copy_stream = None
         if self.cuda:  # as StreamEngine: the main stream is the critical path
             self.main_stream = (torch.cuda.Stream(self.device, priority=-100) if config.main_priority
@@ -100,17 +102,21 @@ class MultiStreamEngine:
 
     # ---- streams --------------------------------------------------------------------------------
     def open_stream(self, prompt: str | None = None, seed: int | None = None, on_output=None,
-                    frame_size: tuple[int, int] | None = None) -> Stream:
-        """A new stream (its working size from ``frame_size``, the config's, or its first frame). Outputs go
-        to ``on_output(StreamOutput)`` (called on the engine's thread) or to ``stream.get()``."""
+                    frame_size: tuple[int, int] | None = None, size: int | None = None) -> Stream:
+        """A new stream. ``size``: the long side of its working size (default ``config.size``; streams of
+        one working size share batches); the aspect from ``frame_size``, the config's, or its first frame.
+        Outputs go to ``on_output(StreamOutput)`` (called on the engine's thread) or to ``stream.get()``."""
         self._check_open()
-        shape = engine_shape(self.models, self.config, frame_size)
+        size = size or self.config.size
+        if size != self.config.size:
+            validate(self.models, dataclasses.replace(self.config, size=size))
         seed = self.config.seed if seed is None else seed
         with self._cond:
             if len(self._streams) >= self.max_streams:
                 raise StreameditError(f"this engine serves at most {self.max_streams} streams")
             stream = Stream(self, next(self._ids), prompt or self.config.prompt, seed, self.config.fixed_noise,
-                            on_output, shape)
+                            on_output, self._shape(size, frame_size))
+            stream.size = size
             if self.adapter is not None:
                 stream.temporal = TemporalConditioner.from_options(self.adapter, self.config.temporal,
                                                                    stagger=False, pool=self._flow_pool)
@@ -128,7 +134,7 @@ class MultiStreamEngine:
             raise StreameditError("this stream is closed")
         frame = check_frame(frame)
         if stream.shape is None:
-            stream.shape = engine_shape(self.models, self.config, frame.shape[:2])
+            stream.shape = self._shape(stream.size, frame.shape[:2])
         pending = Pending(stream.next_index(), to_working(frame, stream.shape, self.config.crop), meta,
                           time.perf_counter())
         with self._cond:
@@ -245,6 +251,8 @@ class MultiStreamEngine:
         from the kept image when another stream used the row since; all rows in one cond CNN pass."""
         group, rows, images = tick.group, [], []
         for r, s, _ in tick.real:
+            if s.temporal is None:  # a warm-up row
+                continue
             plan = tick.plans[r]
             if plan.refresh:
                 s.cond = s.temporal.cond_images(plan, frames[r:r + 1], {}).contiguous()
@@ -278,12 +286,30 @@ class MultiStreamEngine:
             tick.group.cache_key = None
 
     # ---- sizes -------------------------------------------------------------------------------------
-    def prepare(self, frame_size: tuple[int, int]) -> tuple[int, int]:
-        """Build (and compile) what input frames of ``frame_size`` need before a stream sends one; returns
-        the working (h, w). Joining streams of a prepared size never builds anything."""
+    def _shape(self, size: int, frame_size) -> tuple[int, int] | None:
+        config = self.config if size == self.config.size else dataclasses.replace(self.config, size=size)
+        return engine_shape(self.models, config, tuple(frame_size) if frame_size else None)
+
+    def prepare(self, frame_size: tuple[int, int], size: int | None = None, warm: bool = False) -> tuple[int, int]:
+        """Build (and compile) what streams with input frames of ``frame_size`` need, before one joins; with
+        ``warm`` run one batch of each bucket (on CUDA: every graph captured now; ``warm_seconds``).
+        Returns the working (h, w). Streams of a prepared size join without building anything."""
         self._check_open()
-        shape = engine_shape(self.models, self.config, tuple(frame_size))
+        if self._thread is not None:
+            raise StreameditError("prepare() before start(): the tick thread owns the adapter's buffers")
+        shape = self._shape(size or self.config.size, frame_size)
         self._group(shape)
+        if warm:
+            frame = np.full((*shape, 3), 128, np.uint8)
+            for bucket in self.buckets:  # streams of its own (ids < 0), not registered: nothing is delivered
+                items = [(Stream(self, -1 - i, self.config.prompt, 0, True, lambda out: None, shape),
+                          Pending(0, frame, None, time.perf_counter())) for i in range(bucket)]
+                t0 = time.perf_counter()
+                self._finish(self._launch(-1, shape, items))
+                self.warm_seconds[(shape, bucket)] = time.perf_counter() - t0
+            self.tick_log.clear()
+            self.histogram.clear()
+            self.stats = EngineStats()
         return shape
 
     def _group(self, shape: tuple[int, int]) -> SizeGroup:

@@ -58,6 +58,7 @@ class Stream:
         self.engine, self.id, self.seed = engine, sid, seed
         self._prompt = clean_prompt(prompt)
         self.shape = shape  # working (h, w); None until the first frame fixes it
+        self.size: int | None = None  # the long side of its working size (the engine's open_stream sets it)
         self.stats = StreamStats()
         self.outputs: queue.Queue[StreamOutput] | None = None if on_output else queue.Queue()
         self.on_output = on_output or self.outputs.put
