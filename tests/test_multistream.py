@@ -306,3 +306,40 @@ def test_temporal_state_is_per_stream(tiny_models, adapter, spy):
     interleaved = [frame for t, own in enumerate(sent[0]) for frame in (pattern(1, t), own)]
     _, shared = single(tiny_models, PROMPTS[0], 0, interleaved, spy=spy, **kw)
     assert max((a - b).abs().max().item() for a, b in zip(shared[1::2], lat[0])) > 5 * LATENT_TOL
+
+
+def test_serve_sessions_share_one_engine(tiny_models):
+    """serve/runtime's shared factory: three sessions' worker threads call process() concurrently, without
+    the server's engine lock; their frames are batched together and each session gets its own outputs."""
+    from streamedit.serve.runtime import engine_factory
+
+    before = stylize_threads()
+    factory = engine_factory(tiny_models, shared=True, max_streams=3)
+    handles = [factory(p, 64) for p in PROMPTS]
+    assert all(h.concurrent for h in handles) and len({id(h.shared) for h in handles}) == 1
+    got, errors = [[] for _ in handles], []
+
+    def worker(k):
+        try:
+            for t in range(3):
+                got[k] += handles[k].process([pattern(k, t)])
+        except Exception as exc:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    engine = handles[0].shared.engine
+    histogram = dict(engine.histogram)
+    for h in handles:
+        h.close()
+    factory.close()
+    assert not errors and [len(g) for g in got] == [3, 3, 3]
+    assert max(histogram) > 1, histogram  # sessions were batched together, not in turns
+    assert handles[1].last_prompt == PROMPTS[1]
+    for k, prompt in enumerate(PROMPTS):
+        for t, want in enumerate(single(tiny_models, prompt, 0, [pattern(k, t) for t in range(3)])):
+            assert_close(got[k][t], want)
+    assert stylize_threads() <= before
