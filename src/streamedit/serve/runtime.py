@@ -196,4 +196,5 @@ def engine_factory(models, steps: int = 1, lllite: str | None = None, te_size: i
             state.pop("engine").close()
 
     factory.close = close
+    factory.shared = lambda: state.get("engine")  # the SharedEngine once a session built it
     return factory
