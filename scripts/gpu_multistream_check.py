@@ -130,8 +130,8 @@ def main():
                 module.up[0].weight.normal_(0, 1e-2)
     cfg = dict(batch_size=args.batch, size=args.size, fixed_noise=True, compile=args.compile, te_fast=args.te_fast,
                lllite=lllite)
-    out = dict(device=str(models.device), name=(torch.cuda.get_device_name() if models.device.type == "cuda" else "cpu"),
-               torch=torch.__version__, args=vars(args))
+    name = torch.cuda.get_device_name() if models.device.type == "cuda" else "cpu"
+    out = dict(device=str(models.device), name=name, torch=torch.__version__, args=vars(args))
     out["equivalence"] = equivalence(models, cfg, args.streams, args.frames)
     out["load"] = load(models, cfg, args.streams, args.fps, args.seconds)
     print(json.dumps(out["load"], indent=1, default=str), flush=True)

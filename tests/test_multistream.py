@@ -195,6 +195,7 @@ def test_join_and_leave_while_running(tiny_models):
     feed([b, c], 2)
     with pytest.raises(StreameditError, match="closed"):
         a.submit(pattern(0, 9))
+    assert engine.report()["streams"][b.id]["fps"] > 0
     engine.stop()
     assert engine.error is None
     assert counts == {0: 4, 1: 6, 2: 4}

@@ -345,13 +345,16 @@ class MultiStreamEngine:
         thread.join()
         self._thread = None
 
+    def _work_or_stop(self) -> bool:
+        return self._stopping or any(s.pending is not None for s in self._streams)
+
     def _loop(self) -> None:
         launched = None  # queued on the GPU, not handed out yet
         try:
             while True:
                 with self._cond:  # with a batch in flight, do not wait: hand it out
                     if launched is None:
-                        self._cond.wait_for(lambda: self._stopping or any(s.pending is not None for s in self._streams))
+                        self._cond.wait_for(self._work_or_stop)
                     if self._stopping:
                         break
                     picked = self._select()

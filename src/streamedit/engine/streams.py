@@ -30,11 +30,18 @@ class StreamStats:
     processed: int = 0
     dropped: int = 0  # replaced by a newer frame before a tick took it (latest-frame-wins)
     latencies_ms: deque = field(default_factory=lambda: deque(maxlen=1000))  # the newest outputs'
+    delivered_at: deque = field(default_factory=lambda: deque(maxlen=300))  # perf_counter of the newest outputs
+
+    def fps(self, window: float = 5.0) -> float:
+        """Outputs per second over the last ``window`` seconds."""
+        now = time.perf_counter()
+        times = [t for t in self.delivered_at if now - t <= window]
+        return (len(times) - 1) / max(times[-1] - times[0], 1e-6) if len(times) > 1 else 0.0
 
     def as_dict(self) -> dict:
         lat = np.asarray(self.latencies_ms, dtype=np.float64)
         p50, p95 = np.percentile(lat, [50, 95]).tolist() if lat.size else (None, None)
-        return dict(submitted=self.submitted, processed=self.processed, dropped=self.dropped,
+        return dict(submitted=self.submitted, processed=self.processed, dropped=self.dropped, fps=self.fps(),
                     latency_p50_ms=p50, latency_p95_ms=p95)
 
 
@@ -120,6 +127,7 @@ class Stream:
     def deliver(self, output: StreamOutput) -> None:
         self.stats.processed += 1
         self.stats.latencies_ms.append(output.latency_ms)
+        self.stats.delivered_at.append(time.perf_counter())
         self.on_output(output)
 
     def close(self) -> None:
