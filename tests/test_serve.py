@@ -215,6 +215,39 @@ def test_session_streams_stylized_frames_and_changes_prompt(tiny_models):
     run(go())
 
 
+def test_three_sessions_share_one_engine(tiny_models):
+    """--shared-engine: three WebRTC sessions with their own prompts each receive stylized frames from one
+    multi-stream engine, which batches their frames together (per-stream content: tests/test_multistream.py)."""
+    from streamedit.serve.runtime import engine_factory
+
+    factory = engine_factory(tiny_models, shared=True, max_streams=3)
+
+    async def go():
+        server, client = await start(factory, max_sessions=3)
+        cams = []
+        try:
+            for prompt in ("oil painting", "watercolor", "pencil sketch"):
+                cam, status, body = await connect(client, size=64, prompt=prompt)
+                cams.append(cam)
+                assert status == 200, body
+            for cam in cams:
+                await cam.wait(lambda: len(cam.frames) >= 3, 90, "3 stylized frames")
+                assert cam.frames[-1][2].shape == (64, 64, 3)
+            stats = (await (await client.get("/stats")).json())["sessions"]
+            assert sorted(s["active_prompt"] for s in stats) == ["oil painting", "pencil sketch", "watercolor"]
+            engine = factory.shared().engine
+            assert len(engine.streams) == 3 and max(engine.histogram) > 1, engine.report()
+        finally:
+            for cam in cams:
+                await cam.close()
+            await client.close()
+
+    try:
+        run(go())
+    finally:
+        factory.close()
+
+
 def test_session_limit_refuses_clearly_and_frees_on_disconnect():
     async def go():
         server, client = await start(max_sessions=1)

@@ -51,6 +51,17 @@ class BatchRecord:
 
 
 @dataclass
+class TickRecord:
+    """One batch of the multi-stream engine (``MultiStreamEngine.tick_log``): which stream sat in which row."""
+    tick: int
+    shape: tuple[int, int]  # the working (h, w) of its size group
+    streams: tuple[int | None, ...]  # batch row -> stream id; None: a padding row (len: the bucket)
+    prompts: tuple[str | None, ...]  # batch row -> the prompt it was encoded with
+    t_launch: float  # perf_counter when its work was queued
+    t_done: float | None = None  # perf_counter when its outputs were on the host
+
+
+@dataclass
 class EngineStats:
     """Running totals of an engine (``StreamEngine.stats``)."""
     batches: int = 0

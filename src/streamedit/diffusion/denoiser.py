@@ -181,6 +181,17 @@ class Denoiser:
                 self._encode_graph = StaticGraph(self._encode_fn, self.models.device, name="encode")
         return self
 
+    def with_own_graphs(self) -> "Denoiser":
+        """A copy sharing the compiled functions, with CUDA graphs of its own: the multi-stream engine keeps
+        one per batch-size bucket, so alternating batch sizes replay their graphs instead of re-capturing
+        (a :class:`StaticGraph` captures again whenever its input shapes change)."""
+        twin = copy.copy(self)
+        if isinstance(self.fused, StaticGraph):
+            twin.fused = StaticGraph(self.fused.fn, self.fused.device, name=self.fused.name)
+        if self._encode_graph is not None:
+            twin._encode_graph = StaticGraph(self._encode_fn, self._encode_graph.device, name="encode")
+        return twin
+
     def release(self) -> None:
         """Drop the CUDA graphs of the main and encode functions (and their static buffers); the compiled
         functions stay, a later call captures again. The caller makes sure no replay is still queued."""

@@ -45,8 +45,7 @@ import torch
 
 from ..accel import compile_cache
 from ..accel.graphs import release_memory
-from ..config import EngineConfig, check_frame, clean_prompt, engine_shape, model_strength, validate
-from ..diffusion.denoiser import Denoiser
+from ..config import EngineConfig, check_frame, clean_prompt, engine_shape, validate
 from ..errors import StreameditError
 from ..models.loading import warn_unknown_instruction
 from ..telemetry import SPANS, BatchRecord, EngineStats
@@ -54,9 +53,8 @@ from ..temporal.adapter import remove_lllite
 from ..temporal.attach import attach_adapter
 from ..temporal.conditioner import CondPlan, TemporalConditioner
 from ..text.base import TextEncoder
-from ..text.exact import TextEncoderRunner
-from ..text.fast import FastTextEncoderRunner
 from .batch import Batch, DeviceBatch
+from .build import build_denoiser, text_encoder
 from .host import start_reader, to_working
 from .similarity import SimilarityFilter, thumbnail
 
@@ -72,11 +70,7 @@ class StreamEngine:
         self.device = models.device
         self.cuda = self.device.type == "cuda"
         text, temporal = config.text, config.temporal
-        self.te: TextEncoder
-        if text.te_fast:  # compiled in _setup
-            self.te = FastTextEncoderRunner(models, config.batch_size, fp8=text.te_fp8, te_size=text.te_size)
-        else:
-            self.te = TextEncoderRunner(models, te_size=text.te_size)
+        self.te: TextEncoder = text_encoder(models, config)
         self.adapter = attach_adapter(models, temporal, config.size)  # patches the U-Net: before compiling it
         self._owns_adapter = self.adapter is not None and self.adapter is not temporal.lllite  # close frees it
         try:  # a failure past this point must not leave the shared U-Net patched
@@ -126,28 +120,10 @@ class StreamEngine:
         self._closed = False
 
     def _setup(self, shape: tuple[int, int]) -> None:
-        """Everything that depends on the working (h, w), or compiles under its cache key (one per working
-        size): the text encoder's compile, denoiser (latent shape, time_ids, shift), adapter buffers, compiled
-        graphs."""
-        models, config, comp = self.models, self.config, self.config.compiling
+        """Everything that depends on the working (h, w) (engine/build.py)."""
         self.shape = shape
-        precompile_key = None
-        if comp.compile or config.vae_compiled:
-            compile_cache.setup()
-            key = compile_cache.artifact_key(models, config, shape)
-            if comp.precompile and comp.compile_backend in compile_cache.PRECOMPILE_BACKENDS:
-                precompile_key = key  # whole functions on disk: inductor's mega-cache is not needed
-            elif not compile_cache.load_artifacts(key):
-                self._cache_key = key  # saved after batch 1
-        if config.te_fast and comp.compile:
-            self.te.compile(comp.compile_mode, backend=comp.compile_backend, cache_key=precompile_key)
-        if self.adapter is not None:
-            self.adapter.allocate(config.batch_size, *shape)  # before the U-Net is compiled
-        self.denoiser = Denoiser(models, config.steps, shape, strength=model_strength(models, config))
-        if comp.compile or config.vae_compiled:
-            self.denoiser.compile(comp.compile_mode, comp.compile_backend, unet=comp.compile,
-                                  vae=config.vae_compiled, channels_last=comp.channels_last,
-                                  cache_key=precompile_key)
+        self.denoiser, self._cache_key = build_denoiser(self.models, self.config, shape, self.te, self.adapter,
+                                                        self.config.batch_size)
 
     def setup_for(self, frame_size: tuple[int, int]) -> tuple[int, int]:
         """Fix the working size for input frames of ``frame_size`` (h, w), if not fixed yet (the first

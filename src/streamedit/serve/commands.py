@@ -50,8 +50,11 @@ def _resolution(value: str) -> int:
 @click.option("--certfile", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TLS certificate (HTTPS): browsers give camera access only to https or localhost pages.")
 @click.option("--keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key.")
+@click.option("--shared-engine", is_flag=True,
+              help="Experimental: one multi-stream engine batches every session's frames (one model, no U-Net "
+                   "copies with --lllite) instead of an engine per session taking turns.")
 def serve_command(host, port, model, revision, device, dtype, lllite, steps, te_size, token, prompt, size, crop,
-                  max_size, max_sessions, max_resolution, ice_hosts, cpu_threads, certfile, keyfile):
+                  max_size, max_sessions, max_resolution, ice_hosts, cpu_threads, certfile, keyfile, shared_engine):
     """Serve a web page that stylizes the browser's camera (or a video file) live over WebRTC."""
     _need_server_deps()
     from ..config import check_prompt
@@ -80,7 +83,9 @@ def serve_command(host, port, model, revision, device, dtype, lllite, steps, te_
     config = ServerConfig(host=host, port=port, token=token, prompt=prompt, size=size, crop=crop, max_size=max_size,
                           max_sessions=max_sessions, max_input_pixels=_resolution(max_resolution),
                           ice_hosts=list(ice_hosts) or None, model_name=getattr(models, "source", "") or model)
-    server = Server(config, engine_factory(models, steps=steps, lllite=lllite, te_size=te_size))
+    factory = engine_factory(models, steps=steps, lllite=lllite, te_size=te_size, shared=shared_engine,
+                             max_streams=max_sessions)
+    server = Server(config, factory)
     ssl_context = None
     if certfile:
         import ssl
@@ -101,5 +106,8 @@ def serve_command(host, port, model, revision, device, dtype, lllite, steps, te_
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from aiohttp import web
 
-    web.run_app(server.app(), host=host, port=port, ssl_context=ssl_context, print=None,
-                access_log=None, handle_signals=True)
+    try:
+        web.run_app(server.app(), host=host, port=port, ssl_context=ssl_context, print=None,
+                    access_log=None, handle_signals=True)
+    finally:
+        factory.close()  # the shared engine, if any: its thread, the adapter patch, its memory

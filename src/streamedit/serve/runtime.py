@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import threading
 
 import numpy as np
 
@@ -107,10 +108,93 @@ class LiveEngine:
         self.engine.close()
 
 
-def engine_factory(models, steps: int = 1, lllite: str | None = None, te_size: int = 512):
-    """``factory(prompt, size) -> engine`` for :class:`streamedit.serve.session.Session`."""
+class SharedStream:
+    """A session's stream of one shared :class:`~streamedit.engine.multi.MultiStreamEngine`, with
+    :class:`LiveEngine`'s interface. ``concurrent``: the session calls :meth:`process` without the server's
+    engine lock, so that the engine's thread batches the sessions' frames together."""
 
-    def factory(prompt: str, size: int) -> LiveEngine:
-        return LiveEngine(models, prompt, size, steps=steps, lllite=lllite, te_size=te_size)
+    concurrent = True
 
+    def __init__(self, shared: "SharedEngine", prompt: str, size: int):
+        self.shared = shared
+        self.stream = shared.engine.open_stream(prompt, size=size)
+        self.last_prompt: str | None = None
+
+    @property
+    def prompt(self) -> str:
+        return self.stream.prompt
+
+    def set_prompt(self, prompt: str) -> None:
+        self.stream.set_prompt(prompt)
+
+    def process(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        """Each frame's output, in order (the session sends one frame at a time: nothing is dropped here)."""
+        outs = []
+        for frame in frames:
+            index = self.stream.submit(frame)
+            self.last_prompt = self.stream.prompt  # a tick takes it with the prompt it has now
+            outs.append(self.shared.wait(self.stream, index))
+        return outs
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class SharedEngine:
+    """One multi-stream engine for every session (``engine_factory(shared=True)``): one model, no U-Net
+    copies with an adapter, sessions batched together instead of taking turns on the engine lock."""
+
+    def __init__(self, models, size: int, steps: int = 1, lllite: str | None = None, te_size: int = 512,
+                 max_streams: int = 8, batch_size: int = 4):
+        from ..engine.multi import MultiStreamEngine  # torch, diffusers: not for `streamedit serve --help`
+
+        config = EngineConfig(prompt="oil painting", batch_size=batch_size, steps=steps, size=size, fixed_noise=True,
+                              te_size=te_size, lllite=lllite)
+        self.engine = MultiStreamEngine(models, config, max_streams=max_streams)
+        self.engine.start()
+
+    def wait(self, stream, index: int, timeout: float = 300.0) -> np.ndarray:
+        """The output of frame ``index`` of ``stream``; raises if the engine stopped or it never came."""
+        import queue
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.engine.error is not None:
+                raise StreameditError(f"the shared engine stopped: {self.engine.error}")
+            try:
+                out = stream.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if out.index == index:
+                return out.image
+        raise StreameditError(f"no output for frame {index} within {timeout:.0f} s")
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def engine_factory(models, steps: int = 1, lllite: str | None = None, te_size: int = 512, shared: bool = False,
+                   max_streams: int = 8):
+    """``factory(prompt, size) -> engine`` for :class:`streamedit.serve.session.Session`: an engine of its own
+    per session, or with ``shared`` a stream of one :class:`SharedEngine` (built by the first session;
+    ``factory.close()`` closes it)."""
+    state: dict = {}
+    lock = threading.Lock()
+
+    def factory(prompt: str, size: int) -> LiveEngine | SharedStream:
+        if not shared:
+            return LiveEngine(models, prompt, size, steps=steps, lllite=lllite, te_size=te_size)
+        with lock:
+            if "engine" not in state:
+                state["engine"] = SharedEngine(models, size, steps=steps, lllite=lllite, te_size=te_size,
+                                               max_streams=max_streams)
+        return SharedStream(state["engine"], prompt, size)
+
+    def close() -> None:
+        if "engine" in state:
+            state.pop("engine").close()
+
+    factory.close = close
+    factory.shared = lambda: state.get("engine")  # the SharedEngine once a session built it
     return factory

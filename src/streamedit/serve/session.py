@@ -8,6 +8,7 @@ takes them, runs the engine and hands results back with ``loop.call_soon_threads
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fractions
 import logging
 import threading
@@ -200,7 +201,7 @@ class Session:
                     continue
                 switch_from = self._apply_prompt(engine)
                 images = [self._working(_to_rgb(item[0])) for item in batch]
-                with self._engine_lock:
+                with self._lock_for(engine):
                     outs = engine.process(images)
                 self.active_prompt = getattr(engine, "last_prompt", None) or self.active_prompt
                 self.stats.processed += len(outs)
@@ -212,8 +213,12 @@ class Session:
                 self.loop.call_soon_threadsafe(self.fail, f"engine error: {msg}")
         finally:
             if engine is not None and hasattr(engine, "close"):
-                with self._engine_lock:  # its teardown (sync, gc, empty_cache) not in the middle of another batch
+                with self._lock_for(engine):  # its teardown (sync, gc, empty_cache) not in the middle of another batch
                     engine.close()
+
+    def _lock_for(self, engine):
+        """The server's engine lock, unless the engine batches concurrent sessions itself (a shared one)."""
+        return contextlib.nullcontext() if getattr(engine, "concurrent", False) else self._engine_lock
 
     def _working(self, rgb: np.ndarray) -> np.ndarray:
         """The frame at the session's working size (fixed by its first frame; later ones are fitted to it)."""

@@ -229,6 +229,18 @@ class LLLiteAdapter(nn.Module):
             self._share(torch.zeros(shape, device=param.device, dtype=param.dtype), mods)
         self._alloc = (batch, height, width)
 
+    def buffer_set(self) -> tuple[dict, tuple[int, int, int] | None]:
+        """The current inference buffers (what :meth:`allocate` made), to switch back to later with
+        :meth:`use_buffer_set`: an engine serving several working sizes keeps one set per size, so a
+        graph captured for a size keeps reading the buffers it was captured with."""
+        return dict(self._buffers_by_stride), self._alloc
+
+    def use_buffer_set(self, state: tuple[dict, tuple[int, int, int] | None]) -> None:
+        buffers, alloc = state
+        for stride, mods in self._by_stride().items():
+            self._share(buffers[stride], mods)
+        self._alloc = alloc
+
     def release_buffers(self) -> None:
         """Drop the inference buffers and the packed conditioning weights (``allocate`` makes new ones)."""
         self._buffers_by_stride = {}

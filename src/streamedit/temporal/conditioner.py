@@ -142,7 +142,8 @@ class CondPlan:
 class TemporalConditioner:
     def __init__(self, adapter, refresh_every: int = 8, cut_refresh: bool = True,
                  motion_threshold: float | None = None, flow_size: int | None = None, workers: int = 4,
-                 stagger: bool = False, graph: bool = False):
+                 stagger: bool = False, graph: bool = False, pool: ThreadPoolExecutor | None = None):
+        """``pool``: run the flows on this executor (shared by many conditioners, closed by its owner)."""
         self.adapter = adapter
         self.refresh_every = refresh_every
         self.stagger = stagger
@@ -153,17 +154,20 @@ class TemporalConditioner:
         self.motion_threshold = motion_threshold
         self.flow_size = flow_size
         self.convention = getattr(getattr(adapter, "config", None), "flow", "backward")
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="streamedit-flow")
+        self._own_pool = pool is None
+        self._pool = pool or ThreadPoolExecutor(workers, thread_name_prefix="streamedit-flow")
         self._since_refresh = 0
         self._motion = 0.0
         self._prev_last = None  # last input frame of the previous batch
         self._prev_output = None  # last decoded output of the previous batch (device, (3,H,W) uint8)
 
     @classmethod
-    def from_options(cls, adapter, options: TemporalOptions, graph: bool = False) -> TemporalConditioner:
-        """From the engine's temporal options (``EngineConfig.temporal``)."""
+    def from_options(cls, adapter, options: TemporalOptions, graph: bool = False,
+                     **kwargs) -> TemporalConditioner:
+        """From the engine's temporal options (``EngineConfig.temporal``); ``kwargs`` override them."""
+        kwargs = dict(stagger=options.cond_stagger, graph=graph) | kwargs
         return cls(adapter, options.cond_refresh_every, options.cut_refresh, options.motion_refresh,
-                   options.flow_size, stagger=options.cond_stagger, graph=graph)
+                   options.flow_size, **kwargs)
 
     # ---- prefetch thread ----------------------------------------------------------------
     def plan(self, frames: list[np.ndarray], count: int) -> CondPlan:
@@ -211,14 +215,20 @@ class TemporalConditioner:
         if plan.slots is not None:  # staggered: the previous output warped onto the slots' frames, one graph
             self._run(self._warp_into_rows, (self._flows(plan, timings), self._prev_output), plan.slots)
             return
-        cond = inputs.permute(0, 3, 1, 2)
-        if plan.flows and self._prev_output is not None:
-            warped = warp_output(self._prev_output, self._flows(plan, timings)).to(torch.uint8)
-            cond = torch.cat([warped, cond[len(warped):]]) if len(warped) < len(cond) else warped
+        cond = self.cond_images(plan, inputs, timings)
         if self._graphs is not None and len(cond) == self.adapter.rows:
             self._run(self.adapter.set_cond_rows, (cond,), tuple(range(len(cond))))
         else:
             self.adapter.set_cond_image(cond)
+
+    def cond_images(self, plan: CondPlan, inputs: torch.Tensor, timings: dict) -> torch.Tensor:
+        """A refresh's (B,3,H,W) uint8 cond images (not staggered): the previous output warped onto the
+        frames before a cut, the input frames themselves from the cut (and at the start)."""
+        cond = inputs.permute(0, 3, 1, 2)
+        if plan.flows and self._prev_output is not None:
+            warped = warp_output(self._prev_output, self._flows(plan, timings)).to(torch.uint8)
+            cond = torch.cat([warped, cond[len(warped):]]) if len(warped) < len(cond) else warped
+        return cond
 
     def _warp_into_rows(self, flows: torch.Tensor, prev: torch.Tensor, rows: torch.Tensor) -> None:
         self.adapter.set_cond_rows(warp_output(prev, flows).div_(127.5).sub_(1.0), rows)  # = uint8 -> [-1, 1]
@@ -254,8 +264,9 @@ class TemporalConditioner:
         self._prev_output = outputs[count - 1].permute(2, 0, 1)
 
     def close(self) -> None:
-        """Cancel queued flows and wait for the running ones (host work only)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Cancel queued flows and wait for the running ones (host work only); a shared pool stays open."""
+        if self._own_pool:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def release(self) -> None:
         """Drop the refresh graphs (their pools go with them), then the device tensors they read."""

@@ -1,0 +1,416 @@
+"""Many streams, one model: a scheduler over the engine's path (engine/build.py, the same text encoder,
+denoiser and adapter a :class:`~streamedit.engine.stream.StreamEngine` runs).
+
+Each tick takes the newest pending frame of up to ``max(buckets)`` streams of one working size, the least
+recently served first (every one of K ready streams is served within ceil(K / max(buckets)) ticks; size
+groups take turns the same way), and runs them as one batch padded to the next bucket size::
+
+    host (engine thread) : take frames, temporal plans (flows on a shared pool), TE inputs per prompt
+    side stream          : TE once per prompt group -> embeddings stacked in row order (zero-padded to the
+                           longest, with a mask); VAE encode; each stream's own noise
+    main stream          : write cond rows that changed (adapter on); U-Net + decode; D2H
+    host                 : each row's output to its stream (callback or queue), its stats
+
+Per row, everything that makes a stream's output is its own: frame, prompt, noise (the stream's seed),
+and with the temporal adapter its conditioner (previous output, flows, refresh schedule, scene cuts) and
+its cond image, written into the adapter's buffer row the stream occupies (buffers are per row: one
+U-Net for all streams). A stream keeps its row from tick to tick where it can, so its cond embedding is
+rewritten only on its refresh batches or when it moved. Joining or leaving touches no model.
+
+``start()`` runs ticks on a thread whenever a frame is pending; it launches tick k+1 (side and main
+stream work queued) before it hands out tick k, as StreamEngine's pipelined schedule does. ``tick()``
+runs one batch synchronously (tests, callers with their own loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from ..accel import compile_cache
+from ..accel.graphs import release_memory
+from ..config import EngineConfig, check_frame, engine_shape, validate
+from ..diffusion.denoiser import Denoiser
+from ..errors import StreameditError
+from ..models.loading import warn_unknown_instruction
+from ..telemetry import EngineStats, TickRecord
+from ..temporal.adapter import remove_lllite
+from ..temporal.attach import attach_adapter
+from ..temporal.conditioner import TemporalConditioner
+from .build import build_denoiser, text_encoder
+from .host import to_working
+from .rows import TOKEN_STEP, RowBatch, SizeGroup, assign_rows, default_buckets, stack_text
+from .streams import Pending, Stream, StreamOutput, latency_ms
+
+__all__ = ["MultiStreamEngine", "Stream", "StreamOutput", "default_buckets"]
+log = logging.getLogger(__name__)
+
+
+class MultiStreamEngine:
+    def __init__(self, models, config: EngineConfig, max_streams: int = 8, buckets: tuple[int, ...] | None = None):
+        """``config`` as for StreamEngine (``prompt``: the default of :meth:`open_stream`; ``batch_size``: the
+        largest bucket unless ``buckets`` are given); the schedule options (pipeline, prefetch, low_latency)
+        are this engine's own."""
+        validate(models, config)
+        if config.te_batch_one or config.te_refresh_every > 1 or config.skip_similar is not None:
+            raise StreameditError("the multi-stream engine encodes every frame: te_batch_one, te_refresh_every "
+                                  "and skip_similar are single-stream options")
+        self.buckets = tuple(sorted(set(buckets or default_buckets(config.batch_size))))
+        if self.buckets[0] < 1 or max_streams < 1:
+            raise StreameditError(f"buckets and max_streams must be >= 1, got {self.buckets}, {max_streams}")
+        self.models, self.config, self.max_streams = models, config, max_streams
+        self.device = models.device
+        self.cuda = self.device.type == "cuda"
+        self.te = text_encoder(models, config)
+        self.adapter = attach_adapter(models, config.temporal, config.size)  # patches the U-Net: before compiling
+        self._owns_adapter = self.adapter is not None and self.adapter is not config.lllite
+        self._flow_pool = ThreadPoolExecutor(4, thread_name_prefix="streamedit-flow") if self.adapter else None
+        self._groups: dict[tuple[int, int], SizeGroup] = {}  # working size -> its denoisers and adapter rows
+        self._streams: list[Stream] = []
+        self._ids = itertools.count()
+        self._cond = threading.Condition()  # a frame arrived / stop
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None  # what ended the tick thread
+        self.ticks = 0
+        self.histogram: Counter[int] = Counter()  # real rows per batch -> batches
+        self.tick_log: deque[TickRecord] = deque(maxlen=config.log_limit)
+        self.stats = EngineStats()
+        self.warm_seconds: dict[tuple, float] = {}  # (working size, bucket) -> prepare(warm=True)'s first batch
+        self.main_stream = self.side_stream = self.copy_stream = None
+        if self.cuda:  # as StreamEngine: the main stream is the critical path
+            self.main_stream = (torch.cuda.Stream(self.device, priority=-100) if config.main_priority
+                                else torch.cuda.current_stream(self.device))
+            self.side_stream, self.copy_stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
+        self._closed = False
+        shape = engine_shape(models, config)
+        if shape is not None:
+            try:
+                self._group(shape)
+            except BaseException:
+                self.close()
+                raise
+
+    # ---- streams --------------------------------------------------------------------------------
+    def open_stream(self, prompt: str | None = None, seed: int | None = None, on_output=None,
+                    frame_size: tuple[int, int] | None = None, size: int | None = None) -> Stream:
+        """A new stream. ``size``: the long side of its working size (default ``config.size``; streams of
+        one working size share batches); the aspect from ``frame_size``, the config's, or its first frame.
+        Outputs go to ``on_output(StreamOutput)`` (called on the engine's thread) or to ``stream.get()``."""
+        self._check_open()
+        size = size or self.config.size
+        if size != self.config.size:
+            validate(self.models, dataclasses.replace(self.config, size=size))
+        seed = self.config.seed if seed is None else seed
+        with self._cond:
+            if len(self._streams) >= self.max_streams:
+                raise StreameditError(f"this engine serves at most {self.max_streams} streams")
+            stream = Stream(self, next(self._ids), prompt or self.config.prompt, seed, self.config.fixed_noise,
+                            on_output, self._shape(size, frame_size))
+            stream.size = size
+            if self.adapter is not None:
+                stream.temporal = TemporalConditioner.from_options(self.adapter, self.config.temporal,
+                                                                   stagger=False, pool=self._flow_pool)
+            self._streams.append(stream)
+        warn_unknown_instruction(self.models, stream.prompt)
+        return stream
+
+    @property
+    def streams(self) -> list[Stream]:
+        with self._cond:
+            return list(self._streams)
+
+    def _submit(self, stream: Stream, frame: np.ndarray, meta) -> int:
+        if stream.closed:
+            raise StreameditError("this stream is closed")
+        frame = check_frame(frame)
+        if stream.shape is None:
+            stream.shape = self._shape(stream.size, frame.shape[:2])
+        pending = Pending(stream.next_index(), to_working(frame, stream.shape, self.config.crop), meta,
+                          time.perf_counter())
+        with self._cond:
+            stream.put(pending)
+            self._cond.notify()
+        return pending.index
+
+    def _close_stream(self, stream: Stream) -> None:
+        with self._cond:
+            stream.closed = True
+            stream.take()
+            if stream in self._streams:
+                self._streams.remove(stream)
+        # its conditioner is only dropped: a tick in flight may still use it (flows run on the shared pool)
+
+    # ---- scheduling -------------------------------------------------------------------------------
+    def _select(self) -> tuple[int, tuple[int, int], list] | None:
+        """The streams of the next batch (under ``_cond``): the least recently served ready stream's size
+        group, its least recently served ready streams first, up to the largest bucket."""
+        ready = sorted((s for s in self._streams if s.pending is not None), key=lambda s: (s.last_tick, s.id))
+        if not ready:
+            return None
+        shape = ready[0].shape
+        chosen = [s for s in ready if s.shape == shape][: self.buckets[-1]]
+        for s in chosen:
+            s.last_tick = self.ticks
+        self.ticks += 1
+        return self.ticks - 1, shape, [(s, s.take()) for s in chosen]
+
+    # ---- the batch ---------------------------------------------------------------------------------
+    def tick(self) -> int:
+        """Run one batch now (not while :meth:`start`'s thread runs); returns its number of streams."""
+        self._check_open()
+        if self._thread is not None:
+            raise StreameditError("tick() while the engine's thread runs: use one or the other")
+        with self._cond:
+            picked = self._select()
+        if picked is None:
+            return 0
+        self._finish(self._launch(*picked))
+        return len(picked[2])
+
+    def _launch(self, index: int, shape: tuple[int, int], items: list) -> RowBatch:
+        """Queue one batch: host preparation, then the side stream's and the main stream's work."""
+        group = self._group(shape)
+        bucket = next(b for b in self.buckets if b >= len(items))
+        tick = RowBatch(group, [None] * bucket)
+        for r, item in zip(assign_rows(group.owners, [s.id for s, _ in items], bucket), items):
+            tick.rows[r] = item
+        real = tick.real
+        tick.record = TickRecord(index, shape, tuple(it[0].id if it else None for it in tick.rows),
+                                 tuple(it[0].prompt if it else None for it in tick.rows), time.perf_counter())
+        self.tick_log.append(tick.record)
+        filler = real[0]  # padding rows repeat a real row's frame and noise; their outputs are dropped
+        frames = [it[1].frame if it else filler[2].frame for it in tick.rows]
+        by_prompt: dict[str, list[int]] = {}
+        for r, s, _ in real:
+            by_prompt.setdefault(tick.record.prompts[r], []).append(r)  # a change applies from the next tick
+            if s.temporal is not None:
+                tick.plans[r] = s.temporal.plan([frames[r]], 1)
+        images = {p: self.te.prepare_images([frames[r] for r in rows]) for p, rows in by_prompt.items()}
+        host = torch.from_numpy(np.stack(frames))
+        host = host.pin_memory() if self.cuda else host
+        den = group.denoisers[bucket]
+        latent = (1, self.models.vae.config.latent_channels, *den.latent_shape)
+        noise = torch.cat([(it[0] if it else filler[1]).noise(latent, self.models.dtype) for it in tick.rows])
+        with self._on(self.side_stream):
+            text = stack_text(self.te, by_prompt, images, bucket, TOKEN_STEP if self.config.compile else 1)
+            frames_dev = host.to(self.device, non_blocking=True)
+            source = den.encode(frames_dev)
+            noise = noise.to(self.device, non_blocking=True)
+            if self.cuda:
+                tick.done = torch.cuda.Event()
+                tick.done.record(self.side_stream)
+                for t in (noise, source, frames_dev, *text):
+                    t.record_stream(self.main_stream)
+        tick.device = (noise, source, text, frames_dev)
+        self.stats.te_calls += len(by_prompt)
+        self.stats.te_frames += len(real)
+        with self._on(self.main_stream):
+            self._generate(tick, den)
+        return tick
+
+    def _generate(self, tick: RowBatch, den: Denoiser) -> None:
+        """Main stream: the cond rows, U-Net + decode, each stream's previous output, the copy to the host."""
+        noise, source, text, frames = tick.device
+        if tick.done is not None:
+            self.main_stream.wait_event(tick.done)
+        if self.adapter is not None:
+            self._write_cond(tick, frames)
+        if den.fused is not None:  # U-Net x steps + decode + uint8: one compiled graph
+            images = den.fused(noise, source, *text)
+        else:
+            images = (den.decode_fn or den.decode)(den.denoise(noise, source, *text))
+        for r, s, _ in tick.real:
+            if s.temporal is not None:  # a copy: the next replay overwrites a graph's output
+                s.temporal.remember(images[r:r + 1].clone(), 1)
+        tick.device = ()
+        if self.cuda:
+            host = torch.empty(images.shape, dtype=torch.uint8, pin_memory=True)
+            images = images.clone()
+            self.copy_stream.wait_stream(self.main_stream)
+            images.record_stream(self.copy_stream)
+            with self._on(self.copy_stream):
+                host.copy_(images, non_blocking=True)
+                tick.ready = torch.cuda.Event()
+                tick.ready.record(self.copy_stream)
+        else:
+            host = images
+        tick.output = host
+
+    def _write_cond(self, tick: RowBatch, frames: torch.Tensor) -> None:
+        """Each stream's cond image into its row: new on its refresh batches (its own conditioner), rewritten
+        from the kept image when another stream used the row since; all rows in one cond CNN pass."""
+        group, rows, images = tick.group, [], []
+        for r, s, _ in tick.real:
+            if s.temporal is None:  # a warm-up row
+                continue
+            plan = tick.plans[r]
+            if plan.refresh:
+                s.cond = s.temporal.cond_images(plan, frames[r:r + 1], {}).contiguous()
+                s.cond_version += 1
+            if group.owners[r] != (s.id, s.cond_version):
+                group.owners[r] = (s.id, s.cond_version)
+                rows.append(r)
+                images.append(s.cond)
+        if rows:
+            self.adapter.set_cond_rows(torch.cat(images), torch.tensor(rows, device=frames.device))
+
+    def _finish(self, tick: RowBatch) -> None:
+        """Wait for the tick's outputs and hand each to its stream (a closed stream's are dropped)."""
+        if tick.ready is not None:
+            tick.ready.synchronize()
+        out = tick.output.numpy()
+        real = tick.real
+        self.stats.batches += 1
+        self.stats.frames += len(real)
+        self.histogram[len(real)] += 1
+        tick.record.t_done = time.perf_counter()
+        for r, s, p in real:
+            if s.closed:
+                continue
+            try:
+                s.deliver(StreamOutput(p.index, out[r], p.meta, latency_ms(p.t_submit)))
+            except Exception:  # noqa: BLE001  (a broken consumer affects only its own stream)
+                log.exception("stream %d: its output callback failed", s.id)
+        if tick.group.cache_key is not None:  # first compiled batch of this size: keep its artifacts
+            compile_cache.save_artifacts(tick.group.cache_key)
+            tick.group.cache_key = None
+
+    # ---- sizes -------------------------------------------------------------------------------------
+    def _shape(self, size: int, frame_size) -> tuple[int, int] | None:
+        config = self.config if size == self.config.size else dataclasses.replace(self.config, size=size)
+        return engine_shape(self.models, config, tuple(frame_size) if frame_size else None)
+
+    def prepare(self, frame_size: tuple[int, int], size: int | None = None, warm: bool = False) -> tuple[int, int]:
+        """Build (and compile) what streams with input frames of ``frame_size`` need, before one joins; with
+        ``warm`` run one batch of each bucket (on CUDA: every graph captured now; ``warm_seconds``).
+        Returns the working (h, w). Streams of a prepared size join without building anything."""
+        self._check_open()
+        if self._thread is not None:
+            raise StreameditError("prepare() before start(): the tick thread owns the adapter's buffers")
+        shape = self._shape(size or self.config.size, frame_size)
+        self._group(shape)
+        if warm:
+            frame = np.full((*shape, 3), 128, np.uint8)
+            for bucket in self.buckets:  # streams of its own (ids < 0), not registered: nothing is delivered
+                items = [(Stream(self, -1 - i, self.config.prompt, 0, True, lambda out: None, shape),
+                          Pending(0, frame, None, time.perf_counter())) for i in range(bucket)]
+                t0 = time.perf_counter()
+                self._finish(self._launch(-1, shape, items))
+                self.warm_seconds[(shape, bucket)] = time.perf_counter() - t0
+            self.tick_log.clear()
+            self.histogram.clear()
+            self.stats = EngineStats()
+        return shape
+
+    def _group(self, shape: tuple[int, int]) -> SizeGroup:
+        group = self._groups.get(shape)
+        if group is None:
+            den, key = build_denoiser(self.models, self.config, shape, self.te, self.adapter, self.buckets[-1])
+            group = SizeGroup(shape, {b: den.with_own_graphs() for b in self.buckets}, cache_key=key,
+                           owners=[None] * self.buckets[-1])
+            if self.adapter is not None:
+                group.buffers = self.adapter.buffer_set()
+            self._groups[shape] = group
+        elif self.adapter is not None and self.adapter.rows and self.adapter.buffer_set()[1][1:] != shape:
+            self.adapter.use_buffer_set(group.buffers)  # another size ran last: its graphs read its own buffers
+        return group
+
+    # ---- the tick thread ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run ticks on a thread whenever a frame is pending (idle otherwise)."""
+        self._check_open()
+        if self._thread is None:
+            self._stopping, self.error = False, None
+            self._thread = threading.Thread(target=self._loop, name="streamedit-multistream", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the tick thread after the batch in flight is handed out."""
+        thread = self._thread
+        if thread is None:
+            return
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        thread.join()
+        self._thread = None
+
+    def _work_or_stop(self) -> bool:
+        return self._stopping or any(s.pending is not None for s in self._streams)
+
+    def _loop(self) -> None:
+        launched = None  # queued on the GPU, not handed out yet
+        try:
+            while True:
+                with self._cond:  # with a batch in flight, do not wait: hand it out
+                    if launched is None:
+                        self._cond.wait_for(self._work_or_stop)
+                    if self._stopping:
+                        break
+                    picked = self._select()
+                nxt = self._launch(*picked) if picked else None
+                if launched is not None:
+                    self._finish(launched)
+                launched = nxt
+            if launched is not None:
+                self._finish(launched)
+        except BaseException as exc:  # noqa: BLE001  (kept for the caller: stop() returns, error says why)
+            log.exception("multi-stream engine: tick failed")
+            self.error = exc
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def report(self) -> dict:
+        """Per-stream counters and latency, the batch-size histogram, totals."""
+        return dict(streams={s.id: s.stats.as_dict() for s in self.streams}, histogram=dict(self.histogram),
+                    batches=self.stats.batches, frames=self.stats.frames, buckets=list(self.buckets))
+
+    def _on(self, stream):
+        return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StreameditError("this engine is closed: build a new MultiStreamEngine")
+
+    def close(self) -> None:
+        """Stop the thread, close every stream, release what this engine built (StreamEngine.close's order:
+        threads, streams synchronised, the LLLite patch off the shared U-Net, graphs, buffers, memory)."""
+        if self._closed:
+            return
+        self.stop()
+        self._closed = True
+        for s in self.streams:
+            s.close()
+        if self._flow_pool is not None:
+            self._flow_pool.shutdown(wait=True, cancel_futures=True)
+        if self.cuda:
+            for stream in {self.main_stream, self.side_stream, self.copy_stream}:
+                stream.synchronize()
+        if self.adapter is not None:
+            remove_lllite(self.models.unet)
+        for group in self._groups.values():
+            for den in group.denoisers.values():
+                den.release()
+            group.buffers = None
+        self._groups.clear()
+        self.te.release()
+        if self._owns_adapter:
+            self.adapter.release_buffers()
+        release_memory(self.device)
+
+    def __enter__(self) -> "MultiStreamEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
