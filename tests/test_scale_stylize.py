@@ -123,10 +123,13 @@ def test_interrupt_keeps_finished_shards_and_a_playable_prefix(tmp_path, cluster
     assert _decode(out)[0] == pts_in and not folder.exists()
 
 
-def test_ray_missing_is_one_line_and_exit_2(tmp_path):
+@pytest.mark.parametrize("command", ["stylize", "serve"])
+def test_ray_missing_is_one_line_and_exit_2(tmp_path, command):
     src = make_test_clip(tmp_path / "in.mp4", frames=2, width=32, height=32)
     probe = ("import sys; sys.modules['ray'] = None\n"
              "from streamedit.cli.group import main; sys.argv[0] = 'streamedit'; main()")
-    res = subprocess.run([sys.executable, "-c", probe, "stylize", str(src), "-o", str(tmp_path / "o.mp4"), *FAST,
-                          "--ray", "auto"], capture_output=True, text=True, timeout=300, check=False)
+    args = ([str(src), "-o", str(tmp_path / "o.mp4"), *FAST] if command == "stylize" else
+            ["--model", "random:tiny", "--device", "cpu"])
+    res = subprocess.run([sys.executable, "-c", probe, command, *args, "--ray", "auto"], capture_output=True,
+                         text=True, timeout=300, check=False)
     assert res.returncode == 2 and res.stderr.strip() == "error: --ray needs Ray: pip install 'streamedit[ray]'"
