@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv --clear $(VENV)  # a venv exactly as pinned: nothing left from older pins
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,eval,serve]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,eval,serve,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

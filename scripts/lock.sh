@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Re-resolve constraints.txt: every package a fresh `make install` puts in .venv, pinned exactly.
-# Builds a throw-away venv, installs torch and '.[test,eval,serve]' as the Makefile does, but without
+# Builds a throw-away venv, installs torch and '.[test,eval,serve,ray]' as the Makefile does, but without
 # the old pins (the newest versions pyproject.toml allows), and writes `pip freeze` of it.
 #
 #   make lock                                    # move every pin forward
@@ -18,7 +18,7 @@ py="$tmp/venv/bin/python"
 "$py" -m pip install -q --upgrade pip
 printf '%s\n' ${HOLD:-} > "$tmp/hold.txt"
 "$py" -m pip install -q "torch==$TORCH"
-"$py" -m pip install -q -c "$tmp/hold.txt" '.[test,eval,serve]'
+"$py" -m pip install -q -c "$tmp/hold.txt" '.[test,eval,serve,ray]'
 {
   echo "# Exact versions of everything \`make install\` puts in .venv (Python $("$py" -c 'import sys; print(*sys.version_info[:2], sep=".")'), CPU torch)."
   echo "# Written by \`make lock\` (scripts/lock.sh) on $(date -u +%Y-%m-%d); used by the Makefile (pip -c) and"

@@ -9,15 +9,16 @@ import time
 
 import click
 
-from .group import _sigterm_to_interrupt, cli
 from ..errors import StreameditError
+from .group import _sigterm_to_interrupt, cli
 from .options import (auto_preset, check_size, check_speed_flags, lllite_options, load, model_options, preset_fields,
-                      preset_option, resolve_device, speed_options, te_size_option, temporal_config)
+                      preset_option, ray_options, resolve_device, speed_options, te_size_option, temporal_config)
 
 
 @cli.command()
-@click.argument("input_path", metavar="INPUT")
-@click.option("-o", "--output", required=True, help="Output video file (.mp4, .mkv, .mov).")
+@click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
+@click.option("-o", "--output", required=True,
+              help="Output video file (.mp4, .mkv, .mov); with several inputs (--ray), a folder.")
 @click.option("-p", "--prompt", required=True, help="The edit instruction, e.g. 'oil painting'.")
 @model_options
 @click.option("--batch", default=8, show_default=True, help="Frames per batch.")
@@ -42,11 +43,16 @@ from .options import (auto_preset, check_size, check_speed_flags, lllite_options
 @click.option("--crop", is_flag=True, help="Centre-crop to a square (size x size) instead of keeping the aspect.")
 @te_size_option
 @speed_options
+@click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True,
+              help="Encoder quality (x264 CRF; 0 = lossless).")
 @lllite_options
-def stylize(input_path, output, prompt, model, revision, device, dtype, batch, steps, strength, size, seed, fixed_noise,
+@ray_options
+def stylize(inputs, output, prompt, model, revision, device, dtype, batch, steps, strength, size, seed, fixed_noise,
             preset, compile_, compile_mode, te_fast, te_batch_one, te_refresh, keep_size, crop, te_size, te_fp8,
-            skip_similar, low_latency, main_priority, **temporal):
-    """Stylize INPUT with an instruction and write OUTPUT (same fps, timestamps and audio)."""
+            skip_similar, low_latency, main_priority, crf, ray_address, ray_gpus, shard_frames, warmup, **temporal):
+    """Stylize INPUT with an instruction and write OUTPUT (same fps, timestamps and audio).
+
+    With --ray, several INPUTs (into the folder OUTPUT) or one long one, cut into shards on a Ray cluster."""
     from tqdm import tqdm
 
     from ..config import EngineConfig, clean_prompt
@@ -66,6 +72,13 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
                   batch_size=batch, compile=compile_, compile_mode=compile_mode, te_fast=te_fast,
                   te_batch_one=te_batch_one, te_refresh_every=te_refresh, te_size=te_size, te_fp8=te_fp8,
                   skip_similar=skip_similar, main_priority=main_priority, **temporal_config(**temporal))
+    if ray_address is not None:
+        _stylize_on_ray(ctx, inputs, output, fields, preset, model, revision, device, dtype, keep_size, crf,
+                        ray_address, ray_gpus, shard_frames, warmup)
+        return
+    if len(inputs) > 1:
+        raise StreameditError(f"{len(inputs)} inputs: stylize takes one (or several with --ray)")
+    input_path = inputs[0]
     device, torch_dtype = resolve_device(device, dtype)
     cuda = device.startswith("cuda")
     chosen, why = (preset, "--preset") if preset else ("exact" if cuda else "eager", None)
@@ -77,7 +90,7 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
     t0 = time.perf_counter()
     restore = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     try:
-        with VideoWriter(output, source) as writer:
+        with VideoWriter(output, source, crf=crf) as writer:
             models = load(model, revision, device, torch_dtype)
             if why is None:  # no --preset: compile only where the job earns it back
                 chosen, why = auto_preset(cuda, source.info.frame_count, cuda and _compile_cache_warm(models, config))
@@ -109,6 +122,38 @@ def stylize(input_path, output, prompt, model, revision, device, dtype, batch, s
     if source.warning:
         click.echo(f"error: {source.warning}", err=True)
         sys.exit(2)
+
+
+def _stylize_on_ray(ctx, inputs, output, fields, preset, model, revision, device, dtype, keep_size, crf, address,
+                    gpus, shard_frames, warmup):
+    """stylize --ray (scale.stylize): the engine options are this command's; the preset is chosen here, where
+    no GPU may be (exact on GPU workers: a shard is long enough to earn its compile back)."""
+    from ..config import EngineConfig
+    from ..scale import require_ray
+
+    require_ray()  # one line and exit 2 before anything else when the extra is missing
+    if os.path.exists(address):
+        raise StreameditError(f"--ray takes a cluster address, not a file ({address}): write `--ray local`, "
+                              "`--ray auto` or `--ray HOST:PORT`, or put INPUT first")
+    if device not in (None, "cpu") and not device.startswith("cuda"):
+        raise StreameditError(f"unknown --device {device!r}: use cpu or cuda")
+    gpus = (0.0 if device == "cpu" else 1.0) if gpus is None else gpus
+    if device == "cpu" and gpus:
+        raise StreameditError("--device cpu with --ray-gpus > 0: a CPU shard has no use for a GPU")
+    chosen = preset or ("exact" if gpus else "eager")
+    click.echo(f"preset: {chosen} ({'--preset' if preset else 'GPU shards' if gpus else 'CPU shards'})", err=True)
+    config = EngineConfig(**preset_fields(ctx, chosen, fields))
+    check_speed_flags(config, device or "cuda")
+    warm = warmup if warmup is not None else (config.batch_size if config.lllite else 0)
+    spec = dict(size=config.size, keep_size=keep_size, crop=config.crop, crf=crf, model=model, revision=revision,
+                device=device, dtype=dtype, config=config)
+    from ..scale import stylize as scaled
+
+    code = scaled.run(list(inputs), output, spec, batch=config.batch_size, address=address, gpus=gpus,
+                      shard_frames=shard_frames, warmup=warm,
+                      key=repr((model, revision, device, dtype, keep_size, crf, sorted(fields.items()), chosen)))
+    if code:
+        sys.exit(code)
 
 
 def _compile_cache_warm(models, config) -> bool:

@@ -61,6 +61,26 @@ def temporal_config(lllite, hooks, cond_refresh, lllite_multiplier, cut_refresh,
                 cut_refresh=cut_refresh, motion_refresh=motion_refresh, cond_stagger=cond_stagger, flow_size=flow_size)
 
 
+def ray_options(fn):
+    """stylize --ray and its shard options (streamedit.scale, docs/scale-out.md)."""
+    opts = [
+        click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+                     metavar="[ADDRESS|auto]",
+                     help="Run as shards on a Ray cluster: 'auto' (the cluster of this node), HOST:PORT, "
+                          "ray://HOST:PORT, or alone / 'local' (start one here). Needs streamedit[ray]."),
+        click.option("--ray-gpus", type=click.FloatRange(0), default=None,
+                     help="GPUs per shard task (default 1; 0 with --device cpu)."),
+        click.option("--shard-frames", type=click.IntRange(1), default=600, show_default=True,
+                     help="--ray: frames per shard (rounded up to whole batches)."),
+        click.option("--warmup", type=click.IntRange(0), default=None,
+                     help="--ray: frames before each shard run and dropped, carrying the temporal adapter's "
+                          "state (default: one batch with --lllite, else 0)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
 def te_size_option(fn):
     """--te-size (EngineConfig.te_size), shared by stylize, bench and eval."""
     return click.option("--te-size", type=click.Choice(["256", "512"]), default="512", show_default=True,

@@ -142,6 +142,17 @@ class StreamEngine:
     def prompt(self) -> str:
         return self._prompt
 
+    def skip_noise(self, frames: int) -> None:
+        """Draw the starting noise of ``frames`` frames and drop it: a shard of a longer job (scale.shards)
+        that starts at frame ``frames`` then gets the noise the whole job's run gives its frames."""
+        if self.config.fixed_noise or frames <= 0:
+            return
+        if self.denoiser is None:
+            raise RuntimeError("skip_noise before the working size is known (set config.frame_size)")
+        shape = (1, self.models.vae.config.latent_channels, *self.denoiser.latent_shape)
+        for _ in range(frames):  # one draw per frame, exactly as _noise draws them
+            torch.randn(shape, generator=self._noise_gen, dtype=self.models.dtype)
+
     def run(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Stylize a stream of HxWx3 uint8 RGB frames; yields the same number, in order, at the working
         size (the first frame fixes it unless ``config.frame_size`` or ``crop`` did)."""

@@ -53,10 +53,28 @@ def _resolution(value: str) -> int:
 @click.option("--shared-engine", is_flag=True,
               help="Experimental: one multi-stream engine batches every session's frames (one model, no U-Net "
                    "copies with --lllite) instead of an engine per session taking turns.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS|auto]",
+              help="Serve on a Ray cluster (docs/scale-out.md): a CPU ingress and replicas of --max-sessions "
+                   "sessions each. Needs streamedit[ray].")
+@click.option("--replicas", default="1", show_default=True, metavar="N|MIN-MAX",
+              help="--ray: replica count, or MIN-MAX to autoscale on ongoing sessions.")
+@click.option("--ray-gpus", type=click.FloatRange(0), default=None, help="--ray: GPUs per replica (default 1; "
+              "0 with --device cpu).")
 def serve_command(host, port, model, revision, device, dtype, lllite, steps, te_size, token, prompt, size, crop,
-                  max_size, max_sessions, max_resolution, ice_hosts, cpu_threads, certfile, keyfile, shared_engine):
+                  max_size, max_sessions, max_resolution, ice_hosts, cpu_threads, certfile, keyfile, shared_engine,
+                  ray_address, replicas, ray_gpus):
     """Serve a web page that stylizes the browser's camera (or a video file) live over WebRTC."""
     _need_server_deps()
+    if ray_address is not None:  # the scale package sits above this one: reached by name (scale/__init__.py)
+        import importlib
+
+        server = {"prompt": prompt, "size": size, "crop": crop, "max_size": max_size,
+                  "max_input_pixels": _resolution(max_resolution), "ice_hosts": list(ice_hosts) or None}
+        importlib.import_module("streamedit.scale.serve_cli").run(
+            ray_address, host=host, port=port, token=token, replicas=replicas, gpus=ray_gpus, slots=max_sessions,
+            model=model, revision=revision, device=device, dtype=dtype, lllite=lllite, steps=steps, te_size=te_size,
+            shared=shared_engine, threads=cpu_threads, server=server)
+        return
     from ..config import check_prompt
     from .runtime import check_lllite, engine_factory, load_runtime, set_cpu_threads
     from .server import Server, ServerConfig, is_loopback, new_token

@@ -1,0 +1,55 @@
+"""``streamedit serve --ray``: start the Serve app of ``serve_app`` on a cluster and keep it up until Ctrl-C."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from ..errors import StreameditError
+from . import connect, require_ray
+
+
+def _replicas(text: str, slots: int) -> dict:
+    """'N' -> a fixed count; 'MIN-MAX' -> Ray's autoscaling_config on ongoing requests (= sessions)."""
+    try:
+        lo, _, hi = text.partition("-")
+        lo, hi = int(lo), int(hi or lo)
+        if not 0 <= lo <= hi or hi < 1:
+            raise ValueError
+    except ValueError:
+        raise StreameditError(f"--replicas must be N or MIN-MAX (MIN <= MAX, MAX >= 1), got {text!r}") from None
+    if lo == hi:
+        return {"replicas": lo}
+    # scale up when replicas average more than 80 % of their slots in use; sessions end before a replica goes
+    return {"replicas": None, "autoscaling": {"min_replicas": lo, "max_replicas": hi,
+                                              "target_ongoing_requests": max(1.0, 0.8 * slots),
+                                              "upscale_delay_s": 5.0, "downscale_delay_s": 120.0}}
+
+
+def run(address: str, *, host: str, port: int, token: str | None, replicas: str, gpus: float | None, slots: int,
+        device: str | None, **replica_kw) -> None:
+    require_ray()
+    from ..serve.server import is_loopback, new_token
+
+    scaling = _replicas(replicas, slots)
+    gpus = (0.0 if device == "cpu" else 1.0) if gpus is None else gpus
+    generated = token is None and not is_loopback(host)
+    token = new_token() if generated else token
+    connect(address)
+    from ray import serve
+
+    from .serve_app import deployments
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(deployments(slots=slots, gpus=gpus, token=token, device=device, **scaling, **replica_kw),
+              name="streamedit", route_prefix="/")
+    if generated:
+        click.echo(f"access token (generated): {token}", err=True)
+    url = f"http://{'localhost' if is_loopback(host) else host}:{port}/" + (f"?token={token}" if token else "")
+    click.echo(f"streamedit serve --ray: open {url} (Ctrl-C stops the app)", err=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.delete("streamedit")
