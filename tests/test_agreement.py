@@ -76,7 +76,7 @@ def test_fused_graph_latents_and_agreement_verdicts(tiny_models, frames):
     models = agree.cast_models(tiny_models, torch.bfloat16, {})
     frames = frames[:6]
     pending = {}
-    for name, kw in (("compiled", dict(compile=True, compile_backend="aot_eager")), ("te-reuse", dict(te_refresh_every=8))):
+    for name, kw in (("compiled", {"compile": True, "compile_backend": "aot_eager"}), ("te-reuse", {"te_refresh_every": 8})):
         cfg = config(**kw)
         row = agree.PendingRow(cfg, frames, EngineProbe(2))
         out, engine = probed(models, cfg, frames, row.probe)
