@@ -268,7 +268,7 @@ def probe_graphs(out: Path, res: dict, save, variants: list[str]) -> None:
     del fast, lib
     src = Denoiser(models, 1, 512).encode(frames)
     noise = torch.randn_like(src)
-    eager_out = Denoiser(models, 1, 512).generate(noise, src, embeds)  # library VAE, NCHW, eager
+    eager_out = Denoiser(models, 1, 512).generate(noise, src, embeds)[0]  # library VAE, NCHW, eager
     for variant in variants:
         torch._dynamo.reset()
         if variant == "flags":
@@ -277,7 +277,7 @@ def probe_graphs(out: Path, res: dict, save, variants: list[str]) -> None:
         t0 = time.perf_counter()
         den = Denoiser(models, 1, 512).compile("reduce-overhead")
         enc = den.encode(frames)
-        out_u8 = den.fused(noise, src, embeds)
+        out_u8 = den.fused(noise, src, embeds)[0]  # (frames, latents)
         torch.cuda.synchronize()
         entry = {"compile_s": round(time.perf_counter() - t0, 1),
                  "u8_max_diff_vs_eager": int((out_u8.int() - eager_out.int()).abs().max()),

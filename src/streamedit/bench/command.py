@@ -5,6 +5,8 @@ until each frame's capture time and stamps it) and go through ``StreamEngine.run
 ``profile=True``, exactly as ``stylize`` runs them. ``--matrix`` measures :data:`MATRIX` rows (named
 EngineConfig overrides) on one loaded model, so every ``ratio`` (fps / fps of the ``paper`` row) comes from one
 process. ``--startup`` times fresh processes to their first output frame (bench/startup.py).
+``--agreement`` (default on for CUDA matrix runs) compares each row's TE output and final latents with an fp32
+eager run of its config, against the bf16 eager noise floor (bench/agreement.py).
 Warm-up rule, latency, FLOP counting and the JSONL fields: docs/benchmarks.md. The measuring
 code is in bench/run.py.
 """
@@ -28,6 +30,7 @@ from ..errors import StreameditError
 from ..models.loading import working_size
 from ..telemetry import device_name, dumps
 from .report import check_matplotlib, format_startup, format_table, save_plot
+from .agreement import PROBE_BATCHES
 from .run import BENCH_KEYS, FLOPS_METHOD, PREWARM_BATCHES, bench_frames, held, run_matrix
 from .startup import measure_startup
 
@@ -118,12 +121,16 @@ def select_rows(matrix: bool, rows: str | None, compile_: bool, lllite: str | No
 @click.option("--startup-only", is_flag=True, help="Only the --startup measurement.")
 @click.option("--startup-profile", "startup_profile", default=None, metavar="DIR",
               help="With --startup: one more warm launch under cProfile, stats written to DIR.")
+@click.option("--agreement/--no-agreement", default=None,
+              help="After the timed rows, compare each row's TE output and final latents on its first "
+                   f"{PROBE_BATCHES} batches with an fp32 eager run of its config, against the bf16 eager "
+                   "noise floor (the 'exact' column). Default: on for CUDA matrix runs, else off.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_path", default=None, help="Write one JSON line per row here.")
 @click.option("--plot", "plot_path", default=None, help="Write a PNG (batch wall over time, latency CDF).")
 def bench_command(model, revision, device, dtype, prompt, batch, steps, size, count, source_fps, clip, hold, te_size,
-                  compile_, skip_similar, warmup, matrix, rows, sets, startup, startup_only, startup_profile, seed,
-                  json_path, plot_path, **temporal):
+                  compile_, skip_similar, warmup, matrix, rows, sets, startup, startup_only, startup_profile, agreement,
+                  seed, json_path, plot_path, **temporal):
     """Throughput and latency of the engine on a simulated real-time source."""
     import torch
 
@@ -181,8 +188,10 @@ def bench_command(model, revision, device, dtype, prompt, batch, steps, size, co
     click.echo(f"bench: {model} on {meta['device']}, {torch_dtype}, {frames[0].shape[1]}x{frames[0].shape[0]}, {steps} step(s), "
                f"{count} frames, source {source_fps:g} fps" + (" (as fast as possible)" if not source_fps else ""),
                err=True)
+    if agreement is None:
+        agreement = models.device.type == "cuda" and (matrix or bool(rows))
     results = run_matrix(models, selected, base, forced, frames, count, source_fps, warmup, echo=click.echo,
-                         on_row=save_row)
+                         on_row=save_row, agreement=agreement)
     if not results:
         raise StreameditError("every benchmark row failed (see the messages above)")
     r0 = results[0]

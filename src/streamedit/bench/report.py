@@ -16,8 +16,10 @@ def format_table(results: list[dict]) -> str:
     comps = [c for c in COMPONENTS if any(c in r["component_ms_mean"] for r in results)]
     comps += sorted({c for r in results for c in r["component_ms_mean"]} - set(comps))
     skips = any(r.get("config", {}).get("skip_similar") is not None for r in results)
+    agree = any("agreement" in r for r in results)
     head = ["row", "B", "fps", "keeps up", "ratio", "wall p50", "p95", "max", "lat p50", "p95"] + comps + \
-           ["peak GiB", "TFLOP/s", "% peak"] + (["skipped fr", "skipped b"] if skips else [])
+           ["peak GiB", "TFLOP/s", "% peak"] + (["skipped fr", "skipped b"] if skips else []) + \
+           (["exact (x floor)"] if agree else [])
     lines = []
     for r in results:
         w, lt, ms = r["batch_wall_ms"], r["latency_ms"], r["component_ms_mean"]
@@ -26,14 +28,35 @@ def format_table(results: list[dict]) -> str:
                       _f(w["max"]), _f(lt["p50"], "{:.0f}"), _f(lt["p95"], "{:.0f}")] +
                      [_f(ms.get(c)) for c in comps] +
                      [_f(r["peak_gpu_gib"], "{:.2f}"), _f(r["tflops"], "{:.3g}"), _f(r["pct_of_peak"])] +
-                     ([str(r.get("skipped_frames", 0)), str(r.get("skipped_batches", 0))] if skips else []))
+                     ([str(r.get("skipped_frames", 0)), str(r.get("skipped_batches", 0))] if skips else []) +
+                     ([_exact(r.get("agreement"))] if agree else []))
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     out = ["  ".join(x.ljust(n) if i == 0 else x.rjust(n) for i, (x, n) in enumerate(zip(row, widths)))
            for row in [head] + lines]
     out += [f"  [{r['row']}] {n}" for r in results for n in r["notes"]]
+    out += [f"  [{r['row']}] {_agreement_note(a)}" for r in results if (a := r.get("agreement"))]
     out += [f"  [{r['row']}] TE fp8 vs bf16: cosine mean {a['cosine_mean']:.5f}, min {a['cosine_min']:.5f}, "
             f"rel L2 {a['rel_l2']:.4f}" for r in results if (a := r.get("te_fp8_agreement"))]
     return "\n".join(out)
+
+
+def _exact(a: dict | None) -> str:
+    """The 'exact' column: yes/NO and the row's worse relative L2 (TE or latents) as a multiple of the floor's."""
+    if a is None:
+        return "—"
+    if "error" in a:
+        return "failed"
+    return f"{'yes' if a['exact'] else 'NO'} {max(a['ratio_to_floor'].values()):.2g}x"
+
+
+def _agreement_note(a: dict) -> str:
+    if "error" in a:
+        return f"agreement: failed ({a['error']})"
+    f = a["floor"]
+    return (f"vs fp32 eager ({a['frames']} frames): TE rel L2 {a['te']['rel_l2']:.2e} (floor {f['te']['rel_l2']:.2e}), "
+            f"cos {a['te']['cosine']:.6f}; latents rel L2 {a['latents']['rel_l2']:.2e} (floor "
+            f"{f['latents']['rel_l2']:.2e}), cos {a['latents']['cosine']:.6f}; exact = both <= "
+            f"{a['exact_factor']:g}x the {a['floor_dtype']} eager floor")
 
 
 def _keeps_up(r: dict) -> str:

@@ -15,16 +15,19 @@ import time
 import numpy as np
 
 from ..config import build_config
+from ..engine.probe import EngineProbe
 from ..engine.stream import StreamEngine
 from ..telemetry import COMPONENTS
 from ..text.fast import te_fp8_agreement
 from ..video.clips import _scene
 from ..video.io import open_video
+from . import agreement as agree
 
 log = logging.getLogger(__name__)
 
 BENCH_KEYS = ("source_fps", "hold")  # row overrides for the bench itself, not for the engine
 PREWARM_BATCHES = 3  # untimed: compile, cudagraph-trees warm-up run + recording, allocator
+assert PREWARM_BATCHES >= agree.PROBE_BATCHES  # the agreement probe records pre-warm batches only
 
 
 # ------------------------------------------------------------------------------------------- source
@@ -143,8 +146,10 @@ def _pcts(values) -> dict:
     return {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)), "max": float(v.max())}
 
 
-def run_row(models, config, frames, count: int, fps: float, warmup: int) -> dict:
-    """Stream ``count`` frames through one engine; timing fields of one result row."""
+def run_row(models, config, frames, count: int, fps: float, warmup: int,
+            pending: agree.PendingRow | None = None) -> dict:
+    """Stream ``count`` frames through one engine; timing fields of one result row. ``pending``: its probe
+    records the first pre-warm batches, and it gets the engine's config, frames and adapter (bench/agreement.py)."""
     import torch
 
 
@@ -156,15 +161,22 @@ def run_row(models, config, frames, count: int, fps: float, warmup: int) -> dict
     # closed on the way out, even on an error: its graphs, pools and adapter patch must not outlive the row
     # (the next row's engine captures graphs of its own on the same device and U-Net); set up (and compiled)
     # for the frames' working size at construction, as before any frame arrives
-    with StreamEngine(models, dataclasses.replace(config, frame_size=frames[0].shape[:2])) as engine:
+    config = dataclasses.replace(config, frame_size=frames[0].shape[:2])
+    prewarm = [frames[i % len(frames)] for i in range(PREWARM_BATCHES * bsz)]
+    with StreamEngine(models, config) as engine:
+        if pending is not None:  # a few copies in the untimed pre-warm batches; the outputs are the same
+            pending.config, pending.frames = config, prewarm
+            engine.probe = pending.probe
         # Untimed batches before the camera starts (compile, CUDA-graph warm-up and capture, allocator), as
         # a live app would: else frames captured during a minutes-long compile flood the timed stream.
         t = time.perf_counter()
-        engine.process([frames[i % len(frames)] for i in range(PREWARM_BATCHES * bsz)])
+        engine.process(prewarm)
         prewarm_s = time.perf_counter() - t
         engine.batch_log.clear()
         for _ in engine.run(iter(source)):
             out_t.append(time.perf_counter())
+    if pending is not None:
+        pending.adapter = agree.host_adapter(engine.adapter)
     blog = engine.batch_log
     full = count // bsz
     counted = range(warmup, full)  # batch indices kept by the warm-up rule
@@ -206,15 +218,16 @@ FLOPS_METHOD = ("FlopCounterMode over one eager batch of the row's config (TE + 
 
 
 def run_matrix(models, rows, base: dict, forced: dict, frames, count: int, fps: float, warmup: int,
-               echo=None, on_row=None) -> list[dict]:
-    """Measure each (name, overrides) row on the same models; add ratio (fps / the `paper` row's fps)."""
+               echo=None, on_row=None, agreement: bool = False) -> list[dict]:
+    """Measure each (name, overrides) row on the same models; add ratio (fps / the `paper` row's fps) and, with
+    ``agreement``, each row's agreement with an fp32 eager run (bench/agreement.py), after every row is timed."""
     import torch
 
 
     echo = echo or (lambda msg, err=False: log.info(msg))
     cuda = models.device.type == "cuda"
     peak = matmul_peak_tflops(models.device) if cuda else None
-    flop_cache, results = {}, []
+    flop_cache, results, pending = {}, [], {}
     for name, overrides in rows:
         bench_opts = {k: overrides[k] for k in BENCH_KEYS if k in overrides}
         overrides = {k: v for k, v in overrides.items() if k not in BENCH_KEYS}
@@ -233,7 +246,8 @@ def run_matrix(models, rows, base: dict, forced: dict, frames, count: int, fps: 
             if key not in flop_cache:
                 flop_cache[key] = count_flops(models, config, row_frames)
             fl = flop_cache[key]
-            res = {"row": name, **run_row(models, config, row_frames, count, row_fps, warmup)}
+            row_probe = agree.PendingRow(None, None, EngineProbe(agree.PROBE_BATCHES)) if agreement else None
+            res = {"row": name, **run_row(models, config, row_frames, count, row_fps, warmup, row_probe)}
             if config.te_fp8:  # how far FP8 moves the TE output, on this row's frames
 
                 batch = torch.from_numpy(np.stack([row_frames[i % len(row_frames)] for i in range(config.batch_size)]))
@@ -260,9 +274,17 @@ def run_matrix(models, rows, base: dict, forced: dict, frames, count: int, fps: 
             notes.append(f"cannot keep up with the {row_fps:g} fps source ({res['fps']:.1f} fps): frames queue "
                          "up and latency grows with the run's length")
         results.append(res)
+        if row_probe is not None:
+            pending[name] = row_probe
         if on_row is not None:
             on_row(res)
         echo(f"  {name}: {res['fps']:.1f} fps, latency p50 {res['latency_ms']['p50']:.0f} ms", err=True)
+    if pending:
+        echo(f"agreement: {len(pending)} row(s), {agree.PROBE_BATCHES} batches each, vs fp32 eager", err=True)
+        found = agree.measure_all(models, pending, echo)
+        for r in results:
+            if r["row"] in found:
+                r["agreement"] = found[r["row"]]
     ref = next((r for r in results if r["row"] == "paper"), None)
     for r in results:
         comparable = ref is not None and r["source_fps"] == ref["source_fps"]

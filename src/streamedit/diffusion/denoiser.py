@@ -13,7 +13,7 @@ source latent noised to the first sigma, :func:`start_sample`, instead of pure n
 
 :meth:`Denoiser.compile` (engine ``compile``/``compile_vae``): the main stream's whole work for a
 batch, U-Net x steps + VAE decode + uint8 conversion, becomes ONE compiled function
-(:meth:`Denoiser.generate`), and so does the side stream's VAE encode (uint8 -> [-1, 1] -> encoder).
+(:meth:`Denoiser.generate`, which returns the final latents beside the frames), and so does the side stream's VAE encode (uint8 -> [-1, 1] -> encoder).
 With a CUDA-graph mode (``reduce-overhead``) both are compiled without cudagraph trees and each is
 captured by :class:`streamedit.accel.graphs.StaticGraph` into one CUDA graph that replays on the stream
 that calls it (on the H100 the main stream's graph took 55 ms beside the TE, against 58 ms as a
@@ -134,10 +134,13 @@ class Denoiser:
     # The two compile targets hold their own no_grad block instead of the decorator: a decorated
     # method's compiled code object would be the shared decorator wrapper's.
     def generate(self, noise: torch.Tensor, source_latents: torch.Tensor, embeds: torch.Tensor,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """denoise + decode -> contiguous (B,H,W,3) uint8: the function compiled as one graph."""
+                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """denoise + decode -> (contiguous (B,H,W,3) uint8, the final latents): the function compiled as one
+        graph. The latents are an output too (B x 4 x h/8 x w/8, written once), so what the U-Net produced
+        stays visible (engine probe, bench agreement) at no measurable cost."""
         with torch.no_grad():
-            return self.decode(self.denoise(noise, source_latents, embeds, mask)).contiguous()
+            latents = self.denoise(noise, source_latents, embeds, mask)
+            return self.decode(latents).contiguous(), latents
 
     def _decode_target(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

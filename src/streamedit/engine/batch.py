@@ -44,3 +44,4 @@ class Batch:
     events: dict[str, torch.cuda.Event | None] = field(default_factory=dict)  # profile events (telemetry.SPANS)
     output: torch.Tensor | None = None  # (B,H,W,3) uint8 on the host
     ready: torch.cuda.Event | None = None  # the output's copy to the host is done
+    probe: dict | None = None  # engine.probe is recording this batch: noise, embeds, mask, latents (probe.py)

@@ -226,7 +226,7 @@ class MultiStreamEngine:
         if self.adapter is not None:
             self._write_cond(tick, frames)
         if den.fused is not None:  # U-Net x steps + decode + uint8: one compiled graph
-            images = den.fused(noise, source, *text)
+            images, _ = den.fused(noise, source, *text)  # (frames, final latents)
         else:
             images = (den.decode_fn or den.decode)(den.denoise(noise, source, *text))
         for r, s, _ in tick.real:

@@ -56,6 +56,7 @@ from ..text.base import TextEncoder
 from .batch import Batch, DeviceBatch
 from .build import build_denoiser, text_encoder
 from .host import start_reader, to_working
+from .probe import EngineProbe
 from .similarity import SimilarityFilter, thumbnail
 
 __all__ = ["StreamEngine"]
@@ -118,6 +119,7 @@ class StreamEngine:
         self._main_warm_started = False
         self._reader = None  # (thread, stop event) of the low-latency schedule's reader
         self._closed = False
+        self.probe: EngineProbe | None = None  # set before the first batch: records what it computed (probe.py)
 
     def _setup(self, shape: tuple[int, int]) -> None:
         """Everything that depends on the working (h, w) (engine/build.py)."""
@@ -304,6 +306,9 @@ class StreamEngine:
         cfg, bsz = self.config, self.config.batch_size
         prompt = self._prompt
         self._inflight += 1
+        if self.probe is not None:  # the engine's first probe.batches batches, over all run() calls
+            slot = self.probe.claim()
+            batch.probe = {"slot": slot} if slot is not None else None
         if self._similar is not None:
             self._decide_skips(batch, prompt)
         skipped = sum(batch.skip) if batch.skip else 0
@@ -316,6 +321,11 @@ class StreamEngine:
         reuse = (self._te_cache is not None and prompt == self._te_prompt and self._te_age < cfg.te_refresh_every
                  and not forced)
         noise = self._noise(bsz)
+        probing = batch.probe is not None
+        if probing:
+            replay = self.probe.replay_noise(batch.probe["slot"])
+            noise = replay.to(noise.dtype) if replay is not None else noise
+            batch.probe["noise"] = noise.clone()
         record.te = "reused" if reuse else "computed"
         if batch.plan is not None:
             record.cond = batch.plan.reason if batch.plan.refresh else "reuse"
@@ -338,6 +348,8 @@ class StreamEngine:
             embeds = self._te_cache.expand(bsz, -1, -1)
             mask = self.te.text_mask(self._te_prompt)  # te_size 256: the padded sequence's mask, for the U-Net
             mask = mask.expand(bsz, -1) if mask is not None else None
+            if probing:  # copies: the TE's output may be a graph buffer that the next replay overwrites
+                batch.probe.update(embeds=embeds.clone(), mask=None if mask is None else mask.clone())
             ev["te1"] = self._event(self.side_stream)
             frames = batch.host_frames.to(self.device, non_blocking=True)
             source = self.denoiser.encode(frames)
@@ -372,12 +384,14 @@ class StreamEngine:
             self.temporal.apply(batch.plan, dev.frames, batch.record.host_ms)
         ev["unet0"] = self._event(self.main_stream)
         if self.denoiser.fused is not None:  # U-Net x steps + decode + uint8: one compiled graph
-            images = self.denoiser.fused(dev.noise, dev.source, *dev.text)
+            images, latents = self.denoiser.fused(dev.noise, dev.source, *dev.text)
         else:
             latents = self.denoiser.denoise(dev.noise, dev.source, *dev.text)
             ev["unet1"] = self._event(self.main_stream)
             images = (self.denoiser.decode_fn or self.denoiser.decode)(latents)
         ev["dec1"] = self._event(self.main_stream)
+        if batch.probe is not None:
+            batch.probe["latents"] = latents.clone()  # the fused graph's output buffer is overwritten next batch
         if self.temporal is not None:
             self.temporal.remember(images, batch.count)
         batch.device = None  # free the side stream's tensors early
@@ -402,6 +416,10 @@ class StreamEngine:
         if batch.ready is not None:
             batch.ready.synchronize()
         out = batch.output.numpy() if batch.output is not None else None
+        if batch.probe is not None:
+            p, batch.probe = batch.probe, None
+            self.probe.add(p["slot"], batch.count, batch.skip, p.get("noise"), p.get("embeds"), p.get("mask"),
+                           p.get("latents"))
         record, ev = batch.record, batch.events
         record.t_done = time.perf_counter()
         if ev and all(v is not None for v in ev.values()):
