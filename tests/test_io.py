@@ -300,17 +300,21 @@ def test_full_disk_without_an_old_file_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
 
 
+def _write_until_interrupted(out, src, frames: int) -> None:
+    """Write ``frames`` frames of ``src`` to ``out``, then a Ctrl-C inside the writer."""
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(out, src) as w:
+            for i, frame in enumerate(src.frames()):
+                if i == frames:
+                    raise KeyboardInterrupt
+                w.write(frame)
+
+
 @pytest.mark.parametrize("ext", [".mp4", ".mkv"])
 def test_interrupted_writer_leaves_playable_file(tmp_path, ext):
     inp = make_test_clip(tmp_path / "in.mp4", frames=48, audio=True)
     out = tmp_path / f"out{ext}"
-    src = open_video(inp, size=32)
-    with pytest.raises(KeyboardInterrupt):
-        with VideoWriter(out, src) as w:
-            for i, frame in enumerate(src.frames()):
-                if i == 10:
-                    raise KeyboardInterrupt
-                w.write(frame)
+    _write_until_interrupted(out, open_video(inp, size=32), 10)
     times, _, audio = probe(out)
     assert len(times) == 10
     assert audio is not None and audio < 10 / 24 + 0.1  # audio cut near the last written frame
@@ -332,13 +336,7 @@ def test_nothing_written_leaves_no_file(tmp_path):
 def test_interrupted_run_over_an_existing_output_finalizes_what_it_has(tmp_path):
     inp = make_test_clip(tmp_path / "in.mp4", frames=24)
     out, _ = _old_output(tmp_path)
-    src = open_video(inp, size=32)
-    with pytest.raises(KeyboardInterrupt):
-        with VideoWriter(out, src) as w:
-            for i, frame in enumerate(src.frames()):
-                if i == 7:
-                    raise KeyboardInterrupt
-                w.write(frame)
+    _write_until_interrupted(out, open_video(inp, size=32), 7)
     assert len(probe(out)[0]) == 7 and sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mp4"]
 
 
