@@ -216,8 +216,9 @@ def test_session_streams_stylized_frames_and_changes_prompt(tiny_models):
 
 
 def test_three_sessions_share_one_engine(tiny_models):
-    """--shared-engine: three WebRTC sessions with their own prompts each receive stylized frames from one
-    multi-stream engine, which batches their frames together (per-stream content: tests/test_multistream.py)."""
+    """The shared engine (serve's default): three WebRTC sessions with their own prompts each receive stylized
+    frames from one multi-stream engine, which batches their frames together (per-stream content:
+    tests/test_multistream.py)."""
     from streamedit.serve.runtime import engine_factory
 
     factory = engine_factory(tiny_models, shared=True, max_streams=3)

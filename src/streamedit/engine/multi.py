@@ -1,8 +1,8 @@
 """Many streams, one model: a scheduler over the engine's path (engine/build.py, the same text encoder,
 denoiser and adapter a :class:`~streamedit.engine.stream.StreamEngine` runs).
 
-Each tick takes the newest pending frame of up to ``max(buckets)`` streams of one working size, the least
-recently served first (every one of K ready streams is served within ceil(K / max(buckets)) ticks; size
+Each tick takes the newest pending frame of up to B = ``max(buckets)`` streams of one working size, the
+least recently served first (round robin: K always-ready streams get min(K, B)/K of the ticks each; size
 groups take turns the same way), and runs them as one batch padded to the next bucket size::
 
     host (engine thread) : take frames, temporal plans (flows on a shared pool), TE inputs per prompt
@@ -17,9 +17,10 @@ its cond image, written into the adapter's buffer row the stream occupies (buffe
 U-Net for all streams). A stream keeps its row from tick to tick where it can, so its cond embedding is
 rewritten only on its refresh batches or when it moved. Joining or leaving touches no model.
 
-``start()`` runs ticks on a thread whenever a frame is pending; it launches tick k+1 (side and main
-stream work queued) before it hands out tick k, as StreamEngine's pipelined schedule does. ``tick()``
-runs one batch synchronously (tests, callers with their own loop).
+``start()`` (engine/ticks.py) runs ticks on a thread, launching tick k+1 before it hands out tick k (as
+StreamEngine's pipelined schedule); ``tick()`` runs one synchronously. A stream whose input breaks its own
+host work is ended alone (``Stream.fail``); any other failed tick ends every stream with the reason.
+``report()``: per-stream fps, latency, drops; batch-size histogram; device busy share (multistats.py).
 """
 
 from __future__ import annotations
@@ -48,14 +49,16 @@ from ..temporal.attach import attach_adapter
 from ..temporal.conditioner import TemporalConditioner
 from .build import build_denoiser, text_encoder
 from .host import to_working
+from .multistats import BusyClock, engine_report, time_buckets, warm_items
 from .rows import TOKEN_STEP, RowBatch, SizeGroup, assign_rows, default_buckets, stack_text
 from .streams import Pending, Stream, StreamOutput, latency_ms
+from .ticks import TickDriver
 
 __all__ = ["MultiStreamEngine", "Stream", "StreamOutput", "default_buckets"]
 log = logging.getLogger(__name__)
 
 
-class MultiStreamEngine:
+class MultiStreamEngine(TickDriver):
     def __init__(self, models, config: EngineConfig, max_streams: int = 8, buckets: tuple[int, ...] | None = None):
         """``config`` as for StreamEngine (``prompt``: the default of :meth:`open_stream`; ``batch_size``: the
         largest bucket unless ``buckets`` are given); the schedule options (pipeline, prefetch, low_latency)
@@ -77,6 +80,7 @@ class MultiStreamEngine:
         self._groups: dict[tuple[int, int], SizeGroup] = {}  # working size -> its denoisers and adapter rows
         self._streams: list[Stream] = []
         self._ids = itertools.count()
+        self._served = itertools.count()  # serve order: fairness (_select)
         self._cond = threading.Condition()  # a frame arrived / stop
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -86,6 +90,8 @@ class MultiStreamEngine:
         self.tick_log: deque[TickRecord] = deque(maxlen=config.log_limit)
         self.stats = EngineStats()
         self.warm_seconds: dict[tuple, float] = {}  # (working size, bucket) -> prepare(warm=True)'s first batch
+        self.batch_seconds: dict[tuple, dict[int, float]] = {}  # working size -> bucket -> s (prepare(measure=))
+        self.clock = BusyClock(self.cuda)
         self.main_stream = self.side_stream = self.copy_stream = None
         if self.cuda:  # as StreamEngine: the main stream is the critical path
             self.main_stream = (torch.cuda.Stream(self.device, priority=-100) if config.main_priority
@@ -102,11 +108,14 @@ class MultiStreamEngine:
 
     # ---- streams --------------------------------------------------------------------------------
     def open_stream(self, prompt: str | None = None, seed: int | None = None, on_output=None,
-                    frame_size: tuple[int, int] | None = None, size: int | None = None) -> Stream:
+                    frame_size: tuple[int, int] | None = None, size: int | None = None, on_error=None) -> Stream:
         """A new stream. ``size``: the long side of its working size (default ``config.size``; streams of
         one working size share batches); the aspect from ``frame_size``, the config's, or its first frame.
-        Outputs go to ``on_output(StreamOutput)`` (called on the engine's thread) or to ``stream.get()``."""
+        Outputs go to ``on_output(StreamOutput)`` (called on the engine's thread) or to ``stream.get()``;
+        ``on_error(message)`` is called if the engine ends the stream (Stream.fail)."""
         self._check_open()
+        if self.error is not None:
+            raise StreameditError(f"the engine stopped after a failed tick: {self.error!r}"[:300])
         size = size or self.config.size
         if size != self.config.size:
             validate(self.models, dataclasses.replace(self.config, size=size))
@@ -115,7 +124,7 @@ class MultiStreamEngine:
             if len(self._streams) >= self.max_streams:
                 raise StreameditError(f"this engine serves at most {self.max_streams} streams")
             stream = Stream(self, next(self._ids), prompt or self.config.prompt, seed, self.config.fixed_noise,
-                            on_output, self._shape(size, frame_size))
+                            on_output, self._shape(size, frame_size), on_error)
             stream.size = size
             if self.adapter is not None:
                 stream.temporal = TemporalConditioner.from_options(self.adapter, self.config.temporal,
@@ -131,7 +140,7 @@ class MultiStreamEngine:
 
     def _submit(self, stream: Stream, frame: np.ndarray, meta) -> int:
         if stream.closed:
-            raise StreameditError("this stream is closed")
+            raise StreameditError("this stream " + (f"failed: {stream.error}" if stream.error else "is closed"))
         frame = check_frame(frame)
         if stream.shape is None:
             stream.shape = self._shape(stream.size, frame.shape[:2])
@@ -144,64 +153,75 @@ class MultiStreamEngine:
 
     def _close_stream(self, stream: Stream) -> None:
         with self._cond:
-            stream.closed = True
+            was_open, stream.closed = not stream.closed, True
             stream.take()
             if stream in self._streams:
                 self._streams.remove(stream)
+        if was_open:
+            stream.ended()
         # its conditioner is only dropped: a tick in flight may still use it (flows run on the shared pool)
 
     # ---- scheduling -------------------------------------------------------------------------------
     def _select(self) -> tuple[int, tuple[int, int], list] | None:
         """The streams of the next batch (under ``_cond``): the least recently served ready stream's size
         group, its least recently served ready streams first, up to the largest bucket."""
-        ready = sorted((s for s in self._streams if s.pending is not None), key=lambda s: (s.last_tick, s.id))
+        ready = sorted((s for s in self._streams if s.pending is not None), key=lambda s: (s.last_served, s.id))
         if not ready:
             return None
         shape = ready[0].shape
         chosen = [s for s in ready if s.shape == shape][: self.buckets[-1]]
         for s in chosen:
-            s.last_tick = self.ticks
+            s.last_served = next(self._served)  # in batch order: the left-out rotate (round robin)
         self.ticks += 1
         return self.ticks - 1, shape, [(s, s.take()) for s in chosen]
 
-    # ---- the batch ---------------------------------------------------------------------------------
-    def tick(self) -> int:
-        """Run one batch now (not while :meth:`start`'s thread runs); returns its number of streams."""
-        self._check_open()
-        if self._thread is not None:
-            raise StreameditError("tick() while the engine's thread runs: use one or the other")
-        with self._cond:
-            picked = self._select()
-        if picked is None:
-            return 0
-        self._finish(self._launch(*picked))
-        return len(picked[2])
+    # ---- the batch (tick(), start(): engine/ticks.py) ----------------------------------------------
+    def _rows_of(self, items: list, latent: tuple) -> list:
+        """Each stream's own host work (noise, temporal plan: flows, scene cut): a stream whose input breaks it
+        is ended with the reason and left out of the batch; the others go on."""
+        kept = []
+        for s, p in items:
+            try:
+                noise = s.noise(latent, self.models.dtype)
+                plan = s.temporal.plan([p.frame], 1) if s.temporal is not None else None
+            except Exception as exc:  # noqa: BLE001  (attributable to this stream's input)
+                log.warning("stream %d: its frame broke the tick, ending it: %s", s.id, exc)
+                s.fail(f"its frame could not be processed: {exc}"[:300])
+                continue
+            kept.append((s, p, noise, plan))
+        return kept
 
-    def _launch(self, index: int, shape: tuple[int, int], items: list) -> RowBatch:
-        """Queue one batch: host preparation, then the side stream's and the main stream's work."""
+    def _launch(self, index: int, shape: tuple[int, int], items: list) -> RowBatch | None:
+        """Queue one batch: host preparation, then the side stream's and the main stream's work (None:
+        every stream's input failed its own preparation)."""
+        t_start = time.perf_counter()
         group = self._group(shape)
+        den0 = next(iter(group.denoisers.values()))
+        items = self._rows_of(items, (1, self.models.vae.config.latent_channels, *den0.latent_shape))
+        if not items:
+            return None
         bucket = next(b for b in self.buckets if b >= len(items))
         tick = RowBatch(group, [None] * bucket)
-        for r, item in zip(assign_rows(group.owners, [s.id for s, _ in items], bucket), items):
+        for r, item in zip(assign_rows(group.owners, [it[0].id for it in items], bucket), items):
             tick.rows[r] = item
         real = tick.real
         tick.record = TickRecord(index, shape, tuple(it[0].id if it else None for it in tick.rows),
-                                 tuple(it[0].prompt if it else None for it in tick.rows), time.perf_counter())
+                                 tuple(it[0].prompt if it else None for it in tick.rows), t_start)
         self.tick_log.append(tick.record)
-        filler = real[0]  # padding rows repeat a real row's frame and noise; their outputs are dropped
-        frames = [it[1].frame if it else filler[2].frame for it in tick.rows]
+        filler = tick.rows[real[0][0]]  # padding rows repeat a real row's frame and noise; outputs dropped
+        frames = [(it or filler)[1].frame for it in tick.rows]
         by_prompt: dict[str, list[int]] = {}
         for r, s, _ in real:
             by_prompt.setdefault(tick.record.prompts[r], []).append(r)  # a change applies from the next tick
             if s.temporal is not None:
-                tick.plans[r] = s.temporal.plan([frames[r]], 1)
+                tick.plans[r] = tick.rows[r][3]
         images = {p: self.te.prepare_images([frames[r] for r in rows]) for p, rows in by_prompt.items()}
         host = torch.from_numpy(np.stack(frames))
         host = host.pin_memory() if self.cuda else host
         den = group.denoisers[bucket]
-        latent = (1, self.models.vae.config.latent_channels, *den.latent_shape)
-        noise = torch.cat([(it[0] if it else filler[1]).noise(latent, self.models.dtype) for it in tick.rows])
+        noise = torch.cat([(it or filler)[2] for it in tick.rows])
         with self._on(self.side_stream):
+            tick.started = self.clock.event(self.side_stream)
             text = stack_text(self.te, by_prompt, images, bucket, TOKEN_STEP if self.config.compile else 1)
             frames_dev = host.to(self.device, non_blocking=True)
             source = den.encode(frames_dev)
@@ -240,8 +260,7 @@ class MultiStreamEngine:
             images.record_stream(self.copy_stream)
             with self._on(self.copy_stream):
                 host.copy_(images, non_blocking=True)
-                tick.ready = torch.cuda.Event()
-                tick.ready.record(self.copy_stream)
+                tick.ready = self.clock.event(self.copy_stream)
         else:
             host = images
         tick.output = host
@@ -274,11 +293,12 @@ class MultiStreamEngine:
         self.stats.frames += len(real)
         self.histogram[len(real)] += 1
         tick.record.t_done = time.perf_counter()
+        self.clock.add(tick.record.t_launch, tick.record.t_done, tick.started, tick.ready)
         for r, s, p in real:
             if s.closed:
                 continue
             try:
-                s.deliver(StreamOutput(p.index, out[r], p.meta, latency_ms(p.t_submit)))
+                s.deliver(StreamOutput(p.index, out[r], p.meta, latency_ms(p.t_submit), tick.record.prompts[r]))
             except Exception:  # noqa: BLE001  (a broken consumer affects only its own stream)
                 log.exception("stream %d: its output callback failed", s.id)
         if tick.group.cache_key is not None:  # first compiled batch of this size: keep its artifacts
@@ -290,26 +310,28 @@ class MultiStreamEngine:
         config = self.config if size == self.config.size else dataclasses.replace(self.config, size=size)
         return engine_shape(self.models, config, tuple(frame_size) if frame_size else None)
 
-    def prepare(self, frame_size: tuple[int, int], size: int | None = None, warm: bool = False) -> tuple[int, int]:
+    def prepare(self, frame_size: tuple[int, int], size: int | None = None, warm: bool = False,
+                measure: int = 0) -> tuple[int, int]:
         """Build (and compile) what streams with input frames of ``frame_size`` need, before one joins; with
-        ``warm`` run one batch of each bucket (on CUDA: every graph captured now; ``warm_seconds``).
+        ``warm`` run one batch of each bucket (on CUDA: every graph captured now; ``warm_seconds``); with
+        ``measure`` > 0 then time that many batches of each bucket (``batch_seconds[shape]``, the median).
         Returns the working (h, w). Streams of a prepared size join without building anything."""
         self._check_open()
         if self._thread is not None:
             raise StreameditError("prepare() before start(): the tick thread owns the adapter's buffers")
         shape = self._shape(size or self.config.size, frame_size)
         self._group(shape)
-        if warm:
-            frame = np.full((*shape, 3), 128, np.uint8)
-            for bucket in self.buckets:  # streams of its own (ids < 0), not registered: nothing is delivered
-                items = [(Stream(self, -1 - i, self.config.prompt, 0, True, lambda out: None, shape),
-                          Pending(0, frame, None, time.perf_counter())) for i in range(bucket)]
+        if warm or measure:
+            for bucket in self.buckets:
                 t0 = time.perf_counter()
-                self._finish(self._launch(-1, shape, items))
+                self._finish(self._launch(-1, shape, warm_items(self, shape, bucket)))
                 self.warm_seconds[(shape, bucket)] = time.perf_counter() - t0
+            if measure:
+                self.batch_seconds[shape] = time_buckets(self, shape, measure)
             self.tick_log.clear()
             self.histogram.clear()
             self.stats = EngineStats()
+            self.clock.reset()
         return shape
 
     def _group(self, shape: tuple[int, int]) -> SizeGroup:
@@ -325,54 +347,10 @@ class MultiStreamEngine:
             self.adapter.use_buffer_set(group.buffers)  # another size ran last: its graphs read its own buffers
         return group
 
-    # ---- the tick thread ---------------------------------------------------------------------------
-    def start(self) -> None:
-        """Run ticks on a thread whenever a frame is pending (idle otherwise)."""
-        self._check_open()
-        if self._thread is None:
-            self._stopping, self.error = False, None
-            self._thread = threading.Thread(target=self._loop, name="streamedit-multistream", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the tick thread after the batch in flight is handed out."""
-        thread = self._thread
-        if thread is None:
-            return
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        thread.join()
-        self._thread = None
-
-    def _work_or_stop(self) -> bool:
-        return self._stopping or any(s.pending is not None for s in self._streams)
-
-    def _loop(self) -> None:
-        launched = None  # queued on the GPU, not handed out yet
-        try:
-            while True:
-                with self._cond:  # with a batch in flight, do not wait: hand it out
-                    if launched is None:
-                        self._cond.wait_for(self._work_or_stop)
-                    if self._stopping:
-                        break
-                    picked = self._select()
-                nxt = self._launch(*picked) if picked else None
-                if launched is not None:
-                    self._finish(launched)
-                launched = nxt
-            if launched is not None:
-                self._finish(launched)
-        except BaseException as exc:  # noqa: BLE001  (kept for the caller: stop() returns, error says why)
-            log.exception("multi-stream engine: tick failed")
-            self.error = exc
-
     # ---- lifecycle ---------------------------------------------------------------------------------
     def report(self) -> dict:
-        """Per-stream counters and latency, the batch-size histogram, totals."""
-        return dict(streams={s.id: s.stats.as_dict() for s in self.streams}, histogram=dict(self.histogram),
-                    batches=self.stats.batches, frames=self.stats.frames, buckets=list(self.buckets))
+        """Per-stream fps / latency / drops, batch-size histogram, busy share, batch times (multistats.py)."""
+        return engine_report(self)
 
     def _on(self, stream):
         return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()

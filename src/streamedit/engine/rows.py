@@ -36,13 +36,14 @@ class SizeGroup:
 class RowBatch:
     """One tick's batch on its way: host -> side stream -> main stream -> host."""
     group: SizeGroup
-    rows: list  # batch row -> (Stream, Pending); None for a padding row
+    rows: list  # batch row -> (Stream, Pending, its noise, its CondPlan or None); None for a padding row
     record: TickRecord | None = None
     plans: dict = field(default_factory=dict)  # batch row -> its stream's CondPlan (adapter on)
     device: tuple = ()  # (noise, source, text tensors, frames) from the side stream
     done: torch.cuda.Event | None = None  # the side stream's work is queued before it
     output: torch.Tensor | None = None  # (bucket, H, W, 3) uint8 on the host
-    ready: torch.cuda.Event | None = None  # the output's copy to the host is done
+    started: torch.cuda.Event | None = None  # timing: before its first side-stream work (BusyClock)
+    ready: torch.cuda.Event | None = None  # timing: the output's copy to the host is done
 
     @property
     def real(self) -> list[tuple[int, object, object]]:

@@ -3,6 +3,7 @@ noise, temporal state and counters. The engine does the work; a :class:`Stream` 
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -14,6 +15,9 @@ import numpy as np
 import torch
 
 from ..config import clean_prompt
+from ..errors import StreameditError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,6 +26,7 @@ class StreamOutput:
     image: np.ndarray  # HxWx3 uint8 at the stream's working size
     meta: object  # what submit() was given with the frame (a capture timestamp, a pts)
     latency_ms: float  # submit -> handed out
+    prompt: str | None = None  # the prompt its frame was encoded with
 
 
 @dataclass
@@ -61,7 +66,8 @@ class Stream:
     """
 
     def __init__(self, engine, sid: int, prompt: str, seed: int, fixed_noise: bool,
-                 on_output: Callable[[StreamOutput], None] | None, shape: tuple[int, int] | None):
+                 on_output: Callable[[StreamOutput], None] | None, shape: tuple[int, int] | None,
+                 on_error: Callable[[str], None] | None = None):
         self.engine, self.id, self.seed = engine, sid, seed
         self._prompt = clean_prompt(prompt)
         self.shape = shape  # working (h, w); None until the first frame fixes it
@@ -70,11 +76,13 @@ class Stream:
         self.outputs: queue.Queue[StreamOutput] | None = None if on_output else queue.Queue()
         self.on_output = on_output or self.outputs.put
         self.pending: Pending | None = None
-        self.last_tick = -1  # the tick that last served it: the least recently served go first (fairness)
+        self.last_served = -1  # when a tick last took it (serve order): the least recently served go first
         self.temporal = None  # its TemporalConditioner (adapter on): previous output, flows, refreshes, cuts
         self.cond: torch.Tensor | None = None  # (1,3,H,W) uint8: its current cond image
         self.cond_version = 0  # bumped per refresh: a batch row holding an older one is rewritten
         self.closed = False
+        self.error: str | None = None  # why the engine ended this stream (fail())
+        self._on_error = on_error
         self._count = 0
         self._fixed = fixed_noise
         self._noise: dict[tuple, torch.Tensor] = {}
@@ -111,8 +119,13 @@ class Stream:
             return self._count - 1
 
     def get(self, timeout: float | None = None) -> StreamOutput:
-        """The next output (streams opened without ``on_output``); raises ``queue.Empty`` after ``timeout``."""
-        return self.outputs.get(timeout=timeout)
+        """The next output (streams opened without ``on_output``); raises ``queue.Empty`` after ``timeout``,
+        and StreameditError once the stream is closed or failed and its delivered outputs are read."""
+        out = self.outputs.get(timeout=timeout)
+        if out is None:
+            self.outputs.put(None)  # every later call says the same
+            raise StreameditError(f"stream {self.id} {'failed: ' + self.error if self.error else 'is closed'}")
+        return out
 
     def noise(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """(1, C, h, w) starting noise: with fixed noise what upstream draws for ``seed`` (as a single-stream
@@ -133,6 +146,23 @@ class Stream:
     def close(self) -> None:
         """Leave the engine: the pending frame is discarded, an output still in flight is not delivered."""
         self.engine._close_stream(self)
+
+    def ended(self) -> None:
+        """Wake a reader blocked in :meth:`get` (the engine calls this when the stream leaves)."""
+        if self.outputs is not None:
+            self.outputs.put(None)
+
+    def fail(self, message: str) -> None:
+        """End this stream with ``message`` (its input broke a tick, or the engine stopped); the others go on."""
+        if self.closed:
+            return
+        self.error = message
+        self.close()
+        if self._on_error is not None:
+            try:
+                self._on_error(message)
+            except Exception:  # a consumer's callback must not break the engine
+                log.exception("stream %d: its error callback failed", self.id)
 
     def __enter__(self) -> "Stream":
         return self

@@ -7,7 +7,7 @@ import logging
 import click
 
 from ..errors import StreameditError
-from .runtime import live_model_options
+from .runtime import engine_choice_options, live_model_options
 
 SERVE_EXTRA = "pip install 'streamedit[serve]' (aiohttp, aiortc)"
 
@@ -20,13 +20,19 @@ def _need_server_deps():
         raise StreameditError(f"'streamedit serve' needs {exc.name}: {SERVE_EXTRA}") from None
 
 
-def _resolution(value: str) -> int:
+def _wxh(value: str) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' -> (height, width)."""
     try:
         w, h = (int(v) for v in value.lower().split("x"))
         if w <= 0 or h <= 0:
             raise ValueError
     except ValueError:
         raise click.BadParameter(f"expected WIDTHxHEIGHT, e.g. 1920x1080, got {value!r}") from None
+    return h, w
+
+
+def _resolution(value: str) -> int:
+    h, w = _wxh(value)
     return w * h
 
 
@@ -41,7 +47,16 @@ def _resolution(value: str) -> int:
               help="Default processing size: the long side (the input's aspect is kept, short side rounded to 32).")
 @click.option("--crop", is_flag=True, help="Centre-crop frames to a square (size x size) instead.")
 @click.option("--max-size", default=512, show_default=True, type=int, help="Largest size a page may ask for.")
-@click.option("--max-sessions", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--max-sessions", default=None, type=click.IntRange(1, 64),
+              help="Concurrent sessions; more are refused (HTTP 503). Default: with the shared engine on CUDA, "
+                   "as many as get --target-fps each (measured at start-up); else 2 (with --ray: per replica).")
+@click.option("--target-fps", default=24.0, show_default=True, type=click.FloatRange(1, 240),
+              help="Frame rate per session the measured --max-sessions default is derived for.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 64),
+              help="Shared engine: largest batch (buckets 1, 2, 4, ... up to it, each with its CUDA graphs).")
+@click.option("--prepare-input", "prepare_inputs", multiple=True, default=("640x480",), show_default=True,
+              help="Shared engine: input frame size(s) (WxH) whose working size is compiled and captured before "
+                   "the port opens (the page asks the camera for 640x480). Repeatable.")
 @click.option("--max-resolution", default="1920x1080", show_default=True, help="Largest input frame accepted.")
 @click.option("--ice-host", "ice_hosts", multiple=True, help="Local address(es) for WebRTC media "
               "(default: every interface). Repeatable.")
@@ -50,9 +65,7 @@ def _resolution(value: str) -> int:
 @click.option("--certfile", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TLS certificate (HTTPS): browsers give camera access only to https or localhost pages.")
 @click.option("--keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key.")
-@click.option("--shared-engine", is_flag=True,
-              help="Experimental: one multi-stream engine batches every session's frames (one model, no U-Net "
-                   "copies with --lllite) instead of an engine per session taking turns.")
+@engine_choice_options
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS|auto]",
               help="Serve on a Ray cluster (docs/scale-out.md): a CPU ingress and replicas of --max-sessions "
                    "sessions each. Needs streamedit[ray].")
@@ -61,8 +74,8 @@ def _resolution(value: str) -> int:
 @click.option("--ray-gpus", type=click.FloatRange(0), default=None, help="--ray: GPUs per replica (default 1; "
               "0 with --device cpu).")
 def serve_command(host, port, model, revision, device, dtype, lllite, steps, te_size, token, prompt, size, crop,
-                  max_size, max_sessions, max_resolution, ice_hosts, cpu_threads, certfile, keyfile, shared_engine,
-                  ray_address, replicas, ray_gpus):
+                  max_size, max_sessions, target_fps, max_batch, prepare_inputs, max_resolution, ice_hosts,
+                  cpu_threads, certfile, keyfile, shared_engine, preset, ray_address, replicas, ray_gpus):
     """Serve a web page that stylizes the browser's camera (or a video file) live over WebRTC."""
     _need_server_deps()
     if ray_address is not None:  # the scale package sits above this one: reached by name (scale/__init__.py)
@@ -71,13 +84,14 @@ def serve_command(host, port, model, revision, device, dtype, lllite, steps, te_
         server = {"prompt": prompt, "size": size, "crop": crop, "max_size": max_size,
                   "max_input_pixels": _resolution(max_resolution), "ice_hosts": list(ice_hosts) or None}
         importlib.import_module("streamedit.scale.serve_cli").run(
-            ray_address, host=host, port=port, token=token, replicas=replicas, gpus=ray_gpus, slots=max_sessions,
+            ray_address, host=host, port=port, token=token, replicas=replicas, gpus=ray_gpus, slots=max_sessions or 2,
             model=model, revision=revision, device=device, dtype=dtype, lllite=lllite, steps=steps, te_size=te_size,
-            shared=shared_engine, threads=cpu_threads, server=server)
+            shared=shared_engine is not False, threads=cpu_threads, server=server)
         return
     from ..config import check_prompt
-    from .runtime import check_lllite, engine_factory, load_runtime, set_cpu_threads
+    from .runtime import check_lllite, load_runtime, set_cpu_threads, start_engine
     from .server import Server, ServerConfig, is_loopback, new_token
+    from .shared import choose_engine
 
     if token is not None and len(token) < 8:
         raise click.UsageError("--token must be at least 8 characters")
@@ -89,20 +103,28 @@ def serve_command(host, port, model, revision, device, dtype, lllite, steps, te_
         prompt = check_prompt(prompt)
     except ValueError as exc:
         raise click.UsageError(f"--prompt: {exc}") from None
+    frame_sizes = [(size, size)] if crop else [_wxh(v) for v in prepare_inputs]
     generated = False
     if token is None and not is_loopback(host):
         token, generated = new_token(), True
     check_lllite(lllite)
+    if shared_engine is False:  # before the model loads: a contradiction is a usage error
+        choose_engine(False, shared_engine, preset)
     click.echo(f"loading {model} ...", err=True)
     models = load_runtime(model, device, dtype, revision)
     threads = set_cpu_threads(models, cpu_threads)
     if threads:
         click.echo(f"running on CPU with {threads} torch thread(s)", err=True)
+    from click.core import ParameterSource
+
+    given = click.get_current_context().get_parameter_source("te_size") is ParameterSource.COMMANDLINE
+    factory, max_sessions = start_engine(models, shared=shared_engine, preset=preset, steps=steps, lllite=lllite,
+                                         te_size=te_size if given else None, size=size, max_batch=max_batch,
+                                         frame_sizes=frame_sizes, max_sessions=max_sessions, target_fps=target_fps,
+                                         echo=lambda msg: click.echo(msg, err=True))
     config = ServerConfig(host=host, port=port, token=token, prompt=prompt, size=size, crop=crop, max_size=max_size,
                           max_sessions=max_sessions, max_input_pixels=_resolution(max_resolution),
                           ice_hosts=list(ice_hosts) or None, model_name=getattr(models, "source", "") or model)
-    factory = engine_factory(models, steps=steps, lllite=lllite, te_size=te_size, shared=shared_engine,
-                             max_streams=max_sessions)
     server = Server(config, factory)
     ssl_context = None
     if certfile:

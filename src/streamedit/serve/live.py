@@ -22,7 +22,7 @@ import numpy as np
 from ..config import check_prompt
 from ..errors import StreameditError
 from ..video.geometry import fit, working_shape
-from .runtime import live_model_options
+from .runtime import engine_choice_options, live_model_options
 from .session import LatestQueue
 
 WINDOW = "streamedit live"
@@ -220,8 +220,9 @@ class LiveLoop:
 @click.option("--fps", default=30.0, show_default=True, help="Frame rate announced to the virtual camera.")
 @click.option("--save-dir", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Where 's' saves frames.")
+@engine_choice_options
 def live_command(camera, window, virtual_cam, vcam_device, model, revision, device, dtype, lllite, steps, te_size,
-                 prompt, size, crop, fps, save_dir):
+                 prompt, size, crop, fps, save_dir, shared_engine, preset):
     """Stylize a camera live into a window and/or a virtual camera (type a prompt + Enter to change it)."""
     if not (window or virtual_cam):
         raise click.UsageError("choose an output: --window and/or --virtual-cam")
@@ -232,9 +233,12 @@ def live_command(camera, window, virtual_cam, vcam_device, model, revision, devi
     except ValueError as exc:
         raise click.UsageError(f"--prompt: {exc}") from None
     # Everything that can be missing is checked before the model loads.
-    from .runtime import LiveEngine, check_lllite, load_runtime
+    from .runtime import check_lllite, load_runtime
+    from .shared import choose_engine
 
     check_lllite(lllite)
+    if shared_engine is False:
+        choose_engine(False, shared_engine, preset)  # a contradiction is reported before anything opens
     cap = open_camera(camera)
     # the working size from the camera's reported frame size (sinks need it before the first frame)
     cam_h, cam_w = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
@@ -249,8 +253,12 @@ def live_command(camera, window, virtual_cam, vcam_device, model, revision, devi
         cap.release()
         raise
     click.echo(f"loading {model} ...", err=True)
-    engine = LiveEngine(load_runtime(model, device, dtype, revision), prompt, size, steps=steps, lllite=lllite,
-                        te_size=te_size)
+    try:
+        engine = _live_engine(load_runtime(model, device, dtype, revision), shared_engine, preset, prompt, size,
+                              shape, steps, lllite, te_size)
+    except BaseException:
+        cap.release()
+        raise
     pace = None if camera.isdigit() else (cap.get(cv2.CAP_PROP_FPS) or 30.0)
     grabber = Grabber(cap, pace).start()
     commands: queue.Queue = queue.Queue()
@@ -269,7 +277,34 @@ def live_command(camera, window, virtual_cam, vcam_device, model, revision, devi
         grabber.stop()
         cap.release()
         engine.close()
+        if getattr(engine, "shared", None) is not None:
+            engine.shared.close()
         for sink in (win, cam):
             if sink is not None:
                 sink.close()
     click.echo(f"stopped after {loop.processed} frames ({grabber.latest.dropped} dropped)", err=True)
+
+
+def _live_engine(models, shared_engine, preset, prompt, size, shape, steps, lllite, te_size):
+    """One stream of a multi-stream engine (batch 1; on CUDA compiled and its graphs captured now, for the
+    camera's working ``shape``), or with --no-shared-engine the eager per-session engine."""
+    from click.core import ParameterSource
+
+    from .runtime import LiveEngine
+    from .shared import SharedEngine, SharedStream, choose_engine, describe_prepared
+
+    choice = choose_engine(models.device.type == "cuda", shared_engine, preset)
+    click.echo(f"engine: preset {choice.preset} ({choice.why})", err=True)
+    if not choice.shared:
+        return LiveEngine(models, prompt, size, steps=steps, lllite=lllite, te_size=te_size)
+    given = click.get_current_context().get_parameter_source("te_size") is ParameterSource.COMMANDLINE
+    shared = SharedEngine(models, size, steps=steps, lllite=lllite, te_size=te_size if given else None,
+                          max_streams=1, batch_size=1, preset=choice.preset, prompt=prompt)
+    try:
+        for done in shared.prepare([shape], size):
+            click.echo(describe_prepared(done, shared.engine.buckets), err=True)
+        shared.start()
+        return SharedStream(shared, prompt, size)
+    except BaseException:
+        shared.close()
+        raise

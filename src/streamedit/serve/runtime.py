@@ -1,16 +1,17 @@
-"""Model loading and per-session engines for the live commands (`serve`, `live`)."""
+"""Model loading, the engine-choice options and the per-session eager engine of the live commands
+(`serve`, `live`); the shared multi-stream engine they use by default is in serve/shared.py."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import logging
-import threading
 
 import numpy as np
 
 from ..config import EngineConfig
 from ..errors import StreameditError
+from .shared import SHARED_PRESETS, SharedEngine, SharedStream
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "demo"  # the bundled demo model; random:tiny (with a warning) where it is not installed
@@ -108,93 +109,93 @@ class LiveEngine:
         self.engine.close()
 
 
-class SharedStream:
-    """A session's stream of one shared :class:`~streamedit.engine.multi.MultiStreamEngine`, with
-    :class:`LiveEngine`'s interface. ``concurrent``: the session calls :meth:`process` without the server's
-    engine lock, so that the engine's thread batches the sessions' frames together."""
+def engine_choice_options(fn):
+    """--shared-engine/--no-shared-engine and --preset (serve/shared.py: choose_engine)."""
+    import click
 
-    concurrent = True
-
-    def __init__(self, shared: "SharedEngine", prompt: str, size: int):
-        self.shared = shared
-        self.stream = shared.engine.open_stream(prompt, size=size)
-        self.last_prompt: str | None = None
-
-    @property
-    def prompt(self) -> str:
-        return self.stream.prompt
-
-    def set_prompt(self, prompt: str) -> None:
-        self.stream.set_prompt(prompt)
-
-    def process(self, frames: list[np.ndarray]) -> list[np.ndarray]:
-        """Each frame's output, in order (the session sends one frame at a time: nothing is dropped here)."""
-        outs = []
-        for frame in frames:
-            index = self.stream.submit(frame)
-            self.last_prompt = self.stream.prompt  # a tick takes it with the prompt it has now
-            outs.append(self.shared.wait(self.stream, index))
-        return outs
-
-    def close(self) -> None:
-        self.stream.close()
+    fn = click.option("--preset", type=click.Choice(SHARED_PRESETS), default=None,
+                      help="Settings of the shared engine: exact (fast TE, compiled, CUDA graphs; the default on "
+                           "CUDA), paper, eager (nothing compiled; the default on CPU).")(fn)
+    return click.option("--shared-engine/--no-shared-engine", "shared_engine", default=None,
+                        help="One multi-stream engine batching every stream (the default), or an eager engine per "
+                             "session taking turns on the model (--no-shared-engine).")(fn)
 
 
-class SharedEngine:
-    """One multi-stream engine for every session (``engine_factory(shared=True)``): one model, no U-Net
-    copies with an adapter, sessions batched together instead of taking turns on the engine lock."""
+def engine_factory(models, steps: int = 1, lllite: str | None = None, te_size: int | None = None,
+                   shared: bool = False, max_streams: int = 8, preset: str = "eager", batch_size: int = 4):
+    """``factory(prompt, size) -> engine`` for :class:`streamedit.serve.session.Session`: an eager engine of
+    its own per session, or with ``shared`` a stream of one :class:`SharedEngine` (``factory.build(size)``
+    makes it before the first session, to prepare it; else the first session does). ``factory.close()``
+    closes it, ``factory.report()`` is its engine's report, ``factory.error()`` why it stopped (or None)."""
+    import threading
 
-    def __init__(self, models, size: int, steps: int = 1, lllite: str | None = None, te_size: int = 512,
-                 max_streams: int = 8, batch_size: int = 4):
-        from ..engine.multi import MultiStreamEngine  # torch, diffusers: not for `streamedit serve --help`
-
-        config = EngineConfig(prompt="oil painting", batch_size=batch_size, steps=steps, size=size, fixed_noise=True,
-                              te_size=te_size, lllite=lllite)
-        self.engine = MultiStreamEngine(models, config, max_streams=max_streams)
-        self.engine.start()
-
-    def wait(self, stream, index: int, timeout: float = 300.0) -> np.ndarray:
-        """The output of frame ``index`` of ``stream``; raises if the engine stopped or it never came."""
-        import queue
-        import time
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.engine.error is not None:
-                raise StreameditError(f"the shared engine stopped: {self.engine.error}")
-            try:
-                out = stream.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if out.index == index:
-                return out.image
-        raise StreameditError(f"no output for frame {index} within {timeout:.0f} s")
-
-    def close(self) -> None:
-        self.engine.close()
-
-
-def engine_factory(models, steps: int = 1, lllite: str | None = None, te_size: int = 512, shared: bool = False,
-                   max_streams: int = 8):
-    """``factory(prompt, size) -> engine`` for :class:`streamedit.serve.session.Session`: an engine of its own
-    per session, or with ``shared`` a stream of one :class:`SharedEngine` (built by the first session;
-    ``factory.close()`` closes it)."""
     state: dict = {}
     lock = threading.Lock()
 
-    def factory(prompt: str, size: int) -> LiveEngine | SharedStream:
-        if not shared:
-            return LiveEngine(models, prompt, size, steps=steps, lllite=lllite, te_size=te_size)
+    def build(size: int) -> SharedEngine:
         with lock:
             if "engine" not in state:
                 state["engine"] = SharedEngine(models, size, steps=steps, lllite=lllite, te_size=te_size,
-                                               max_streams=max_streams)
-        return SharedStream(state["engine"], prompt, size)
+                                               max_streams=max_streams, batch_size=batch_size, preset=preset)
+            return state["engine"]
+
+    def factory(prompt: str, size: int) -> LiveEngine | SharedStream:
+        if not shared:
+            return LiveEngine(models, prompt, size, steps=steps, lllite=lllite, te_size=te_size or 512)
+        engine = build(size)
+        engine.start()  # no-op once running
+        return SharedStream(engine, prompt, size)
+
+    def error() -> str | None:
+        engine = state.get("engine")
+        err = engine.engine.error if engine is not None else None
+        return None if err is None else f"the shared engine stopped: {type(err).__name__}: {err}"[:300]
 
     def close() -> None:
         if "engine" in state:
             state.pop("engine").close()
 
-    factory.close = close
-    factory.shared = lambda: state.get("engine")  # the SharedEngine once a session built it
+    factory.build, factory.close, factory.error = build, close, error
+    factory.shared = lambda: state.get("engine")  # the SharedEngine once built
+    factory.report = lambda: state["engine"].engine.report() if "engine" in state else None
+    factory.is_shared, factory.preset = shared, preset if shared else "eager"
     return factory
+
+
+def start_engine(models, *, shared: bool | None = None, preset: str | None = None, steps: int = 1,
+                 lllite: str | None = None, te_size: int | None = None, size: int = 256, max_batch: int = 8,
+                 frame_sizes=((480, 640),), max_sessions: int | None = None, target_fps: float = 24.0, echo=print):
+    """What `serve` runs before its port opens (and what a benchmark of it should run): the engine
+    :func:`~streamedit.serve.shared.choose_engine` picks; the shared one built, compiled, every bucket's
+    graphs captured for the working size of each ``frame_sizes`` (h, w) at ``size``, and on CUDA its
+    batches timed. Returns the session factory and the session limit: ``max_sessions``, else on CUDA
+    :func:`~streamedit.engine.multistats.capacity` of the measured times at ``target_fps``, else 2.
+    ``te_size`` None: the preset's (512 unless it says otherwise)."""
+    from ..engine.multistats import capacity
+    from .shared import CPU_MAX_SESSIONS, choose_engine, describe_prepared
+
+    cuda = models.device.type == "cuda"
+    choice = choose_engine(cuda, shared, preset)
+    kind = "one shared multi-stream engine" if choice.shared else "an eager engine per session"
+    echo(f"engine: {kind}, preset {choice.preset} ({choice.why})")
+    factory = engine_factory(models, steps=steps, lllite=lllite, te_size=te_size, shared=choice.shared,
+                             preset=choice.preset, batch_size=max_batch)
+    if not choice.shared:
+        return factory, max_sessions or CPU_MAX_SESSIONS
+    engine = factory.build(size)
+    try:
+        prepared = engine.prepare(list(frame_sizes), size, measure=5 if cuda else 0)
+    except BaseException:
+        factory.close()
+        raise
+    for done in prepared:
+        echo(describe_prepared(done, engine.engine.buckets))
+    if max_sessions is None and cuda:
+        h, w = prepared[0]["shape"]
+        max_sessions = capacity(prepared[0]["batch_s"], target_fps)
+        echo(f"max sessions: {max_sessions} (each >= {target_fps:g} fps at {w}x{h} by the measured batch times; "
+             "--max-sessions overrides)")
+    max_sessions = max_sessions or CPU_MAX_SESSIONS
+    engine.engine.max_streams = 2 * max_sessions  # the server admits; room for streams of sessions still closing
+    engine.start()
+    return factory, max_sessions

@@ -117,12 +117,24 @@ class Server:
     async def index(self, request):
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
+    def _engine_error(self) -> str | None:
+        error = getattr(self.engine_factory, "error", None)  # a shared engine's, once it stopped
+        return error() if error is not None else None
+
     async def health(self, request):
-        return web.json_response({"status": "ok", "sessions": len(self.sessions)})
+        error = self._engine_error()
+        return web.json_response({"status": "error" if error else "ok", "sessions": len(self.sessions),
+                                  **({"error": error} if error else {})})
 
     async def stats(self, request):
+        """Sessions (each: served fps, latency p50/p95 arrival -> encoder, drops) and, with the shared engine,
+        its report: per-stream fps / latency / latest-frame-wins drops, batch-size histogram, busy share."""
+        report = getattr(self.engine_factory, "report", lambda: None)()
+        engine = {"shared": bool(getattr(self.engine_factory, "is_shared", False)),
+                  "preset": getattr(self.engine_factory, "preset", None), **jsonable(report or {})}
         return web.json_response({
             "model": self.config.model_name, "uptime_s": round(time.monotonic() - self.started, 1),
+            "engine": engine,
             "sessions": [s.snapshot() for s in self.sessions.values()], "max_sessions": self.config.max_sessions,
             "pending": self.pending, "refused": self.refused,
             "defaults": {"size": self.config.size, "prompt": self.config.prompt},
@@ -141,6 +153,9 @@ class Server:
             return refuse(400, f"malformed offer: {exc}")
         if len(self.sessions) >= cfg.max_sessions or self.pending >= cfg.max_pending:
             return self._busy()
+        if (error := self._engine_error()) is not None:
+            self.refused["busy"] += 1
+            return refuse(503, error)
         self.pending += 1
         pc = session = None
         try:
@@ -348,6 +363,15 @@ def request_token(request: web.Request) -> str:
     if auth.startswith("Bearer "):
         return auth[7:].strip()
     return request.headers.get("X-Streamedit-Token") or request.query.get("token", "")
+
+
+def jsonable(value):
+    """A report with tuple keys/values (working sizes) as JSON: keys as strings, tuples as lists."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
 
 
 def refuse(status: int, message: str) -> web.Response:

@@ -2,7 +2,10 @@
 engine, and the aiortc track that carries the stylized frames back to the browser.
 
 Nothing here blocks the asyncio loop: frames arrive on the loop (``submit``), the worker thread
-takes them, runs the engine and hands results back with ``loop.call_soon_threadsafe``.
+takes them, runs the engine and hands results back with ``loop.call_soon_threadsafe``. With a
+streaming engine (a stream of the shared multi-stream engine, serve/shared.py) the worker only
+converts and submits frames, and a second thread reads the stream's outputs, so the session has a
+frame waiting while the engine runs the previous one (the engine keeps only the newest).
 """
 
 from __future__ import annotations
@@ -129,6 +132,9 @@ class Session:
         self.trace: deque | None = deque(maxlen=2000) if trace else None  # (output pts, input pts) pairs
         self.channel = None  # the WebRTC data channel, once the browser opens it
         self.tasks: list = []  # asyncio tasks the server runs for this session
+        self.engine = None  # what the factory made, once the worker made it
+        self._reader: threading.Thread | None = None  # streaming engines: reads outputs
+        self._switch: tuple[int, int] | None = None  # (first stream frame with the new prompt, stats.sent then)
         # the outgoing aiortc track (serve/tracks.py, made by the server: aiortc is imported only there)
         self.track = track_factory(self) if track_factory is not None else None
 
@@ -168,13 +174,16 @@ class Session:
 
     def snapshot(self) -> dict:
         s = self.stats
+        engine = getattr(self.engine, "stats", None) or {}  # a shared engine's view of this stream
+        dropped_input = self.queue.dropped + engine.get("dropped", 0)  # session queue + latest-frame-wins
         return {
             "id": self.id, "prompt": self.prompt, "active_prompt": self.active_prompt, "size": self.size,
             "working_size": list(self.shape[::-1]) if self.shape else None,
             "fps": round(s.fps(), 2), "latency_ms_p50": s.latency_ms(0.5), "latency_ms_p95": s.latency_ms(0.95),
             "received": s.received, "processed": s.processed, "sent": s.sent,
-            "dropped": self.queue.dropped + s.dropped_output, "dropped_input": self.queue.dropped,
-            "dropped_output": s.dropped_output, "prompt_switch_frames": s.prompt_switch_frames,
+            "dropped": dropped_input + s.dropped_output, "dropped_input": dropped_input,
+            "dropped_output": s.dropped_output, "stream": engine.get("stream"),
+            "prompt_switch_frames": s.prompt_switch_frames,
             "input_size": list(s.input_size) if s.input_size else None,
             "uptime_s": round(time.monotonic() - s.started, 1), "error": self.error,
         }
@@ -193,8 +202,11 @@ class Session:
     def _work(self) -> None:
         engine = None
         try:
-            engine = self._engine_factory(self.prompt, self.size)
+            engine = self.engine = self._engine_factory(self.prompt, self.size)
             self.active_prompt = self.prompt
+            if getattr(engine, "streaming", False):
+                self._stream(engine)
+                return
             while not self._closed:
                 batch = self.queue.get_batch(self.batch_size, 0.25)
                 if not batch:
@@ -207,14 +219,49 @@ class Session:
                 self.stats.processed += len(outs)
                 for i, (out, (_, arrival, in_pts)) in enumerate(zip(outs, batch)):
                     self._deliver(out, arrival, in_pts, switch_from if i == 0 else None)
-        except Exception as exc:  # engine/model problems end this session only
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if not self._closed:
-                self.loop.call_soon_threadsafe(self.fail, f"engine error: {msg}")
+        except Exception as exc:  # engine/model problems (a malformed frame, too) end this session only
+            self._report(exc)
         finally:
             if engine is not None and hasattr(engine, "close"):
                 with self._lock_for(engine):  # its teardown (sync, gc, empty_cache) not in the middle of another batch
                     engine.close()
+            if self._reader is not None:  # closing the stream wakes it
+                self._reader.join(30)
+
+    def _report(self, exc: Exception) -> None:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not self._closed:
+            self.loop.call_soon_threadsafe(self.fail, f"engine error: {msg}")
+
+    def _stream(self, engine) -> None:
+        """Streaming engines: convert and submit each frame as it comes; outputs are read by ``_read``."""
+        self._reader = threading.Thread(target=self._read, args=(engine,), name=f"streamedit-output-{self.id}",
+                                        daemon=True)
+        self._reader.start()
+        while not self._closed and self._reader.is_alive():
+            batch = self.queue.get_batch(1, 0.25)
+            if not batch:
+                continue
+            frame, arrival, in_pts = batch[0]
+            switch_from = self._apply_prompt(engine)
+            index = engine.submit(self._working(_to_rgb(frame)), (arrival, in_pts))
+            if switch_from is not None:
+                self._switch = (index, switch_from)
+
+    def _read(self, engine) -> None:
+        try:
+            while not self._closed:
+                out = engine.next_output(0.25)
+                if out is None:
+                    continue
+                self.stats.processed += 1
+                self.active_prompt = out.prompt or self.active_prompt
+                switch, switch_from = self._switch, None
+                if switch is not None and out.index >= switch[0]:
+                    self._switch, switch_from = None, switch[1]
+                self._deliver(out.image, *out.meta, switch_from)
+        except Exception as exc:  # noqa: BLE001  (the stream failed: its input broke a tick, or the engine died)
+            self._report(exc)
 
     def _lock_for(self, engine):
         """The server's engine lock, unless the engine batches concurrent sessions itself (a shared one)."""

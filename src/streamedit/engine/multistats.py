@@ -1,0 +1,127 @@
+"""What the multi-stream engine (engine/multi.py) measures about itself: how busy the GPU is with its ticks
+(:class:`BusyClock`), how long a batch of each bucket takes once warm (:func:`time_buckets`), and how
+many streams that holds at a target frame rate (:func:`capacity`)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import deque
+
+import numpy as np
+import torch
+
+from .streams import Pending, Stream
+
+
+class BusyClock:
+    """The share of wall time the engine's ticks kept the device busy.
+
+    A tick is busy from the start of its first queued device work to the end of its outputs' copy to the
+    host. On CUDA both ends are CUDA events (``source == "cuda-events"``: the GPU's own clock, so a tick's
+    time excludes the host's preparation while the GPU idles); on CPU they are the host's perf_counter
+    around the tick (``"host"``). Ticks overlap when pipelined, so busy time is the union of the intervals
+    (ticks end in launch order)."""
+
+    def __init__(self, cuda: bool, window_s: float = 10.0):
+        self.cuda, self.window_s = cuda, window_s
+        self.source = "cuda-events" if cuda else "host"
+        self.reset()
+
+    def reset(self) -> None:
+        self.since = time.perf_counter()
+        self.busy_s = 0.0
+        self._end: float | None = None
+        self._base = None  # the first tick's start event: CUDA times are measured from it
+        self._recent: deque = deque()  # (host time the tick was handed out, busy seconds it added)
+
+    def event(self, stream) -> torch.cuda.Event | None:
+        """A timing event recorded on ``stream`` now (None on CPU)."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+    def add(self, t_start: float, t_end: float, start_event=None, end_event=None) -> None:
+        """One tick, after its end event completed (host perf_counter times are used without events)."""
+        if start_event is not None and end_event is not None:
+            if self._base is None:
+                self._base = start_event
+            t_start = self._base.elapsed_time(start_event) / 1e3
+            t_end = self._base.elapsed_time(end_event) / 1e3
+        added = max(0.0, t_end - max(t_start, self._end if self._end is not None else t_start))
+        self._end = t_end if self._end is None else max(self._end, t_end)
+        self.busy_s += added
+        now = time.perf_counter()
+        self._recent.append((now, added))
+        while self._recent and now - self._recent[0][0] > self.window_s:
+            self._recent.popleft()
+
+    def report(self) -> dict:
+        now = time.perf_counter()
+        wall = max(now - self.since, 1e-9)
+        recent = sum(b for t, b in self._recent if now - t <= self.window_s)
+        return {"busy_share": min(1.0, self.busy_s / wall),
+                "busy_share_recent": min(1.0, recent / min(wall, self.window_s)),
+                "busy_window_s": self.window_s, "busy_clock": self.source, "wall_s": wall}
+
+
+def engine_report(engine) -> dict:
+    """A MultiStreamEngine's report: per stream (by id) served fps, latency (submit -> handed out) p50/p95
+    in ms, frames dropped by latest-frame-wins, prompt, working (h, w); the batch-size histogram (real rows
+    -> batches), totals, the busy share (:class:`BusyClock`), the start-up batch times in ms by working
+    size "WxH" and bucket (``batch_ms``: measured; ``warm_ms``: each bucket's first batch), the error that
+    stopped it (None)."""
+    ms = {f"{w}x{h}": {b: round(1e3 * t, 2) for b, t in times.items()}
+          for (h, w), times in engine.batch_seconds.items()}
+    warm = {f"{w}x{h}/{b}": round(1e3 * t, 1) for ((h, w), b), t in engine.warm_seconds.items()}
+    streams = {s.id: dict(s.stats.as_dict(), prompt=s.prompt, shape=s.shape) for s in engine.streams}
+    error = None if engine.error is None else repr(engine.error)[:300]
+    return dict(streams=streams, histogram=dict(sorted(engine.histogram.items())), batches=engine.stats.batches,
+                frames=engine.stats.frames, buckets=list(engine.buckets), max_streams=engine.max_streams,
+                batch_ms=ms, warm_ms=warm, error=error, **engine.clock.report())
+
+
+def warm_items(engine, shape: tuple[int, int], bucket: int) -> list:
+    """``bucket`` throw-away streams (ids < 0, not registered: nothing is delivered) with a grey frame each."""
+    frame = np.full((*shape, 3), 128, np.uint8)
+    return [(Stream(engine, -1 - i, engine.config.prompt, 0, True, lambda out: None, shape),
+             Pending(0, frame, None, time.perf_counter())) for i in range(bucket)]
+
+
+def time_buckets(engine, shape: tuple[int, int], repeats: int = 5) -> dict[int, float]:
+    """Seconds per batch of each bucket at ``shape`` (the median of ``repeats`` synchronous batches, each
+    launched and handed out before the next: no overlap between batches, so a conservative figure)."""
+    out = {}
+    for bucket in engine.buckets:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            engine._finish(engine._launch(-1, shape, warm_items(engine, shape, bucket)))
+            times.append(time.perf_counter() - t0)
+        out[bucket] = statistics.median(times)
+    return out
+
+
+def stream_fps(batch_s: dict[int, float], streams: int) -> float:
+    """Frames per second each of ``streams`` busy streams gets: every tick serves b = min(K, B) of the K
+    streams (B the largest bucket; least recently served first) in a batch padded to the next bucket,
+    so each stream is served b/K of the ticks: fps(K) = b / (K * t[bucket(b)])."""
+    buckets = sorted(batch_s)
+    b = min(streams, buckets[-1])
+    bucket = next(x for x in buckets if x >= b)
+    return b / (streams * batch_s[bucket])
+
+
+def capacity(batch_s: dict[int, float], target_fps: float, limit: int = 64) -> int:
+    """The most streams (1 to ``limit``) that each get at least ``target_fps`` (:func:`stream_fps`);
+    1 when even one stream cannot."""
+    fits = [k for k in range(1, limit + 1) if stream_fps(batch_s, k) >= target_fps * (1 - 1e-9)]
+    return max(fits, default=1)
+
+
+def summary(batch_s: dict[int, float]) -> str:
+    """'1: 6.1 ms, 2: 7.0 ms, ...' for start-up messages."""
+    return ", ".join(f"{b}: {1e3 * t:.1f} ms" for b, t in sorted(batch_s.items()) if not math.isnan(t))
