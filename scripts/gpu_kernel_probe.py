@@ -233,6 +233,8 @@ def probe_graphs(out: Path, res: dict, save, variants: list[str]) -> None:
     import numpy as np
     import torch._inductor.config as ic
 
+    from streamedit.accel.compile_main import compile_denoiser
+    from streamedit.accel.compile_te import compile_te
     from streamedit.config import EngineConfig
     from streamedit.diffusion.denoiser import Denoiser
     from streamedit.models.loading import load_models
@@ -254,7 +256,7 @@ def probe_graphs(out: Path, res: dict, save, variants: list[str]) -> None:
     t0 = time.perf_counter()
     fast = FastTextEncoderRunner(models, 8)
     fused_eager = fast.encode(config.prompt, frames, 8)
-    fast.compile("reduce-overhead")
+    compile_te(fast, "reduce-overhead")
     embeds = fast.encode(config.prompt, frames, 8)
     torch.cuda.synchronize()
     te = summarize(kernel_table(lambda: fast.encode(config.prompt, frames, 8)))
@@ -275,7 +277,7 @@ def probe_graphs(out: Path, res: dict, save, variants: list[str]) -> None:
             ic.coordinate_descent_tuning = True
             ic.triton.tile_reductions = True
         t0 = time.perf_counter()
-        den = Denoiser(models, 1, 512).compile("reduce-overhead")
+        den = compile_denoiser(Denoiser(models, 1, 512), "reduce-overhead")
         enc = den.encode(frames)
         out_u8 = den.fused(noise, src, embeds)[0]  # (frames, latents)
         torch.cuda.synchronize()

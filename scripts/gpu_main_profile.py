@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from streamedit.accel.compile_main import compile_denoiser
 from streamedit.config import EngineConfig
 from streamedit.diffusion.denoiser import Denoiser
 from streamedit.models.loading import load_models
@@ -141,12 +142,13 @@ def main() -> int:
         save()
 
     if args.te:
+        from streamedit.accel.compile_te import compile_te
         from streamedit.text.fast import FastTextEncoderRunner
 
         res["te"] = {"eager_ms": round(cuda_ms(lambda: te.encode(config.prompt, te.prepare_images(frames), 8),
                                                reps=5, warmup=1), 2)}
         t1 = time.perf_counter()
-        fast = FastTextEncoderRunner(models, 8).compile("reduce-overhead")
+        fast = compile_te(FastTextEncoderRunner(models, 8), "reduce-overhead")
         pixels = fast.prepare_images(frames)
         run_te = lambda: fast.encode(config.prompt, pixels, 8)  # noqa: E731
         run_te()
@@ -173,7 +175,7 @@ def main() -> int:
             ic.epilogue_fusion = False
             ic.coordinate_descent_check_all_directions = True
         t1 = time.perf_counter()
-        d = Denoiser(models, 1, args.size).compile("reduce-overhead")
+        d = compile_denoiser(Denoiser(models, 1, args.size), "reduce-overhead")
         with torch.no_grad():
             for _ in range(3):
                 frame = d.fused(noise, src, embeds)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from streamedit import EngineConfig, StreamEngine, load_models
+from streamedit.accel.compile_te import compile_te
 from streamedit.text.exact import TextEncoderRunner
 from streamedit.text.fast import FastTextEncoderRunner
 
@@ -46,7 +47,7 @@ def main():
     for te_size in (512, 256):
         exact = TextEncoderRunner(models, te_size=te_size)
         ref = exact.encode("oil painting", exact.prepare_images(clip[:8]), 8).float()
-        fast = FastTextEncoderRunner(models, 8, te_size=te_size).compile("reduce-overhead")
+        fast = compile_te(FastTextEncoderRunner(models, 8, te_size=te_size), "reduce-overhead")
         host = fast.prepare_images(clip[:8])
         out = [fast.encode("oil painting", host, 8).float() for _ in range(3)][-1]
         eager, _ = run(models, clip[:32], te_size=te_size)

@@ -16,6 +16,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from streamedit import EngineConfig, StreameditError, StreamEngine
+from streamedit.accel.compile_main import compile_denoiser, warm_main
 from streamedit.accel.graphs import StaticGraph
 from streamedit.diffusion.denoiser import Denoiser
 from streamedit.temporal.adapter import LLLiteAdapter, apply_lllite, remove_lllite
@@ -122,17 +123,17 @@ def test_warm_main_loads_then_captures_on_a_worker(tiny_models, tmp_path, monkey
         torch.randn(2, 300, 64, generator=gen)
 
     def graphed_denoiser():
-        den = Denoiser(tiny_models, 1, 64).compile(None, backend="aot_eager", cache_key="k")
-        den.fused = StaticGraph(den.fused, "cpu", name="main")  # what compile() makes on CUDA
+        den = compile_denoiser(Denoiser(tiny_models, 1, 64), None, backend="aot_eager", cache_key="k")
+        den.fused = StaticGraph(den.fused, "cpu", name="main")  # what compile_denoiser makes on CUDA
         return den
 
     torch._dynamo.reset()
     cold = graphed_denoiser()
-    assert cold.warm_main(2, (300, 64)) is None and not cold.warmed_on_worker  # compiled here: nothing to overlap
+    assert warm_main(cold, 2, (300, 64)) is None  # compiled here: nothing to overlap
     ref = [t.clone() for t in cold.fused(*inputs)]  # (frames, latents)
     warm = graphed_denoiser()
-    future = warm.warm_main(2, (300, 64))
-    assert future is not None and warm.warmed_on_worker
+    future = warm_main(warm, 2, (300, 64))
+    assert future is not None
     future.result()
     assert warm.fused.fn.sources == ["loaded"] and warm.fused.captures == 1
     assert all(torch.equal(a, b) for a, b in zip(warm.fused(*inputs), ref)) and warm.fused.captures == 1
@@ -153,7 +154,7 @@ def test_fused_generate_sees_lllite_cond_updates(tiny_models):
         eager = Denoiser(models, 2, 64)
         compiled = Denoiser(models, 2, 64)
         counter = CompileCounterWithBackend("aot_eager")
-        compiled.compile("reduce-overhead", backend=counter)
+        compile_denoiser(compiled, "reduce-overhead", backend=counter)
         assert compiled.fused is not None and compiled.vae is not models.vae
         gen = torch.Generator().manual_seed(0)
         noise, source = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)

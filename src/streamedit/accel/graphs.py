@@ -37,7 +37,7 @@ import torch
 # (device-synchronised; the startup probe reports them)
 CAPTURE_SECONDS: dict[str, float] = {}
 # one capture at a time: torch.cuda.graph() starts with a device sync and empty_cache(), which must not
-# run while another thread captures (the engine captures the main graph on a worker, Denoiser.warm_main);
+# run while another thread captures (the engine captures the main graph on a worker, compile_main.warm_main);
 # engine teardown (release_memory) takes it too
 _CAPTURE_LOCK = threading.Lock()
 

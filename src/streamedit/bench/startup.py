@@ -115,7 +115,7 @@ def _probe(spec: dict) -> dict:
             "compile_phases_s": _compile_phases(),
             "precompiled": dict(compile_cache.STATS), "precompiled_s": dict(compile_cache.SECONDS),
             "precompiled_fallbacks": dict(compile_cache.FALLBACKS),
-            "graphs_s": dict(graphs.CAPTURE_SECONDS), "main_warmed_on_worker": engine.denoiser.warmed_on_worker,
+            "graphs_s": dict(graphs.CAPTURE_SECONDS), "main_warmed_on_worker": engine.main_warmed_on_worker,
             "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "device": _device_name(models.device)}
 
 

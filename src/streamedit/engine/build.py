@@ -5,6 +5,8 @@ adapter buffers, compiled functions): shared by :class:`~streamedit.engine.strea
 from __future__ import annotations
 
 from ..accel import compile_cache
+from ..accel.compile_main import compile_denoiser
+from ..accel.compile_te import compile_te
 from ..config import EngineConfig, model_strength
 from ..diffusion.denoiser import Denoiser
 from ..text.base import TextEncoder
@@ -38,11 +40,11 @@ def build_denoiser(models, config: EngineConfig, shape: tuple[int, int], te: Tex
         elif not compile_cache.load_artifacts(key):
             save_key = key
     if config.te_fast and comp.compile:
-        te.compile(comp.compile_mode, backend=comp.compile_backend, cache_key=precompile_key)
+        compile_te(te, comp.compile_mode, backend=comp.compile_backend, cache_key=precompile_key)
     if adapter is not None:
         adapter.allocate(rows, *shape)  # before the U-Net is compiled
     denoiser = Denoiser(models, config.steps, shape, strength=model_strength(models, config))
     if comp.compile or config.vae_compiled:
-        denoiser.compile(comp.compile_mode, comp.compile_backend, unet=comp.compile, vae=config.vae_compiled,
-                         channels_last=comp.channels_last, cache_key=precompile_key)
+        compile_denoiser(denoiser, comp.compile_mode, comp.compile_backend, unet=comp.compile,
+                         vae=config.vae_compiled, channels_last=comp.channels_last, cache_key=precompile_key)
     return denoiser, save_key

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..accel import compile_cache
+from ..accel.compile_main import own_graphs, release_graphs
 from ..accel.graphs import release_memory
 from ..config import EngineConfig, check_frame, engine_shape, validate
 from ..diffusion.denoiser import Denoiser
@@ -338,7 +339,7 @@ class MultiStreamEngine(TickDriver):
         group = self._groups.get(shape)
         if group is None:
             den, key = build_denoiser(self.models, self.config, shape, self.te, self.adapter, self.buckets[-1])
-            group = SizeGroup(shape, {b: den.with_own_graphs() for b in self.buckets}, cache_key=key,
+            group = SizeGroup(shape, {b: own_graphs(den) for b in self.buckets}, cache_key=key,
                            owners=[None] * self.buckets[-1])
             if self.adapter is not None:
                 group.buffers = self.adapter.buffer_set()
@@ -377,7 +378,7 @@ class MultiStreamEngine(TickDriver):
             remove_lllite(self.models.unet)
         for group in self._groups.values():
             for den in group.denoisers.values():
-                den.release()
+                release_graphs(den)
             group.buffers = None
         self._groups.clear()
         self.te.release()

@@ -12,7 +12,7 @@ The only join between the streams is one CUDA event per batch; tensors made on t
 and read on the main stream are ``record_stream``-ed so the caching allocator cannot reuse them
 early. On CPU (or ``pipeline=False``) the same steps run in order on one stream. With ``compile``
 the main stream's U-Net + decode is one compiled graph and the side stream's TE and VAE encode are
-CUDA graphs of their own (diffusion/denoiser.py, text/fast.py, accel/graphs.py).
+CUDA graphs of their own (accel/compile_main.py, accel/compile_te.py, accel/graphs.py).
 
 Two host schedules (:meth:`StreamEngine.run`):
 
@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ..accel import compile_cache
+from ..accel.compile_main import release_graphs, warm_main
 from ..accel.graphs import release_memory
 from ..config import EngineConfig, check_frame, clean_prompt, engine_shape, validate
 from ..errors import StreameditError
@@ -115,8 +116,9 @@ class StreamEngine:
         self._encoded_prompt = None  # prompt of the last batch sent to the GPU
         self._last_out = None  # last stylized frame handed out (re-emitted for skipped frames)
         self._inflight = 0  # batches encoded but not handed out yet
-        self._main_warm = None  # Future of the main graph's first call on a worker (Denoiser.warm_main)
+        self._main_warm = None  # Future of the main graph's first call on a worker (compile_main.warm_main)
         self._main_warm_started = False
+        self.main_warmed_on_worker = False  # that first call was started on a worker (a warm start)
         self._reader = None  # (thread, stop event) of the low-latency schedule's reader
         self._closed = False
         self.probe: EngineProbe | None = None  # set before the first batch: records what it computed (probe.py)
@@ -334,7 +336,8 @@ class StreamEngine:
             self._main_warm_started = True
             shape = self.te.output_shape(prompt)  # None: known only after the first encode (exact TE)
             if cfg.warm_on_worker and self.denoiser.fused is not None and shape is not None:
-                self._main_warm = self.denoiser.warm_main(bsz, shape, masked=self.te.text_mask(prompt) is not None)
+                self._main_warm = warm_main(self.denoiser, bsz, shape, masked=self.te.text_mask(prompt) is not None)
+                self.main_warmed_on_worker = self._main_warm is not None
         ev = batch.events
         with self._stream(self.side_stream):
             ev["te0"] = self._event(self.side_stream)
@@ -449,7 +452,7 @@ class StreamEngine:
         """Release everything this engine owns, in an order that is safe with CUDA graphs. Idempotent.
 
         1. its threads: the prefetch pool, the low-latency reader, the flow pool and the main graph's
-           first call on a worker (Denoiser.warm_main) finish or are cancelled: nothing queues GPU work after;
+           first call on a worker (compile_main.warm_main) finish or are cancelled: nothing queues GPU work after;
         2. its streams are synchronised: no kernel of it is still running;
         3. the LLLite patch comes off the shared U-Net (the next engine on these models patches its own);
         4. its CUDA graphs (each takes its private memory pool along), then the tensors they read and wrote:
@@ -483,7 +486,7 @@ class StreamEngine:
         if self.temporal is not None:
             self.temporal.release()
         if self.denoiser is not None:  # None: no frame ever fixed the working size
-            self.denoiser.release()
+            release_graphs(self.denoiser)
         self.te.release()
         if self._owns_adapter:
             self.adapter.release_buffers()

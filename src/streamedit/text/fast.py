@@ -15,8 +15,8 @@ The per-batch forward (:meth:`FastTextEncoderRunner._forward`) then calls the mo
 (patch_embed, block norms/MLPs/qkv/proj, mergers, decoder layers, the final norm: the identity for
 DreamLite's pre-norm features, ``Models.te_features``) with no ``.tolist()`` /
 ``.item()`` / ``nonzero`` and no data-dependent shape, so ``torch.compile(fullgraph=True)`` and
-CUDA graphs apply. The output equals :class:`TextEncoderRunner`'s up to float reassociation (tests:
-<= 1e-4 in fp32). With ``te_size`` 256 the padded sequence's pad tokens are not computed: the real
+CUDA graphs apply (:func:`streamedit.accel.compile_te.compile_te` does both). The output equals
+:class:`TextEncoderRunner`'s up to float reassociation (tests: <= 1e-4 in fp32). With ``te_size`` 256 the padded sequence's pad tokens are not computed: the real
 tokens see only earlier ones (causal, right padding), and the output's pad rows are zeros, as the
 exact runner's. Constants are snapshots: rebuild the runner if the TE weights change.
 
@@ -39,8 +39,6 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision, eager_attention_forward
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
-from ..accel.compile_cache import compiled
-from ..accel.graphs import StaticGraph, inductor_mode, wants_graph
 from ..accel.kernels import linear_gelu_tanh, shallow, with_prefix_causal
 from .exact import TextEncoderRunner
 from .fp8 import Fp8Linear, with_fp8_linears  # noqa: F401  (Fp8Linear: public name kept here)
@@ -119,8 +117,9 @@ class FastTextEncoderRunner(TextEncoderRunner):
         self._layout = 0  # bumped whenever a constant is re-allocated (CUDA graphs must be re-captured)
         self._prompt = None
         self.n_pad = 0  # zero rows appended to the output (te_size 256: the sequence padded to 256 tokens)
-        self._fn = self._forward  # the static forward, or its torch.compile wrapper
-        self._graph = None  # graphs.StaticGraph of _fn when compiled with a CUDA-graph mode
+        # what encode() runs; accel.compile_te.compile_te installs the compiled forward and its CUDA graph
+        self.forward_fn = self._forward  # the static forward, or its torch.compile wrapper
+        self.graph = None  # graphs.StaticGraph of forward_fn when compiled with a CUDA-graph mode
         self._vision_constants()
 
     # ---- precomputation -----------------------------------------------------------------------
@@ -313,48 +312,19 @@ class FastTextEncoderRunner(TextEncoderRunner):
         """(batch, tokens - prefix, hidden) prompt embeddings on the model's device/dtype."""
         self.set_prompt(prompt)
         frames = images[:batch]
-        if self._graph is not None:  # the key: everything the capture baked in besides the input shape
-            out = self._graph(frames, key=(self._layout, self.span, self.n_pad))
+        if self.graph is not None:  # the key: everything the capture baked in besides the input shape
+            out = self.graph(frames, key=(self._layout, self.span, self.n_pad))
             return out.to(self.models.dtype, copy=True)  # the next replay overwrites the graph's output
-        return self._fn(frames.to(self.device, non_blocking=True)).to(self.models.dtype)
+        return self.forward_fn(frames.to(self.device, non_blocking=True)).to(self.models.dtype)
 
     def release(self) -> None:
         """Drop the CUDA graph (its pool goes with it), then the per-size and per-prompt constants it
         read. The runner is done after this (the engine's close)."""
         super().release()
-        if self._graph is not None:
-            self._graph.release()
+        if self.graph is not None:
+            self.graph.release()
         self.c.clear()
         self._prompt = None
-
-    # ---- compilation -------------------------------------------------------------------------
-    def compile(self, mode: str | None = "max-autotune-no-cudagraphs", backend: str = "inductor",
-                cache_key: str | None = None, **options):
-        """Wrap the static forward in ``torch.compile(fullgraph=True, dynamic=False)``.
-
-        ``mode="reduce-overhead"`` / ``"max-autotune"`` on CUDA: inductor without its cudagraph trees
-        (``default`` / ``max-autotune-no-cudagraphs``) plus one CUDA graph captured by
-        :class:`streamedit.accel.graphs.StaticGraph`, with a persistent input buffer (each batch's pixels
-        are copied into it, then the graph replays on the current stream) and a static output that
-        is cloned. cudagraph trees are avoided on purpose: they share one memory pool and step
-        counter per device with the compiled U-Net, assume a single stream, and the engine runs the
-        TE on a side stream concurrently with the U-Net.
-
-        Recompiles: none per batch. A new prompt with the same token count updates the constants in
-        place (no recompile, graph stays valid); a new token count, batch size or working size gives
-        one recompile (dynamo shape guards) and one new graph.
-
-        ``cache_key`` (the engine's :func:`compile_cache.artifact_key`): the compiled forward is saved
-        whole per (batch, prompt length) and the next process loads it without tracing
-        (:class:`compile_cache.Precompiled`).
-        """
-        graph = wants_graph(mode, self.device)
-        if backend == "inductor":
-            mode = options.pop("mode", inductor_mode(mode))
-        self._fn = compiled(self._forward, mode, backend, cache_key, "te", fullgraph=True, dynamic=False,
-                            variant=lambda: (self.span, tuple(self.c["cos"].shape), self.n_pad), **options)
-        self._graph = StaticGraph(self._fn, self.device, name="te") if graph else None
-        return self
 
 
 @torch.no_grad()
