@@ -126,7 +126,7 @@ class Session:
         self._prompt_lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name=f"streamedit-session-{sid}", daemon=True)
         self._closed = False
-        self.trace: deque | None = deque(maxlen=2000) if trace else None  # (output pts, input pts) pairs
+        self.trace: deque | None = deque(maxlen=2000) if trace else None  # (output pts, input pts, prompt)
         self.channel = None  # the WebRTC data channel, once the browser opens it
         self.tasks: list = []  # asyncio tasks the server runs for this session
         # the outgoing aiortc track (serve/tracks.py, made by the server: aiortc is imported only there)
@@ -206,7 +206,7 @@ class Session:
                 self.active_prompt = getattr(engine, "last_prompt", None) or self.active_prompt
                 self.stats.processed += len(outs)
                 for i, (out, (_, arrival, in_pts)) in enumerate(zip(outs, batch)):
-                    self._deliver(out, arrival, in_pts, switch_from if i == 0 else None)
+                    self._deliver(out, arrival, in_pts, switch_from if i == 0 else None, self.active_prompt)
         except Exception as exc:  # engine/model problems end this session only
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if not self._closed:
@@ -236,13 +236,13 @@ class Session:
         self.active_prompt = pending[0]
         return pending[1]
 
-    def _deliver(self, out: np.ndarray, arrival: float, in_pts, switch_from: int | None) -> None:
+    def _deliver(self, out: np.ndarray, arrival: float, in_pts, switch_from: int | None, prompt=None) -> None:
         import av
 
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(out, dtype=np.uint8), format="rgb24")
         frame = frame.reformat(format="yuv420p")  # the encoder's format, converted off the loop
         if not self._closed:
-            self.loop.call_soon_threadsafe(self.track.put, (frame, arrival, in_pts, switch_from))
+            self.loop.call_soon_threadsafe(self.track.put, (frame, arrival, in_pts, switch_from, prompt))
 
 
 def _to_rgb(frame) -> np.ndarray:
