@@ -39,9 +39,9 @@ def test_own_graphs_share_the_compiled_functions_and_keep_their_own_captures(tin
         frames, noise, embeds = inputs(batch, seed=batch)
         source = twin.encode(frames)
         assert (source - eager.encode(frames)).abs().max() < 1e-4
-        out = twin.fused(noise, source, embeds)
-        ref = eager.generate(noise, source, embeds)
+        (out, latents), (ref, ref_latents) = twin.fused(noise, source, embeds), eager.generate(noise, source, embeds)
         assert out.shape == ref.shape and int((out.int() - ref.int()).abs().max()) <= 1
+        assert torch.allclose(latents, ref_latents, atol=1e-4)
     assert one.fused.captures == two.fused.captures == 1
     assert one.encode_fn.graph.captures == two.encode_fn.graph.captures == 1
     handed_out = one.encode(inputs(1, seed=1)[0])  # a copy: the next replay overwrites the graph's output

@@ -196,7 +196,7 @@ def test_session_streams_stylized_frames_and_changes_prompt(tiny_models):
             await cam.wait(lambda: len(cam.frames) >= 3, 60, "3 stylized frames")
             _, _, out = cam.frames[-1]
             assert out.shape == (64, 64, 3)
-            src = square_resize(cam.camera._base, 64)
+            src = square_resize(cam.camera.image(0), 64)
             assert np.abs(out.astype(int) - src).mean() > 10, "output looks like the input"
             cam.channel.send(json.dumps({"type": "prompt", "prompt": "watercolor"}))
             await cam.wait(lambda: (cam.stats() or {}).get("active_prompt") == "watercolor"

@@ -1,189 +1,187 @@
-"""Measure `streamedit serve` on this machine: a Python WebRTC client (aiortc) on 127.0.0.1 sends a
-synthetic camera, receives the stylized stream and reports served fps and latencies.
+"""Load generator for `streamedit serve`: N real WebRTC sessions (aiortc), each with its own synthetic camera
+pattern and prompt, against a running server (``--url``) or one it starts (``--model``, a `streamedit serve`
+subprocess on 127.0.0.1); per session served fps, end-to-end latency, drops and a mid-run prompt switch.
 
-    python -m streamedit.serve.bench --model random:tiny --size 128 --seconds 30
+    python -m streamedit.serve.bench --sessions 3 --fps 30 --seconds 30 --model random:tiny --size 128
+    python -m streamedit.serve.bench --sessions 4 --fps 30 --seconds 60 --url http://127.0.0.1:7860/
 
-End-to-end latency here is exact: client and server share one clock, the server keeps the input
-frame's timestamp with every output frame (``ServerConfig.trace``), so each received frame is matched
-to the moment its input was captured (capture -> encode -> network -> decode -> queue -> model ->
-encode -> network -> decode). Also used by the tests as a ready-made client (:func:`connect`).
+End-to-end latency is exact: the server's per-frame trace (asked for in the offer) says which camera frame
+made each output frame, and capture and arrival are both timed on the client's clock (capture -> encode ->
+network -> decode -> queue -> model -> encode -> network -> decode). The numbers are defined in
+serve/load.py (:func:`~streamedit.serve.load.analyse`) and docs/serve.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
+from pathlib import Path
 
-import av
-import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
-from aiortc.mediastreams import MediaStreamError
-
-
-class SyntheticCamera(VideoStreamTrack):
-    """A moving colour pattern at ``fps``; remembers when each pts was captured."""
-
-    def __init__(self, width: int = 640, height: int = 480, fps: float = 30.0):
-        super().__init__()
-        self.width, self.height, self.fps = width, height, fps
-        self.captured: dict[int, float] = {}
-        self.sent = 0
-        yy, xx = np.mgrid[0:height, 0:width]
-        self._base = np.stack([(xx * 255 // max(width - 1, 1)), (yy * 255 // max(height - 1, 1)),
-                               np.full_like(xx, 90)], -1).astype(np.uint8)
-
-    async def recv(self):
-        pts, time_base = await self.next_timestamp()
-        img = np.roll(self._base, self.sent * 4, axis=1)
-        s, x = self.height // 4, (self.sent * 6) % (self.width - self.height // 4)
-        img[s:2 * s, x:x + s] = (250, 240, 40)
-        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-        frame.pts, frame.time_base = pts, time_base
-        self.captured[pts] = time.monotonic()
-        self.sent += 1
-        return frame
-
-    async def next_timestamp(self):
-        # aiortc's default paces at 30 fps; honour ``fps`` instead
-        if not hasattr(self, "_t0"):
-            self._t0, self._n = time.monotonic(), 0
-        else:
-            self._n += 1
-            await asyncio.sleep(max(0.0, self._t0 + self._n / self.fps - time.monotonic()))
-        return int(self._n * 90000 / self.fps), self._time_base
-
-    _time_base = __import__("fractions").Fraction(1, 90000)
+from .client import Client, SyntheticCamera, connect  # noqa: F401  (the tests' client lives here too)
+from .load import LoadError, format_table, run_load
 
 
-class Client:
-    """One WebRTC session against the server at ``post`` (an async callable: path, json -> response)."""
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
 
-    def __init__(self, camera: SyntheticCamera | None = None):
-        self.camera = camera or SyntheticCamera(320, 240, 15)
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.channel = self.pc.createDataChannel("control")
-        self.messages: list[dict] = []
-        self.frames: list[tuple[float, int, np.ndarray | None]] = []  # (received at, pts, rgb or None)
-        self.keep_pixels = True
-        self.session: str | None = None
-        self.on_frame = None  # optional callable(received_at, pts)
-        self.channel.on("message", lambda m: self.messages.append(json.loads(m)))
-        self.pc.addTransceiver(self.camera, direction="sendrecv")
-        self.pc.on("track", lambda track: asyncio.ensure_future(self._read(track)))
 
-    async def _read(self, track) -> None:
+def parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="python -m streamedit.serve.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--sessions", type=int, default=1, help="concurrent WebRTC sessions")
+    ap.add_argument("--fps", type=float, default=30, help="each camera's frame rate")
+    ap.add_argument("--seconds", type=float, default=30, help="measured window (after every session's first "
+                    "frame and --warmup)")
+    ap.add_argument("--warmup", type=float, default=3)
+    ap.add_argument("--drain", type=float, default=1.5, help="seconds streaming goes on after the window, so its "
+                    "last frames can come back (a frame not back by then is a drop)")
+    ap.add_argument("--size", type=int, default=256, help="processing size each session asks for (long side)")
+    ap.add_argument("--input", default=None, help="WxH each camera sends (default: 4:3 with short side = size, "
+                    "what the page uploads)")
+    ap.add_argument("--prompt-api", choices=("channel", "http"), default="channel",
+                    help="how sessions change prompt mid-run: data channel or POST /session/{id}/prompt")
+    ap.add_argument("--no-prompt-change", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="write the report here")
+    target = ap.add_argument_group("server (exactly one of --url / --model)")
+    target.add_argument("--url", default=None, help="a running `streamedit serve` (a ?token= in it is used)")
+    target.add_argument("--token", default=None, help="its access token")
+    target.add_argument("--model", default=None, help="start `streamedit serve --model MODEL` on 127.0.0.1 for "
+                        "the run (its --max-sessions = --sessions)")
+    own = ap.add_argument_group("the server it starts (as in `streamedit serve`)")
+    for flag in ("--device", "--dtype", "--lllite", "--revision"):
+        own.add_argument(flag, default=None)
+    own.add_argument("--steps", type=int, default=None)
+    own.add_argument("--te-size", type=int, default=None)
+    own.add_argument("--cpu-threads", "--threads", dest="cpu_threads", type=int, default=None)
+    own.add_argument("--shared-engine", action="store_true", help="one multi-stream engine for every session")
+    own.add_argument("--serve-arg", action="append", default=[], metavar="ARGS",
+                     help="more `serve` arguments, passed on verbatim (shell-split; repeatable)")
+    own.add_argument("--server-log", type=Path, default=None, help="the server's output (default: a temp file)")
+    own.add_argument("--server-timeout", type=float, default=900, help="seconds to wait for the server to start")
+    return ap
+
+
+def check(args, ap) -> tuple[int, int]:
+    if (args.url is None) == (args.model is None):
+        ap.error("give exactly one of --url (a running server) and --model (start one)")
+    for name in ("sessions", "fps", "seconds"):
+        if not getattr(args, name) > 0:
+            ap.error(f"--{name} must be positive, got {getattr(args, name):g}")
+    if args.warmup < 0 or args.drain < 0:
+        ap.error("--warmup and --drain must be >= 0")
+    if args.size % 32 or not 64 <= args.size <= 2048:
+        ap.error(f"--size must be a multiple of 32 from 64, got {args.size}")
+    if args.input:
         try:
-            while True:
-                frame = await track.recv()
-                rgb = frame.to_ndarray(format="rgb24") if self.keep_pixels else None
-                self.frames.append((time.monotonic(), frame.pts, rgb))
-                if self.on_frame is not None:
-                    self.on_frame(*self.frames[-1][:2])
-                if len(self.frames) > 300:
-                    del self.frames[:100]
-        except MediaStreamError:
-            pass
-
-    async def offer(self, post, **params) -> tuple[int, dict]:
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        status, body = await post("/offer", {"sdp": self.pc.localDescription.sdp, "type": "offer", **params})
-        if status == 200:
-            self.session = body["session"]
-            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
-        return status, body
-
-    def stats(self) -> dict | None:
-        return next((m for m in reversed(self.messages) if m.get("type") == "stats"), None)
-
-    async def wait(self, predicate, timeout: float, what: str):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            await asyncio.sleep(0.05)
-        raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
-    async def close(self) -> None:
-        await self.pc.close()
+            width, height = (int(v) for v in args.input.lower().split("x"))
+            assert width > 0 and height > 0
+        except (ValueError, AssertionError):
+            ap.error(f"--input must be WIDTHxHEIGHT, e.g. 640x480, got {args.input!r}")
+    else:
+        width, height = round(args.size * 4 / 3) // 2 * 2, args.size
+    if args.json is not None and not args.json.parent.is_dir():
+        ap.error(f"--json: folder {str(args.json.parent)!r} does not exist")
+    return width, height
 
 
-async def connect(http_client, **params) -> tuple[Client, int, dict]:
-    """Start a session through an ``aiohttp`` test client (or anything with ``.post(path, json=)``)."""
-
-    async def post(path, data):
-        resp = await http_client.post(path, json=data)
-        return resp.status, await resp.json()
-
-    client = Client(params.pop("camera", None))
-    status, body = await client.offer(post, **params)
-    return client, status, body
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-async def bench(model: str, size: int, seconds: float, width: int, height: int, fps: float, warmup: float,
-                threads: int | None = None) -> dict:
-    from aiohttp.test_utils import TestClient, TestServer
+def serve_command(args, port: int) -> list[str]:
+    cmd = [sys.executable, "-m", "streamedit", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--ice-host", "127.0.0.1", "--model", args.model, "--size", str(args.size),
+           "--max-size", str(max(512, args.size)), "--max-sessions", str(args.sessions)]
+    for name in ("device", "dtype", "lllite", "revision", "steps", "te_size", "cpu_threads"):
+        if getattr(args, name) is not None:
+            cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    if args.shared_engine:
+        cmd.append("--shared-engine")
+    for extra in args.serve_arg:
+        cmd += shlex.split(extra)
+    return cmd
 
-    from .runtime import engine_factory, load_runtime, set_cpu_threads
-    from .server import Server, ServerConfig
 
-    models = load_runtime(model)
-    threads = set_cpu_threads(models, threads)
-    server = Server(ServerConfig(ice_hosts=["127.0.0.1"], size=size, trace=True, model_name=model),
-                    engine_factory(models))
-    http = TestClient(TestServer(server.app(), host="127.0.0.1"))
-    await http.start_server()
-    client, status, body = await connect(http, size=size, camera=SyntheticCamera(width, height, fps))
-    if status != 200:
-        raise RuntimeError(body)
-    client.keep_pixels = False
-    session = server.sessions[client.session]
-    await client.wait(lambda: len(client.frames) > 0, 120, "the first frame")
-    await asyncio.sleep(warmup)
-    start, n0 = time.monotonic(), session.stats.sent
-    e2e = []
+def start_server(args) -> tuple[subprocess.Popen, str, Path]:
+    port = free_port()
+    log_path = args.server_log or Path(tempfile.mkstemp(prefix="streamedit-bench-server-", suffix=".log")[1])
+    cmd = serve_command(args, port)
+    print(f"starting: {shlex.join(cmd[1:])} (log: {log_path})", file=sys.stderr)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + args.server_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            raise LoadError(f"the server exited ({proc.returncode}) before it was up: {tail[0]} (log: {log_path})")
+        try:
+            with urllib.request.urlopen(url + "health", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc, url, log_path
+        except OSError:
+            time.sleep(0.5)
+    stop_server(proc)
+    raise LoadError(f"the server was not up after {args.server_timeout:g} s (log: {log_path})")
 
-    def on_frame(received: float, pts: int) -> None:
-        # pts survive the 90 kHz round trips to within a tick or two
-        in_pts = next((i for o, i in reversed(session.trace) if abs(o - pts) <= 3), None)
-        captured = next((t for p, t in client.camera.captured.items() if in_pts is not None and abs(p - in_pts) <= 3),
-                        None)
-        if captured is not None:
-            e2e.append(received - captured)
 
-    client.on_frame = on_frame
-    await asyncio.sleep(seconds)
-    elapsed = time.monotonic() - start
-    snap = session.snapshot()
-    await client.close()
-    await http.close()
-    return {
-        "model": model, "device": str(models.device), "cpu_threads": threads, "size": size,
-        "input": f"{width}x{height}@{fps:g}", "seconds": round(elapsed, 1),
-        "served_fps": round((session.stats.sent - n0) / elapsed, 2),
-        "e2e_ms_p50": round(1000 * float(np.median(e2e)), 1) if e2e else None,
-        "e2e_ms_p95": round(1000 * float(np.quantile(e2e, 0.95)), 1) if e2e else None,
-        "server_ms_p50": snap["latency_ms_p50"], "matched_frames": len(e2e),
-        "received": snap["received"], "dropped": snap["dropped"],
-    }
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # aiohttp shuts down cleanly: sessions, then the shared engine
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="random:tiny")
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--seconds", type=float, default=30)
-    ap.add_argument("--warmup", type=float, default=3)
-    ap.add_argument("--input", default=None, help="WxH the client sends (default: 4:3 with short side = size, "
-                    "what the page uploads)")
-    ap.add_argument("--fps", type=float, default=30)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as `serve`: half the cores)")
+    ap = parser()
     args = ap.parse_args(argv)
-    width, height = ((int(v) for v in args.input.split("x")) if args.input
-                     else (round(args.size * 4 / 3) // 2 * 2, args.size))
-    print(json.dumps(asyncio.run(bench(args.model, args.size, args.seconds, width, height, args.fps, args.warmup,
-                                       args.threads))))
+    width, height = check(args, ap)
+    proc = None
+    try:
+        url = args.url
+        if url is None:
+            proc, url, _ = start_server(args)
+        from urllib.parse import urlsplit
+
+        from .server import is_loopback, restrict_ice_hosts
+
+        if is_loopback(urlsplit(url).hostname or ""):
+            restrict_ice_hosts(["127.0.0.1"])  # aioice leaves loopback out by default
+        report = asyncio.run(run_load(url, args.sessions, args.fps, args.seconds, size=args.size, width=width,
+                                      height=height, warmup=args.warmup, drain=args.drain, token=args.token,
+                                      prompt_change=not args.no_prompt_change, prompt_api=args.prompt_api))
+    except LoadError as exc:
+        sys.stderr.write(f"{ap.prog}: error: {exc}\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    report |= {"command": shlex.join(["python", "-m", "streamedit.serve.bench", *(sys.argv[1:] if argv is None
+                                                                                  else argv)]),
+               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "host": os.uname().nodename,
+               "server_started": proc is not None}
+    print(format_table(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

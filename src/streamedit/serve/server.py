@@ -2,7 +2,8 @@
 
 Routes: ``GET /`` (the page), ``/static/*``, ``GET /health``, ``GET /stats`` (JSON), ``POST /offer``
 (WebRTC offer -> answer, starts a session), ``POST /session/{id}/prompt`` and ``DELETE /session/{id}``.
-Prompt changes and stats also travel on the session's WebRTC data channel ("control").
+Prompt changes and stats also travel on the session's WebRTC data channel ("control"); a session whose offer
+asked for ``"trace": true`` also gets which input frame and prompt made each output frame (serve/bench.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -62,7 +64,8 @@ class ServerConfig:
     connect_timeout: float = 20.0     # seconds for a session's WebRTC connection to come up
     ice_hosts: list[str] | None = None  # local addresses for WebRTC media (None: all interfaces)
     stats_interval: float = 0.5
-    trace: bool = False               # keep (output pts, input pts) pairs per session (latency benchmarks)
+    trace: bool = False               # every session keeps (output pts, input pts, prompt) per frame (an offer
+                                      # may ask for it too: "trace": true) and pushes it on its data channel
     model_name: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -136,7 +139,7 @@ class Server:
             "model": self.config.model_name, "uptime_s": round(time.monotonic() - self.started, 1),
             "engine": engine,
             "sessions": [s.snapshot() for s in self.sessions.values()], "max_sessions": self.config.max_sessions,
-            "pending": self.pending, "refused": self.refused,
+            "pending": self.pending, "refused": self.refused, "process": process_stats(),
             "defaults": {"size": self.config.size, "prompt": self.config.prompt},
             "limits": {"max_input_pixels": self.config.max_input_pixels, "max_size": self.config.max_size,
                        "max_message_bytes": self.config.max_message_bytes,
@@ -163,7 +166,7 @@ class Server:
             pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: nothing leaves this host
             session = Session(sid, self.engine_factory, params["prompt"], params["size"], asyncio.get_running_loop(),
                               max_queue=cfg.max_queue, max_input_pixels=cfg.max_input_pixels,
-                              engine_lock=self.engine_lock, trace=cfg.trace, crop=cfg.crop,
+                              engine_lock=self.engine_lock, trace=cfg.trace or params["trace"], crop=cfg.crop,
                               track_factory=StylizedTrack)
             self._wire(pc, session)
             sdp = filter_candidates(params["sdp"], cfg.ice_hosts)
@@ -262,9 +265,16 @@ class Server:
             channel.send(json.dumps(payload))
 
     async def _push_stats(self, session: Session, channel) -> None:
+        pushed = 0  # frames whose trace the client has
         while not session.closed:
             if channel.readyState == "open":
                 channel.send(json.dumps({"type": "stats", **session.snapshot()}))
+                if session.trace is not None and session.stats.sent > pushed:
+                    # one entry per frame sent, appended on this loop: the newest (sent - pushed) are new
+                    new = list(session.trace)[-(session.stats.sent - pushed):]
+                    pushed = session.stats.sent
+                    for i in range(0, len(new), 200):
+                        channel.send(json.dumps({"type": "trace", "frames": new[i:i + 200]}))
             elif channel.readyState == "closed":
                 return
             await asyncio.sleep(self.config.stats_interval)
@@ -312,6 +322,23 @@ class Server:
         await asyncio.gather(*(self.close_session(sid) for sid in list(self.sessions)))
 
 
+def process_stats() -> dict:
+    """This process's threads, resident memory and (once torch has used CUDA) GPU memory: leaks show here."""
+    import sys
+
+    out = {"threads": threading.active_count(), "rss_mib": None, "gpu_allocated_mib": None, "gpu_reserved_mib": None}
+    try:
+        with open("/proc/self/statm") as f:
+            out["rss_mib"] = round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["gpu_allocated_mib"] = round(torch.cuda.memory_allocated() / 2**20, 1)
+        out["gpu_reserved_mib"] = round(torch.cuda.memory_reserved() / 2**20, 1)
+    return out
+
+
 def parse_offer(body: bytes, cfg: ServerConfig) -> dict:
     try:
         data = json.loads(body)
@@ -334,7 +361,10 @@ def parse_offer(body: bytes, cfg: ServerConfig) -> dict:
     size = data.get("size", cfg.size)
     if not isinstance(size, int) or isinstance(size, bool) or size % 32 or not 64 <= size <= cfg.max_size:
         raise ValueError(f"'size' must be a multiple of 32 between 64 and {cfg.max_size}")
-    return {"sdp": sdp, "prompt": prompt, "size": size}
+    trace = data.get("trace", False)
+    if not isinstance(trace, bool):
+        raise ValueError("'trace' must be true or false")
+    return {"sdp": sdp, "prompt": prompt, "size": size, "trace": trace}
 
 
 def filter_candidates(sdp: str, ice_hosts: list[str] | None) -> str:

@@ -129,7 +129,7 @@ class Session:
         self._prompt_lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name=f"streamedit-session-{sid}", daemon=True)
         self._closed = False
-        self.trace: deque | None = deque(maxlen=2000) if trace else None  # (output pts, input pts) pairs
+        self.trace: deque | None = deque(maxlen=2000) if trace else None  # (output pts, input pts, prompt)
         self.channel = None  # the WebRTC data channel, once the browser opens it
         self.tasks: list = []  # asyncio tasks the server runs for this session
         self.engine = None  # what the factory made, once the worker made it
@@ -218,7 +218,7 @@ class Session:
                 self.active_prompt = getattr(engine, "last_prompt", None) or self.active_prompt
                 self.stats.processed += len(outs)
                 for i, (out, (_, arrival, in_pts)) in enumerate(zip(outs, batch)):
-                    self._deliver(out, arrival, in_pts, switch_from if i == 0 else None)
+                    self._deliver(out, arrival, in_pts, switch_from if i == 0 else None, self.active_prompt)
         except Exception as exc:  # engine/model problems (a malformed frame, too) end this session only
             self._report(exc)
         finally:
@@ -259,7 +259,7 @@ class Session:
                 switch, switch_from = self._switch, None
                 if switch is not None and out.index >= switch[0]:
                     self._switch, switch_from = None, switch[1]
-                self._deliver(out.image, *out.meta, switch_from)
+                self._deliver(out.image, *out.meta, switch_from, out.prompt or self.active_prompt)
         except Exception as exc:  # noqa: BLE001  (the stream failed: its input broke a tick, or the engine died)
             self._report(exc)
 
@@ -283,13 +283,13 @@ class Session:
         self.active_prompt = pending[0]
         return pending[1]
 
-    def _deliver(self, out: np.ndarray, arrival: float, in_pts, switch_from: int | None) -> None:
+    def _deliver(self, out: np.ndarray, arrival: float, in_pts, switch_from: int | None, prompt=None) -> None:
         import av
 
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(out, dtype=np.uint8), format="rgb24")
         frame = frame.reformat(format="yuv420p")  # the encoder's format, converted off the loop
         if not self._closed:
-            self.loop.call_soon_threadsafe(self.track.put, (frame, arrival, in_pts, switch_from))
+            self.loop.call_soon_threadsafe(self.track.put, (frame, arrival, in_pts, switch_from, prompt))
 
 
 def _to_rgb(frame) -> np.ndarray:

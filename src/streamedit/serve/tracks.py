@@ -28,14 +28,14 @@ class StylizedTrack(MediaStreamTrack):
         self._last_pts = -1
 
     def put(self, item) -> None:
-        """Called on the loop (via call_soon_threadsafe) with (frame, arrival, input pts, prompt_switch_from)."""
+        """Called on the loop (via call_soon_threadsafe) with (frame, arrival, input pts, prompt_switch_from, prompt)."""
         if self.readyState != "live":
             return
         while self._queue.qsize() >= self._depth:
             old = self._queue.get_nowait()
             self.session.stats.dropped_output += 1
             if old is not None and old[3] is not None and item[3] is None:
-                item = (*item[:3], old[3])  # keep the prompt-switch marker of a dropped frame
+                item = (*item[:3], old[3], *item[4:])  # keep the prompt-switch marker of a dropped frame
         self._queue.put_nowait(item)
 
     def stop(self) -> None:
@@ -48,7 +48,7 @@ class StylizedTrack(MediaStreamTrack):
         item = await self._queue.get()
         if item is None:
             raise MediaStreamError
-        frame, arrival, in_pts, switch_from = item
+        frame, arrival, in_pts, switch_from, prompt = (*item, None)[:5]
         now = time.monotonic()
         if self._t0 is None:
             self._t0 = now
@@ -62,7 +62,7 @@ class StylizedTrack(MediaStreamTrack):
         stats.sent_times.append(now)
         stats.latencies.append(now - arrival)
         if self.session.trace is not None:
-            self.session.trace.append((pts, in_pts))
+            self.session.trace.append((pts, in_pts, prompt))
         return frame
 
 
