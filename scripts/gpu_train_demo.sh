@@ -29,7 +29,7 @@
 # to the pairs; STALE_COND=R, AUGMENT=1, FLOW=backward|forward and RUNTIME_BATCH set `train lllite`'s
 # --stale-cond / --augment / --flow / --runtime-batch. `protocol` runs `streamedit eval protocol` on the test
 # set for ADAPTER (default OUT_DIR/demo-lllite.safetensors; `demo` = the bundled one) into OUT_DIR/protocol-NAME,
-# and on the tune clip (blackswan) with TUNE=1 (MULTIPLIERS="1.0 1.2 1.35": one run each).
+# or, with TUNE=1, only on the tune clip (blackswan), once per multiplier in MULTIPLIERS (e.g. "1.0 1.2 1.4").
 set -euo pipefail
 stage=$1 clips=$2 out=$3
 se() { python3 -m streamedit "$@"; }
@@ -49,16 +49,19 @@ base)
   rm -rf "$out/demo-model/unet" "$out/demo-model/vae" "$out/demo-model/text_encoder" "$out/demo-model/tokenizer" ;;
 protocol)
   adapter=${ADAPTER:-$out/demo-lllite.safetensors} name=${NAME:-$(basename "${ADAPTER:-new}" .safetensors)}
-  se eval protocol --model "${MODEL:-demo}" --lllite "$adapter" --device cuda --dtype "${DTYPE:-float32}" --clips "${TEST_CLIPS:-8}" \
-     --frames "${FRAMES:-48}" --cut-clips "${CUT_CLIPS:-4}" --out "$out/protocol-$name" 2> "$out/protocol-$name.log"
-  tail -n 40 "$out/protocol-$name/report.md"
-  if [ "${TUNE:-0}" = 1 ]; then
+  if [ "${TUNE:-0}" = 1 ]; then  # the tune clip only: settings are chosen without looking at the test set
     for m in ${MULTIPLIERS:-1.0}; do
-      se eval protocol --set tune --clips-dir "$clips" --model "${MODEL:-demo}" --lllite "$adapter" --device cuda --dtype "${DTYPE:-float32}" \
-         --lllite-multiplier "$m" --clips 1 --frames 50 --out "$out/tune-$name-m$m" 2> "$out/tune-$name-m$m.log"
+      se eval protocol --set tune --clips-dir "$clips" --model "${MODEL:-demo}" --lllite "$adapter" --device cuda \
+         --dtype "${DTYPE:-float32}" --lllite-multiplier "$m" --clips 1 --frames 50 --out "$out/tune-$name-m$m" \
+         2> "$out/tune-$name-m$m.log"
       grep -A 8 "Cond refresh 8" "$out/tune-$name-m$m/report.md"
     done
-  fi ;;
+    exit 0
+  fi
+  se eval protocol --model "${MODEL:-demo}" --lllite "$adapter" --device cuda --dtype "${DTYPE:-float32}" \
+     --clips "${TEST_CLIPS:-8}" --frames "${FRAMES:-48}" --cut-clips "${CUT_CLIPS:-4}" --out "$out/protocol-$name" \
+     2> "$out/protocol-$name.log"
+  grep -v "^| synth" "$out/protocol-$name/report.md" | tail -n 40 ;;
 adapter|pairs|lllite)
   styles=(-p "oil painting" -p watercolor -p "pencil sketch" -p cartoon)
   model=${MODEL:-/tmp/demo-model} pairs=${PAIRS:-/tmp/pairs-$(basename "$out")}
