@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the bundled demo model and its temporal adapter on the GPU machine (see docs/demo-model.md).
-# Usage: scripts/gpu_train_demo.sh base|adapter CLIPS_DIR OUT_DIR
+# Usage: scripts/gpu_train_demo.sh base|adapter|pairs|lllite|protocol CLIPS_DIR OUT_DIR
 # `base` trains the edit model into OUT_DIR/demo-model (and /tmp/demo-model); `adapter` makes teacher pairs
 # from $MODEL (default /tmp/demo-model) and trains the LLLite adapter into OUT_DIR/demo-lllite.safetensors;
 # and bakes MULTIPLIER (default 1.35) into it (scripts/bake_lllite_multiplier.py; the unbaked file stays as
@@ -24,6 +24,12 @@
 # INIT_FROM=MODEL_DIR continues training a saved model (no VAE stage; LR and SEED set its learning rate and
 # crop/noise seed). Adapter runs keep their pairs in $PAIRS (default /tmp/pairs-<name of OUT_DIR>), so
 # several can run side by side on one GPU (two at once: each step ~15 % slower, so 1400 steps no longer fit one call).
+# Issue 29 (generalisation): `pairs` and `lllite` are the two halves of `adapter`, for one 10-minute call each
+# on a warm machine (the pairs stay in $PAIRS); SYNTHETIC=N adds N generated clips (SYNTHETIC_SEED, 48 frames)
+# to the pairs; STALE_COND=R, AUGMENT=1, FLOW=backward|forward and RUNTIME_BATCH set `train lllite`'s
+# --stale-cond / --augment / --flow / --runtime-batch. `protocol` runs `streamedit eval protocol` on the test
+# set for ADAPTER (default OUT_DIR/demo-lllite.safetensors; `demo` = the bundled one) into OUT_DIR/protocol-NAME,
+# or, with TUNE=1, only on the tune clip (blackswan), once per multiplier in MULTIPLIERS (e.g. "1.0 1.2 1.4").
 set -euo pipefail
 stage=$1 clips=$2 out=$3
 se() { python3 -m streamedit "$@"; }
@@ -41,14 +47,33 @@ base)
   # files come back in pieces of at most 16 MiB
   tar czf - -C "$out" demo-model | split -b 15M - "$out/demo-model.tgz.part-"
   rm -rf "$out/demo-model/unet" "$out/demo-model/vae" "$out/demo-model/text_encoder" "$out/demo-model/tokenizer" ;;
-adapter)
+protocol)
+  adapter=${ADAPTER:-$out/demo-lllite.safetensors} name=${NAME:-$(basename "${ADAPTER:-new}" .safetensors)}
+  if [ "${TUNE:-0}" = 1 ]; then  # the tune clip only: settings are chosen without looking at the test set
+    for m in ${MULTIPLIERS:-1.0}; do
+      se eval protocol --set tune --clips-dir "$clips" --model "${MODEL:-demo}" --lllite "$adapter" --device cuda \
+         --dtype "${DTYPE:-float32}" --lllite-multiplier "$m" --clips 1 --frames 50 --out "$out/tune-$name-m$m" \
+         2> "$out/tune-$name-m$m.log"
+      grep -A 8 "Cond refresh 8" "$out/tune-$name-m$m/report.md"
+    done
+    exit 0
+  fi
+  se eval protocol --model "${MODEL:-demo}" --lllite "$adapter" --device cuda --dtype "${DTYPE:-float32}" \
+     --clips "${TEST_CLIPS:-8}" --frames "${FRAMES:-48}" --cut-clips "${CUT_CLIPS:-4}" --out "$out/protocol-$name" \
+     2> "$out/protocol-$name.log"
+  grep -v "^| synth" "$out/protocol-$name/report.md" | tail -n 40 ;;
+adapter|pairs|lllite)
   styles=(-p "oil painting" -p watercolor -p "pencil sketch" -p cartoon)
   model=${MODEL:-/tmp/demo-model} pairs=${PAIRS:-/tmp/pairs-$(basename "$out")}
-  se train pairs --model "$model" --clips "$clips" --exclude blackswan "${styles[@]}" -o "$pairs" \
-     --size 256 --dtype float32 --alpha "${ALPHA:-0.5}" 2> "$out/pairs.log"
+  [ "$stage" = lllite ] || se train pairs --model "$model" --clips "$clips" --exclude blackswan "${styles[@]}" -o "$pairs" \
+     --size 256 --dtype float32 --alpha "${ALPHA:-0.5}" --synthetic "${SYNTHETIC:-0}" --synthetic-seed "${SYNTHETIC_SEED:-0}" \
+     2> "$out/pairs.log"
+  [ "$stage" = pairs ] && { tail -c 300 "$out/pairs.log" | tr '\r' '\n' | tail -2; exit 0; }
   se train lllite --model "$model" --pairs "$pairs" -o "$out/demo-lllite-m1.safetensors" --dtype float32 \
      --steps "${LLLITE_STEPS:-1400}" --hooks "${HOOKS:-all}" --p-one "${P_ONE:-1.0}" --batch 16 --lr 5e-4 --warmup 100 --fixed-noise --save-every 500 \
-     --pixel-weight "${PIXEL_WEIGHT:-1800}" --mlp-dim "${MLP_DIM:-64}" --cond-emb-dim "${COND_DIM:-32}" --log "$out/lllite_log.jsonl" 2> "$out/lllite.log"
+     --pixel-weight "${PIXEL_WEIGHT:-1800}" --mlp-dim "${MLP_DIM:-64}" --cond-emb-dim "${COND_DIM:-32}" --log "$out/lllite_log.jsonl" \
+     --stale-cond "${STALE_COND:-0}" --runtime-batch "${RUNTIME_BATCH:-4}" --flow "${FLOW:-backward}" ${AUGMENT:+--augment} \
+     2> "$out/lllite.log"
   tail -c 600 "$out/lllite.log" | tr '\r' '\n' | tail -3
   python3 "$(dirname "$0")/bake_lllite_multiplier.py" "$out/demo-lllite-m1.safetensors" "$out/demo-lllite.safetensors" \
     "${MULTIPLIER:-1.35}" --model "$model"

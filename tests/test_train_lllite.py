@@ -195,10 +195,10 @@ def test_pixel_loss_reads_the_decoded_one_step_output(models, pairs):
     exact = (noisy - z0) / s
     at_start = torch.tensor([True, False, True])
     with torch.no_grad():
-        got = _pixel_loss(den, contextlib.nullcontext, noisy, s, exact, at_start, data.target, idx)
+        got = _pixel_loss(den, contextlib.nullcontext, noisy, s, exact, at_start, data.target[idx])
         img = models.vae.decode(z0[[0, 2]] / den.scaling + den.shift).sample
         worse = _pixel_loss(den, contextlib.nullcontext, noisy, s, exact + 0.5 * torch.randn_like(exact), at_start,
-                            data.target, idx)
+                            data.target[idx])
     assert float(got) == pytest.approx(float(image_loss(img, to_pm1(data.target[idx[[0, 2]]]))), rel=1e-4)
     assert float(worse) > float(got)
 

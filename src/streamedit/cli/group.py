@@ -17,7 +17,7 @@ import click
 from ..errors import StreameditError
 
 # Commands that live with their mechanism, imported on first use (they import this module).
-LAZY_COMMANDS = {"bench": ("streamedit.bench", "bench_command"), "eval": ("streamedit.eval.run", "eval_command"),
+LAZY_COMMANDS = {"bench": ("streamedit.bench", "bench_command"), "eval": ("streamedit.eval.cli", "eval_group"),
                  "serve": ("streamedit.serve", "serve_command"), "live": ("streamedit.serve", "live_command"),
                  "train": ("streamedit.train.cli", "train_command")}
 

@@ -23,7 +23,7 @@ paper's smoothing trap: it averages what it cannot predict); the gradient term c
 Only the adapter trains (AdamW, fp32 master weights; under bf16 autocast on CUDA); U-Net, VAE and text
 encoder are frozen. Data handling, so the GPU is not starved: all pairs sit in host memory as uint8;
 the source and target latents of every frame are encoded once up front and kept on the device (VAE
-frozen and deterministic: 2 x 4 x (size/8)^2 values per frame); text-encoder outputs are computed
+frozen and deterministic: 2 x 4 x (size/8)^2 values per frame; per batch with ``--augment``); text-encoder outputs are computed
 for the frames a batch needs and cached on the host up to ``te_cache_gb``. Each batch holds one
 prompt (the embeddings of one prompt share a length), sampled in proportion to its frame count.
 """
@@ -58,6 +58,9 @@ class PairSet:
     source: torch.Tensor
     cond: torch.Tensor
     target: torch.Tensor | None  # dropped once encoded (kept for the pixel loss)
+    teacher: torch.Tensor | None = None  # the base model's outputs (stale cond is made from them)
+    start: torch.Tensor | None = None  # (N,) 1 = first frame of a shot
+    clip: torch.Tensor | None = None  # (N,) index of the pair file each frame came from
 
     def __len__(self) -> int:
         return len(self.source)
@@ -67,7 +70,8 @@ def load_pairs(pairs_dir) -> PairSet:
     from .pairs import load_pair_file, read_manifest
 
     manifest = read_manifest(pairs_dir)
-    parts = {k: [] for k in ("source", "cond", "target")}
+    parts = {k: [] for k in ("source", "cond", "target", "teacher")}
+    starts, files = [], []
     prompts: list[str] = []
     owner: list[int] = []
     size = None
@@ -83,11 +87,14 @@ def load_pairs(pairs_dir) -> PairSet:
         if meta["prompt"] not in prompts:
             prompts.append(meta["prompt"])
         owner += [prompts.index(meta["prompt"])] * shape[0]
+        starts.append(torch.from_numpy(arrays["start"]))
+        files += [len(starts) - 1] * shape[0]
         for k, chunks in parts.items():
             chunks.append(torch.from_numpy(arrays[k]))
     owner_t = torch.tensor(owner)
     groups = [torch.nonzero(owner_t == i).flatten() for i in range(len(prompts))]
-    return PairSet(size, prompts, groups, *(torch.cat(parts[k]) for k in ("source", "cond", "target")))
+    return PairSet(size, prompts, groups, *(torch.cat(parts[k]) for k in ("source", "cond", "target", "teacher")),
+                   start=torch.cat(starts), clip=torch.tensor(files))
 
 
 def sigma_schedule(models, size: int, sigmas) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,9 +143,9 @@ class _EmbedCache:
         return torch.stack([fresh[i] if i in fresh else self.cache[i].to(device, non_blocking=True) for i in idx])
 
 
-def _pixel_loss(denoiser, amp, noisy, s, pred, at_start, targets_u8, idx) -> torch.Tensor:
+def _pixel_loss(denoiser, amp, noisy, s, pred, at_start, targets_u8) -> torch.Tensor:
     """Image loss of the operating-point examples' 1-step outputs (decoded as ``Denoiser.decode`` does).
-    ``at_start`` and ``idx`` are the batch's host-side mask and frame indices."""
+    ``at_start`` is the batch's host-side mask, ``targets_u8`` its (n,H,W,3) target frames."""
     from ..diffusion.denoiser import vae_image
     from .common import image_loss, to_pm1
 
@@ -146,7 +153,7 @@ def _pixel_loss(denoiser, amp, noisy, s, pred, at_start, targets_u8, idx) -> tor
     x0 = (noisy - s * pred.float())[keep.to(noisy.device)]
     with amp():
         img = vae_image(denoiser.vae, x0, denoiser.scaling, denoiser.shift)
-    target = to_pm1(targets_u8[idx[keep]].to(x0.device, non_blocking=True))
+    target = to_pm1(targets_u8[keep.to(targets_u8.device)].to(x0.device, non_blocking=True))
     return image_loss(img.float(), target)
 
 
@@ -162,6 +169,19 @@ def _check(steps, batch_size, grad_accum, lr, p_one, save_every, pixel_weight=0.
         raise StreameditError(f"--save-every must be >= 0, got {save_every}")
     if pixel_weight < 0:
         raise StreameditError(f"--pixel-weight must be >= 0, got {pixel_weight}")
+
+
+def _check_generalisation(stale_cond, runtime_batch, flow, zoom_min, rotate):
+    from ..temporal.adapter import FLOW_CONVENTIONS
+
+    if stale_cond < 0 or runtime_batch < 1:
+        raise StreameditError(f"--stale-cond must be >= 0 and --runtime-batch >= 1, got {stale_cond}, {runtime_batch}")
+    if flow not in FLOW_CONVENTIONS:
+        raise StreameditError(f"--flow must be one of {', '.join(FLOW_CONVENTIONS)}, got {flow!r}")
+    if flow != "backward" and not stale_cond:
+        raise StreameditError("--flow forward needs --stale-cond: the stored pair conds were warped backward")
+    if not 0.1 <= zoom_min <= 1.0 or not 0 <= rotate <= 45:
+        raise StreameditError(f"--zoom-min must be in [0.1, 1] and --rotate in [0, 45], got {zoom_min}, {rotate}")
 
 
 def _optimizer(params, lr, weight_decay, adamw8bit):
@@ -185,18 +205,24 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
                  bf16: bool = True, save_every: int = 0, cond_emb_dim: int = 32, mlp_dim: int = 64, seed: int = 0,
                  log_path=None, p_one: float = 0.5, max_grad_norm: float = 1.0, warmup: int = 0,
                  fixed_noise: bool = False, te_cache_gb: float = 8.0, pixel_weight: float = 0.0,
-                 progress: bool = True) -> dict:
+                 stale_cond: int = 0, runtime_batch: int = 4, flow: str = "backward", flow_size: int | None = None,
+                 augment: bool = False, zoom_min: float = 0.6, rotate: float = 8.0, progress: bool = True) -> dict:
     """Train an adapter on the pairs in ``pairs_dir`` and save it to ``out_path``; returns a summary
     (``first_loss``, ``final_loss``, ``steps``, ``wall_s``, ...). ``fixed_noise`` trains on the runtime's
     ``--fixed-noise`` draw for ``seed`` instead of fresh noise per example; ``pixel_weight`` weighs the
-    image loss of the operating-point examples (module docstring)."""
+    image loss of the operating-point examples (module docstring). ``stale_cond`` R > 0 trains on the cond
+    images the runtime makes at refresh intervals 1..R (batch size ``runtime_batch``, flow convention ``flow``
+    at ``flow_size``); ``augment`` transforms every pair (zoom to ``zoom_min``, rotation, flip):
+    :mod:`streamedit.train.augment`."""
     from tqdm import tqdm
 
     from ..diffusion.denoiser import Denoiser, start_sample
     from ..models.loading import default_strength
     from ..temporal.adapter import LLLiteAdapter, apply_lllite, remove_lllite
+    from .augment import PairViews, StaleCond
 
     _check(steps, batch_size, grad_accum, lr, p_one, save_every, pixel_weight)
+    _check_generalisation(stale_cond, runtime_batch, flow, zoom_min, rotate)
     t_start = time.perf_counter()
     data = load_pairs(pairs_dir)
     size, device, unet = data.size, models.device, models.unet
@@ -211,25 +237,23 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
 
     strength = default_strength(models)  # the runtime's start for this model
     denoiser = Denoiser(models, 1, size, strength=strength)
-    src_lat = encode_latents(denoiser, data.source, clean=False)
-    tgt_lat = encode_latents(denoiser, data.target, clean=True)
-    if not pixel_weight:
-        data.target = None  # only its latents are used from here on: free the host copy
+    stale = StaleCond(data, stale_cond, runtime_batch, flow_size, flow) if stale_cond else None
+    views = PairViews(denoiser, data, bool(pixel_weight), stale, augment, zoom_min, rotate)
     table_sigma, table_t = sigma_schedule(models, size, np.linspace(strength, strength / 1000, 1000))
     embeds = _EmbedCache(models, data, te_cache_gb)
     time_ids = denoiser.time_ids.expand(batch_size, -1)
-    width = src_lat.shape[-1]
+    width = views.latent_shape[-1]
 
-    # train pairs warps with the backward flow convention: the saved file records it (temporal/conditioner.py)
+    # the pairs' stored conds use the backward convention; stale conds use `flow`: the file records it
     adapter = LLLiteAdapter.for_unet(unet, hooks=hooks, cond_emb_dim=cond_emb_dim, mlp_dim=mlp_dim, cond_size=size,
-                                     vae_scale=models.vae_scale_factor, flow="backward").float()  # fp32 master weights
+                                     vae_scale=models.vae_scale_factor, flow=flow).float()  # fp32 master weights
     params = list(adapter.parameters())
     optimizer = _optimizer(params, lr, weight_decay, adamw8bit)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
 
     gen = torch.Generator("cpu").manual_seed(seed)
     weights = torch.tensor([len(g) for g in data.groups], dtype=torch.float)
-    noise_shape = (1, *src_lat.shape[1:])
+    noise_shape = (1, *views.latent_shape)
     fixed = torch.randn(noise_shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=models.dtype) \
         if fixed_noise else None
 
@@ -241,8 +265,7 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
         pick[torch.rand(batch_size, generator=gen) < p_one] = 0  # index 0: the operating point
         noise = (fixed.float().expand(batch_size, -1, -1, -1) if fixed is not None
                  else torch.randn((batch_size, *noise_shape[1:]), generator=gen))
-        cond = data.cond[idx].permute(0, 3, 1, 2).to(device, non_blocking=True)
-        return idx, g, cond, noise.to(device), table_sigma[pick].to(device), table_t[pick], pick == 0
+        return idx, g, noise.to(device), table_sigma[pick].to(device), table_t[pick], pick == 0
 
     log_file = open(log_path, "w") if log_path else None  # noqa: SIM115 (closed in the finally below)
     out_path = Path(out_path)
@@ -259,25 +282,23 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
         for step in bar:
             total = torch.zeros((), device=device)
             for _ in range(grad_accum):
-                idx, g, cond, noise, sigma, t, at_start = micro_batch()
+                idx, g, noise, sigma, t, at_start = micro_batch()
+                cond, src_b, z0, targets = views(idx, gen)
                 prompt_embeds = embeds.get(data.prompts[g], idx.tolist())
-                rows, idx = idx, idx.to(device)
-                z0 = tgt_lat[idx].float()
                 s = sigma.view(-1, 1, 1, 1)
                 noisy = (1 - s) * z0 + s * noise
                 if denoiser.start_sigma < 1:  # the runtime starts from the noised source latent
-                    first = start_sample(noise, src_lat[idx], denoiser.start_sigma, denoiser.scaling, denoiser.shift)
+                    first = start_sample(noise, src_b, denoiser.start_sigma, denoiser.scaling, denoiser.shift)
                     noisy = torch.where(at_start.view(-1, 1, 1, 1).to(device), first.float(), noisy)
                 with amp():
                     adapter.set_cond_image(cond)
-                    pred = unet(torch.cat([noisy.to(models.dtype), src_lat[idx]], dim=3),
+                    pred = unet(torch.cat([noisy.to(models.dtype), src_b], dim=3),
                                 timestep=t.to(device, models.dtype),
                                 encoder_hidden_states=prompt_embeds, added_cond_kwargs={"time_ids": time_ids},
                                 return_dict=False)[0][..., :width]
                 loss = F.mse_loss(pred.float(), (noisy - z0) / s)  # = noise - z0 off the source start
                 if pixel_weight and bool(at_start.any()):  # a host-side mask: no sync
-                    loss = loss + pixel_weight * _pixel_loss(denoiser, amp, noisy, s, pred, at_start, data.target,
-                                                             rows)
+                    loss = loss + pixel_weight * _pixel_loss(denoiser, amp, noisy, s, pred, at_start, targets)
                 (loss / grad_accum).backward()
                 total += loss.detach() / grad_accum
                 for m in adapter.lllite.values():
@@ -300,6 +321,8 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
         adapter.save(out_path)
     finally:
         bar.close()
+        if stale is not None:
+            stale.close()
         remove_lllite(unet)
         for p, flag in frozen:
             p.requires_grad_(flag)
@@ -338,14 +361,26 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
 @click.option("--pixel-weight", default=0.0, show_default=True,
               help="Weight of a decoded-image loss (L1 + MSE + Sobel gradients) on the 1-step outputs; "
                    "charges the adapter for blur (0: the paper's latent loss only).")
+@click.option("--stale-cond", default=0, show_default=True,
+              help="Train on the cond the runtime uses at cond refresh 1..N (an older frame's warped output); "
+                   "0: the stored fresh cond.")
+@click.option("--runtime-batch", default=4, show_default=True, help="The runtime batch size --stale-cond mimics.")
+@click.option("--flow", type=click.Choice(["backward", "forward"]), default="backward", show_default=True,
+              help="Flow convention of the adapter (recorded in its file; forward needs --stale-cond).")
+@click.option("--flow-size", type=int, default=None, help="Flow resolution for --stale-cond (the runtime's --flow-size).")
+@click.option("--augment", is_flag=True, help="Random zoom/shift/rotation/flip of each pair (source, cond, target alike).")
+@click.option("--zoom-min", default=0.6, show_default=True, help="--augment: smallest crop side (fraction of the frame).")
+@click.option("--rotate", default=8.0, show_default=True, help="--augment: largest rotation (degrees).")
 def lllite_command(model, revision, device, dtype, pairs_dir, output, hooks, steps, batch, grad_accum, lr,
                    weight_decay, adamw8bit, bf16, save_every, cond_emb_dim, mlp_dim, seed, log_path, p_one,
-                   max_grad_norm, warmup, fixed_noise, te_cache_gb, pixel_weight):
+                   max_grad_norm, warmup, fixed_noise, te_cache_gb, pixel_weight, stale_cond, runtime_batch, flow,
+                   flow_size, augment, zoom_min, rotate):
     """Train a temporal LLLite adapter on teacher pairs (only the adapter learns)."""
     from .pairs import read_manifest
 
     read_manifest(pairs_dir)  # fail on a bad folder before any slow loading
     _check(steps, batch, grad_accum, lr, p_one, save_every, pixel_weight)
+    _check_generalisation(stale_cond, runtime_batch, flow, zoom_min, rotate)
     if adamw8bit:
         _optimizer([torch.nn.Parameter(torch.zeros(1))], lr, weight_decay, True)  # missing package: fail now
     device, torch_dtype = resolve_device(device, dtype)
@@ -355,7 +390,8 @@ def lllite_command(model, revision, device, dtype, pairs_dir, output, hooks, ste
                            adamw8bit=adamw8bit, bf16=bf16, save_every=save_every, cond_emb_dim=cond_emb_dim,
                            mlp_dim=mlp_dim, seed=seed, log_path=log_path, p_one=p_one, max_grad_norm=max_grad_norm,
                            warmup=warmup, fixed_noise=fixed_noise, te_cache_gb=te_cache_gb,
-                           pixel_weight=pixel_weight)
+                           pixel_weight=pixel_weight, stale_cond=stale_cond, runtime_batch=runtime_batch, flow=flow,
+                           flow_size=flow_size, augment=augment, zoom_min=zoom_min, rotate=rotate)
     click.echo(f"{summary['steps']} steps on {summary['frames']} pairs ({summary['params'] / 1e6:.2f} M adapter "
                f"params) in {summary['wall_s']:.1f} s: loss {summary['first_loss']:.4f} -> "
                f"{summary['mean_last10']:.4f} (mean of last 10) -> {summary['out']}")

@@ -192,8 +192,7 @@ def load_pair_file(path) -> tuple[dict[str, np.ndarray], dict]:
 
 @click.command("pairs")
 @model_options
-@click.option("--clips", "clips", multiple=True, required=True,
-              help="Video file or folder of videos (repeatable).")
+@click.option("--clips", "clips", multiple=True, help="Video file or folder of videos (repeatable).")
 @click.option("-p", "--prompt", "prompts", multiple=True, required=True, help="Edit instruction (repeatable).")
 @click.option("-o", "--output", required=True, help="Output folder for the pair files and manifest.json.")
 @click.option("--size", default=256, show_default=True, help="Working resolution (square: clips are centre-cropped).")
@@ -204,12 +203,27 @@ def load_pair_file(path) -> tuple[dict[str, np.ndarray], dict]:
 @click.option("--steps", default=1, show_default=True, help="Teacher denoising steps (the runtime uses 1).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the teacher's fixed noise.")
 @click.option("--no-cut-detect", is_flag=True, help="Do not restart the blend at detected scene cuts.")
+@click.option("--synthetic", default=0, show_default=True,
+              help="Also generate N clips (streamedit.video.synthetic: camera motion, occluders) into OUTPUT/synthetic.")
+@click.option("--synthetic-seed", default=0, show_default=True, help="Seed of the first generated clip (then +1, ...).")
+@click.option("--synthetic-frames", default=48, show_default=True, help="Frames per generated clip.")
 def pairs_command(model, revision, device, dtype, clips, prompts, output, size, alpha, max_frames, exclude, batch,
-                  steps, seed, no_cut_detect):
+                  steps, seed, no_cut_detect, synthetic, synthetic_seed, synthetic_frames):
     """Make (source, cond, target) teacher pairs for training a temporal LLLite adapter."""
     from ..config import clean_prompt
+    from ..eval.protocol import check_training_seeds
 
-    files = find_clips(clips, exclude)  # fail on bad input before any slow loading
+    if not clips and not synthetic:
+        raise StreameditError("give --clips, --synthetic N, or both")
+    if synthetic < 0 or synthetic_frames < 2:
+        raise StreameditError(f"--synthetic must be >= 0 and --synthetic-frames >= 2, got {synthetic}, {synthetic_frames}")
+    seeds = range(synthetic_seed, synthetic_seed + synthetic)
+    check_training_seeds(seeds)  # the evaluation's test clips are generated too: never train on them
+    files = find_clips(clips, exclude) if clips else []  # fail on bad input before any slow loading
+    if synthetic:
+        from ..video.synthetic import write_synthetic_clips
+
+        files += write_synthetic_clips(Path(output) / "synthetic", seeds, synthetic_frames, size)
     prompts = [clean_prompt(p) for p in prompts]
     if not 0.0 < alpha <= 1.0:
         raise StreameditError(f"--alpha must be in (0, 1], got {alpha}")
