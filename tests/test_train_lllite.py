@@ -17,7 +17,8 @@ from streamedit.errors import StreameditError
 from streamedit.models.loading import load_models
 from streamedit.temporal.adapter import LLLiteAdapter
 from streamedit.temporal.conditioner import farneback
-from streamedit.train.lllite import encode_latents, sigma_schedule, train_lllite
+from streamedit.train.augment import encode_latents
+from streamedit.train.lllite import sigma_schedule, train_lllite
 from streamedit.train.pairs import MANIFEST, blend_clip, find_clips, load_pair_file, make_pairs
 from streamedit.video.clips import make_test_clip
 

@@ -31,6 +31,17 @@ import torch
 import torch.nn.functional as F
 
 
+def encode_latents(denoiser, frames_u8: torch.Tensor, clean: bool, chunk: int = 32) -> torch.Tensor:
+    """(N,H,W,3) uint8 -> latents on the model's device: raw source latents, or (``clean``) the
+    flow-matching clean latents that ``denoiser.decode`` turns back into the image."""
+    device = denoiser.models.device
+    out = []
+    for i in range(0, len(frames_u8), chunk):
+        z = denoiser.encode_source(frames_u8[i:i + chunk].to(device))
+        out.append((z - denoiser.shift) * denoiser.scaling if clean else z)
+    return torch.cat(out)
+
+
 class StaleCond:
     """Cond images of a :class:`~streamedit.train.lllite.PairSet` at random refresh ages (module docstring)."""
 
@@ -122,7 +133,6 @@ class PairViews:
 
     def __init__(self, denoiser, data, pixel: bool, stale: StaleCond | None = None, augment: bool = False,
                  zoom_min: float = 0.6, rotate: float = 8.0):
-        from .lllite import encode_latents
 
         self.denoiser, self.data, self.pixel, self.stale = denoiser, data, pixel, stale
         self.augment, self.zoom_min, self.rotate = augment, zoom_min, rotate
@@ -138,7 +148,6 @@ class PairViews:
                 data.target = None  # only its latents are used from here on: free the host copy
 
     def __call__(self, idx: torch.Tensor, gen: torch.Generator):
-        from .lllite import encode_latents
 
         cond = self.stale.sample(idx, gen)[0] if self.stale is not None else self.data.cond[idx]
         if not self.augment:

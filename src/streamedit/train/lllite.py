@@ -107,17 +107,6 @@ def sigma_schedule(models, size: int, sigmas) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def encode_latents(denoiser, frames_u8: torch.Tensor, clean: bool, chunk: int = 32) -> torch.Tensor:
-    """(N,H,W,3) uint8 -> latents on the model's device: raw source latents, or (``clean``) the
-    flow-matching clean latents that ``denoiser.decode`` turns back into the image."""
-    device = denoiser.models.device
-    out = []
-    for i in range(0, len(frames_u8), chunk):
-        z = denoiser.encode_source(frames_u8[i:i + chunk].to(device))
-        out.append((z - denoiser.shift) * denoiser.scaling if clean else z)
-    return torch.cat(out)
-
-
 class _EmbedCache:
     """Text-encoder outputs per frame, on the host, up to a byte budget (the TE is frozen)."""
 
