@@ -40,7 +40,7 @@ def find_clips(entries, exclude=()) -> list[Path]:
 
 
 def read_frames(path, size: int | None = None, max_frames: int | None = None, crop: bool = False) -> list[np.ndarray]:
-    """A clip's frames (RGB uint8): at the working size for ``size`` (the long side; video/io.py; ``crop``: the
+    """A clip's frames (RGB uint8): at the working size for ``size`` (the long side; video/reader.py; ``crop``: the
     centre square at ``size x size``), or as stored (None)."""
     frames = []
     with open_video(path, size=size, crop=crop) as video:
