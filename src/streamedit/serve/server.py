@@ -4,17 +4,16 @@ Routes: ``GET /`` (the page), ``/static/*``, ``GET /health``, ``GET /stats`` (JS
 (WebRTC offer -> answer, starts a session), ``POST /session/{id}/prompt`` and ``DELETE /session/{id}``.
 Prompt changes and stats also travel on the session's WebRTC data channel ("control"); a session whose offer
 asked for ``"trace": true`` also gets which input frame and prompt made each output frame (serve/bench.py).
+Loopback checks, access tokens and the addresses WebRTC media may use are serve/network.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import os
-import secrets
 import threading
 import time
 import uuid
@@ -27,23 +26,14 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
 from ..config import check_prompt
+from .network import LOOPBACK_NAMES, filter_candidates, request_token, restrict_ice_hosts
+from .network import is_loopback as is_loopback, new_token as new_token  # re-exported: serve/commands.py, scale/
 from .session import Session
 from .tracks import StylizedTrack, discard, drain
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 PUBLIC_PATHS = ("/health", "/static/", "/favicon.ico")
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -367,34 +357,6 @@ def parse_offer(body: bytes, cfg: ServerConfig) -> dict:
     return {"sdp": sdp, "prompt": prompt, "size": size, "trace": trace}
 
 
-def filter_candidates(sdp: str, ice_hosts: list[str] | None) -> str:
-    """With loopback-only media, drop the browser's non-loopback ICE candidates (so nothing else is tried)."""
-    if not ice_hosts or not all(is_loopback(h) for h in ice_hosts):
-        return sdp
-    keep = []
-    for line in sdp.splitlines():
-        if line.startswith("a=candidate:"):
-            parts = line.split()
-            if len(parts) < 5 or not is_loopback(parts[4]):
-                continue
-        keep.append(line)
-    return "\r\n".join(keep) + "\r\n"
-
-
-def restrict_ice_hosts(addresses: list[str]) -> None:
-    """Make aioice gather host candidates only on ``addresses`` (it skips 127.0.0.1 by default)."""
-    import aioice.ice
-
-    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(addresses)
-
-
-def request_token(request: web.Request) -> str:
-    auth = request.headers.get("Authorization", "")
-    if auth.startswith("Bearer "):
-        return auth[7:].strip()
-    return request.headers.get("X-Streamedit-Token") or request.query.get("token", "")
-
-
 def jsonable(value):
     """A report with tuple keys/values (working sizes) as JSON: keys as strings, tuples as lists."""
     if isinstance(value, dict):
@@ -406,10 +368,6 @@ def jsonable(value):
 
 def refuse(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(18)
 
 
 NEED_TOKEN_PAGE = """<!doctype html><meta charset="utf-8"><title>streamedit: token needed</title>
