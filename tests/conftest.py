@@ -26,3 +26,18 @@ def frames():
         b = 255.0 * ((xx + yy + 5 * t) % 64) / 64
         out.append(np.stack([r, g, b], -1).astype(np.uint8))
     return out
+
+
+async def close_clients(cams, client) -> None:
+    """The end of a serve test: close each WebRTC test client (serve.client.Client), then the HTTP test client."""
+    for cam in cams:
+        await cam.close()
+    await client.close()
+
+
+def run_closing(run, coro, factory) -> None:
+    """Run a serve test's coroutine with its file's ``run`` (and time limit), then close the engine factory."""
+    try:
+        run(coro)
+    finally:
+        factory.close()

@@ -19,6 +19,7 @@ import pytest
 
 pytest.importorskip("aiortc")
 from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
+from conftest import close_clients, run_closing  # noqa: E402
 
 from streamedit.serve.bench import SyntheticCamera, connect  # noqa: E402
 from streamedit.serve.server import Server, ServerConfig, filter_candidates, is_loopback  # noqa: E402
@@ -239,14 +240,9 @@ def test_three_sessions_share_one_engine(tiny_models):
             engine = factory.shared().engine
             assert len(engine.streams) == 3 and max(engine.histogram) > 1, engine.report()
         finally:
-            for cam in cams:
-                await cam.close()
-            await client.close()
+            await close_clients(cams, client)
 
-    try:
-        run(go())
-    finally:
-        factory.close()
+    run_closing(run, go(), factory)
 
 
 def test_session_limit_refuses_clearly_and_frees_on_disconnect():

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import close_clients, run_closing
 
 from streamedit.engine.multistats import BusyClock, capacity, stream_fps
 from streamedit.errors import StreameditError
@@ -243,14 +244,9 @@ def test_max_sessions_refused_with_503_and_stats_of_two_sessions(tiny_models):
                 assert session["fps"] > 0 and session["latency_ms_p50"] > 0
             assert sorted(s["active_prompt"] for s in stats["sessions"]) == sorted(PROMPTS[:2])
         finally:
-            for cam in cams:
-                await cam.close()
-            await client.close()
+            await close_clients(cams, client)
 
-    try:
-        run(go())
-    finally:
-        factory.close()
+    run_closing(run, go(), factory)
 
 
 def test_a_stopped_engine_refuses_new_sessions_cleanly(tiny_models):
@@ -270,10 +266,7 @@ def test_a_stopped_engine_refuses_new_sessions_cleanly(tiny_models):
         finally:
             await client.close()
 
-    try:
-        run(go())
-    finally:
-        factory.close()
+    run_closing(run, go(), factory)
 
 
 class Collector:
@@ -329,10 +322,7 @@ def test_a_malformed_frame_ends_only_its_session(tiny_models, bad):
             for s in sessions.values():
                 await s.close()
 
-    try:
-        run(go())
-    finally:
-        factory.close()
+    run_closing(run, go(), factory)
     assert not [t for t in threading.enumerate() if t.name.startswith(("streamedit-session", "streamedit-output"))
                 and t.is_alive()]
 
