@@ -16,6 +16,11 @@ Both are one warp ``cond_i(x) = out_prev(x + D(x))`` with ``D = F`` (backward) o
 (forward): :func:`cond_flow`. Sampling is bilinear, border padding, align_corners=True. The first
 batch (and frames after a scene cut) use the input frames themselves.
 
+A cut refreshes its own batch: rows before the cut get the old shot's warped output, rows from the cut
+their input frames. A cut in the middle of a batch (slot > 0) also refreshes the next batch (reason
+``after_cut``, text encoder too): its rows before the cut slot would otherwise keep the old shot's cond
+on new-shot frames until the next refresh; the batch after the cut warps the new shot's first output.
+
 Work split, so nothing here sits on the main stream's critical path:
 
 * :meth:`TemporalConditioner.plan` runs in the engine's prefetch thread, in batch order: it decides
@@ -29,10 +34,10 @@ Work split, so nothing here sits on the main stream's critical path:
 ``stagger`` spreads the refresh evenly instead: batch k refreshes only the batch slots j with
 ``(k - j) % refresh_every == 0``, so every slot is still rebuilt every ``refresh_every`` batches
 but each batch pays for ``B / refresh_every`` flows and cond CNNs (one at B = 8, N = 8) rather than
-every N-th batch paying for B of them (the p95 spike of the full refresh). The start and scene cuts
-still refresh every slot. With ``graph`` (CUDA), a staggered refresh (flow upload, warp, the cond
-CNNs of all hooks as a few GEMMs, :mod:`streamedit.temporal.cond`, and the
-in-place row writes) replays from one CUDA graph: it sits on the main stream's critical path.
+every N-th batch paying for B of them (the p95 spike of the full refresh). The start, scene cuts
+and the batch after a mid-batch cut still refresh every slot. With ``graph`` (CUDA), a staggered
+refresh (flow upload, warp, the cond CNNs of all hooks as a few GEMMs, :mod:`streamedit.temporal.cond`,
+and the in-place row writes) replays from one CUDA graph: it sits on the main stream's critical path.
 """
 
 from __future__ import annotations
@@ -132,7 +137,7 @@ class CondPlan:
     """What the main stream does for one batch (made in the prefetch thread)."""
 
     refresh: bool
-    reason: str = ""  # start / schedule / cut / motion
+    reason: str = ""  # start / schedule / cut / after_cut / motion / stagger
     cut_at: int | None = None  # index in the batch of the first frame of a new shot
     flows: list[Future] = field(default_factory=list)  # one per frame before the cut (refresh only)
     force_te: bool = False
@@ -158,6 +163,7 @@ class TemporalConditioner:
         self._pool = pool or ThreadPoolExecutor(workers, thread_name_prefix="streamedit-flow")
         self._since_refresh = 0
         self._motion = 0.0
+        self._after_cut = False  # the last batch had a cut after slot 0: refresh this one (module docstring)
         self._prev_last = None  # last input frame of the previous batch
         self._prev_output = None  # last decoded output of the previous batch (device, (3,H,W) uint8)
 
@@ -184,6 +190,8 @@ class TemporalConditioner:
             plan = CondPlan(True, "start")
         elif cut_at is not None:
             plan = CondPlan(True, "cut", cut_at=cut_at, force_te=True)
+        elif self._after_cut:
+            plan = CondPlan(True, "after_cut", force_te=True)
         elif not self.stagger and self._since_refresh + 1 >= self.refresh_every:
             plan = CondPlan(True, "schedule")
         elif self.motion_threshold is not None and self._motion > self.motion_threshold:
@@ -204,6 +212,7 @@ class TemporalConditioner:
                                                 self.convention) for f in frames[:stop]]
         else:
             self._since_refresh += 1
+        self._after_cut = bool(cut_at)  # slot 0: every row already holds a new-shot input frame
         self._prev_last = frames[count - 1]
         return plan
 

@@ -9,9 +9,11 @@ warped onto the slot's frame, and then reuses that embedding for up to ``R`` bat
     cond = warp(out[s], D(x[a], x[s]))   with  a = t - B*m,  s = a - j - 1,
 
 the previous output moved onto frame ``a``, an older frame than ``t``; from a shot's first frame on (``s``
-before the shot starts) it is the input frame ``x[a]`` itself. The stored pairs hold only the fresh case
-(``m = 0, j = 0``). :class:`StaleCond` draws, per example, a refresh interval ``N`` from 1..R, an age
-``m`` from 0..N-1 and a slot ``j`` from 0..B-1, and builds that cond with the runtime's own functions
+before the shot starts) it is the input frame ``x[a]`` itself. A cut refreshes its batch, and a cut after
+slot 0 the next batch too, so an age ``m >= 1`` has its whole refresh batch (``a - j`` on) inside ``t``'s
+shot. The stored pairs hold only the fresh case (``m = 0, j = 0``). :class:`StaleCond` draws, per example,
+a refresh interval ``N`` from 1..R, an age ``m`` from 0..N-1 (cut to what the runtime can reach:
+:meth:`StaleCond.max_age`) and a slot ``j`` from 0..B-1, and builds that cond with the runtime's own functions
 (:func:`~streamedit.temporal.conditioner.cond_flow` in the adapter's flow convention, ``flow_size``, and
 :func:`~streamedit.temporal.conditioner.warp_output`), from the teacher frames (the base model's outputs).
 
@@ -61,14 +63,19 @@ class StaleCond:
             shot[i] = first
         self.shot_start = shot
 
+    def max_age(self, t: int, slot: int) -> int:
+        """The oldest refresh the runtime can leave frame ``t`` in ``slot`` on: its batch's own (0), or one
+        whose whole batch lies in ``t``'s shot (a cut refreshes its batch and, after slot 0, the next one)."""
+        return max(0, (t - slot - int(self.shot_start[t])) // self.batch)
+
     def draw(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[list[int], list[int]]:
-        """(ages m, slots j) for the examples ``idx``: N ~ U{1..R}, m ~ U{0..N-1}, j ~ U{0..B-1}; m is cut so
-        the refresh frame stays in the example's shot (the runtime refreshes at a cut)."""
+        """(ages m, slots j) for the examples ``idx``: N ~ U{1..R}, m ~ U{0..N-1}, j ~ U{0..B-1}; m is cut to
+        :meth:`max_age` (the refresh that made the cond lies in the example's shot, as at run time)."""
         n = len(idx)
         interval = torch.randint(1, self.refresh_max + 1, (n,), generator=gen)
         ages = (torch.rand(n, generator=gen) * interval).long().tolist()
         slots = torch.randint(self.batch, (n,), generator=gen).tolist()
-        ages = [min(m, (int(t) - int(self.shot_start[int(t)])) // self.batch) for m, t in zip(ages, idx.tolist())]
+        ages = [min(m, self.max_age(int(t), j)) for m, t, j in zip(ages, idx.tolist(), slots)]
         return ages, slots
 
     def cond_for(self, t: int, age: int, slot: int) -> np.ndarray:
