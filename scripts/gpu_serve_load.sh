@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Issue 25's load runs in one GPU call: one `streamedit serve` (random:real, bf16, 512², the 38-hook random
+# adapter, cond refresh 8) started once, then the load generator against it several times with --url, so the
+# cold compile and capture (388 s for the four batch buckets on an H100, 2026-12-06) is paid once per machine.
+# GPU memory is sampled every 2 s for the whole call; /stats is saved after each run.
+#
+#   RUNS="1x30x60 4x30x60 6x24x30" LIMIT=580 scripts/gpu_serve_load.sh [more serve args]
+#
+# RUNS: SESSIONSxFPSxSECONDS, in order; a run that no longer fits LIMIT seconds (from the start) is skipped.
+# Writes into $OUT (default out/serve-load): server.log, gpumem.csv, load-*.json/.txt, stats-*.json.
+set -uo pipefail
+OUT=${OUT:-out/serve-load} && mkdir -p "$OUT"
+export STREAMEDIT_CACHE_DIR=${STREAMEDIT_CACHE_DIR:-$PWD/.cache/streamedit}
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+TOKEN=loadtest-$$ PORT=${PORT:-7860}
+python -m streamedit serve --model "${MODEL:-random:real}" --device cuda --dtype bfloat16 --lllite "${LLLITE:-random}" \
+  --size 512 --max-size 512 --prepare-input 512x512 --max-sessions "${MAX_SESSIONS:-12}" --host 127.0.0.1 \
+  --ice-host 127.0.0.1 --port "$PORT" --token "$TOKEN" "$@" > "$OUT/server.log" 2>&1 &
+SP=$!
+nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader -l 2 > "$OUT/gpumem.csv" &
+NP=$!
+trap 'kill -INT $SP 2>/dev/null; sleep 5; kill $NP 2>/dev/null' EXIT
+get() { python -c "import sys,urllib.request as u;sys.stdout.write(u.urlopen(sys.argv[1],timeout=5).read().decode())" "$1"; }
+until get "http://127.0.0.1:$PORT/health" > /dev/null 2>&1; do
+  kill -0 $SP 2>/dev/null || { echo "the server exited:"; tail -5 "$OUT/server.log"; exit 1; }
+  [ "$(el)" -lt "${LIMIT:-580}" ] || { echo "the server was not up in time"; exit 1; }
+  sleep 1
+done
+echo "server up at $(el) s"; grep -E "^(engine|compiled|loaded)" "$OUT/server.log"
+for r in ${RUNS:-1x30x60 4x30x60 6x24x30 8x24x30}; do
+  IFS=x read -r n fps s <<< "$r"
+  left=$(( ${LIMIT:-580} - $(el) ))
+  [ $left -ge $(( s + 40 )) ] || { echo "skip $r (${left} s left)"; continue; }
+  timeout $left python -m streamedit.serve.bench --url "http://127.0.0.1:$PORT/?token=$TOKEN" --size 512 \
+    --input 512x512 --warmup 10 --sessions "$n" --fps "$fps" --seconds "$s" --json "$OUT/load-$r.json" \
+    > "$OUT/load-$r.txt" 2>&1
+  echo "== $r: rc=$? at $(el) s"; grep -v -i warning "$OUT/load-$r.txt" | tail -$(( n + 4 ))
+  get "http://127.0.0.1:$PORT/stats?token=$TOKEN" > "$OUT/stats-$r.json" 2>/dev/null
+done
+python - "$OUT/gpumem.csv" <<'P'
+import sys
+mem = [int(l.split(", ")[1].split()[0]) for l in open(sys.argv[1]) if "MiB" in l]
+if mem:
+    print(f"GPU memory used (MiB), {len(mem)} samples: max {max(mem)}, last {mem[-1]}")
+P
+echo "total $(el) s"
