@@ -4,6 +4,7 @@ demo model, real WebRTC sessions (serve/bench.py's client)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import pytest
@@ -16,8 +17,9 @@ from streamedit.serve.bench import SyntheticCamera, connect  # noqa: E402
 from streamedit.serve.server import restrict_ice_hosts  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def app_url():
+@contextlib.contextmanager
+def running_app(**deploy_kw):
+    """A local Ray cluster with the Serve app (slot per replica, CPU, demo model) on a free port; yields its URL."""
     from ray import serve
 
     from streamedit.scale.serve_app import deployments
@@ -27,13 +29,21 @@ def app_url():
         port = s.getsockname()[1]
     restrict_ice_hosts(["127.0.0.1"])  # the client here: loopback candidates only, as the replicas have
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(deployments(slots=1, gpus=0, replicas=2, queue_timeout=2.0, model="demo", device="cpu",
-                          threads=1, server={"ice_hosts": ["127.0.0.1"], "size": 64}),
-              name="streamedit", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(deployments(slots=1, gpus=0, model="demo", device="cpu", threads=1,
+                              server={"ice_hosts": ["127.0.0.1"], "size": 64}, **deploy_kw),
+                  name="streamedit", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    with running_app(replicas=2, queue_timeout=2.0) as url:
+        yield url
 
 
 class InvertedCamera(SyntheticCamera):

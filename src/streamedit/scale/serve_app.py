@@ -11,7 +11,8 @@ autoscaling counts sessions, and a replica being scaled down drains: Serve waits
 ``Board`` actor each replica reports to), ``POST /offer`` (503 when no replica has a free slot within
 ``queue_timeout``), ``DELETE /session/{id}``, ``GET /session/{id}`` (running, or why it ended).
 
-``serve run streamedit.scale.serve_app:build_app model=demo replicas=2`` runs it without the CLI.
+``serve run streamedit.scale.serve_app:build_app model=demo replicas=2`` runs it without the CLI
+(``autoscaling='{"min_replicas": 1, "max_replicas": 4}'``: Ray's autoscaling_config as JSON).
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def deployments(*, slots: int = 2, gpus: float = 1.0, replicas: int | None = 1, 
 
 
 def build_app(args: dict):
-    """``serve run streamedit.scale.serve_app:build_app key=value ...`` (numbers as text)."""
+    """``serve run streamedit.scale.serve_app:build_app key=value ...`` (numbers as text, autoscaling as JSON)."""
     kw = dict(args)
     for k in ("slots", "replicas", "steps", "te_size", "threads"):
         if k in kw:
@@ -225,4 +226,6 @@ def build_app(args: dict):
     for k in ("gpus", "queue_timeout", "drain_s"):
         if k in kw:
             kw[k] = float(kw[k])
+    if isinstance(kw.get("autoscaling"), str):  # autoscaling='{"min_replicas": 1, "max_replicas": 4, ...}'
+        kw["autoscaling"] = json.loads(kw["autoscaling"])
     return deployments(**kw)

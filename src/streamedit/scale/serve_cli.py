@@ -21,7 +21,8 @@ def _replicas(text: str, slots: int) -> dict:
         raise StreameditError(f"--replicas must be N or MIN-MAX (MIN <= MAX, MAX >= 1), got {text!r}") from None
     if lo == hi:
         return {"replicas": lo}
-    # scale up when replicas average more than 80 % of their slots in use; sessions end before a replica goes
+    # scale up when replicas average more than 80 % of their slots in use; a replica scaled down (Ray picks the
+    # newest, busy or not) drains: its sessions go on until they end or drain_s passes (docs/scale-out.md)
     return {"replicas": None, "autoscaling": {"min_replicas": lo, "max_replicas": hi,
                                               "target_ongoing_requests": max(1.0, 0.8 * slots),
                                               "upscale_delay_s": 5.0, "downscale_delay_s": 120.0}}
