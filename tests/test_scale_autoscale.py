@@ -43,6 +43,23 @@ def test_build_app_takes_autoscaling_as_json(monkeypatch):
     assert got == {"slots": 1, "drain_s": 15.0, "autoscaling": AUTOSCALING}
 
 
+
+@pytest.mark.parametrize("args, drain", [((), 60.0), (("--drain", "5"), 5.0)])
+def test_serve_cli_passes_the_drain(monkeypatch, args, drain):
+    """`serve --ray --drain SECONDS` reaches the app as its graceful shutdown time (default 60 s)."""
+    from click.testing import CliRunner
+
+    from streamedit.cli.group import cli
+    from streamedit.scale import serve_cli
+
+    got = {}
+    monkeypatch.setattr(serve_cli, "run", lambda address, **kw: got.update(kw, address=address))
+    result = CliRunner().invoke(cli, ["serve", "--ray", "local", "--device", "cpu", "--model", "random:tiny", *args])
+    assert result.exit_code == 0, result.output
+    assert got["address"] == "local" and got["drain_s"] == drain
+    bad = CliRunner().invoke(cli, ["serve", "--ray", "local", "--drain", "-1"])
+    assert bad.exit_code == 2 and "--drain" in bad.output
+
 def _states() -> dict[str, str]:
     """Every StreamReplica Serve holds (starting, running, stopping) -> its state, from the controller."""
     from ray.serve.context import _get_global_client

@@ -73,9 +73,12 @@ def _resolution(value: str) -> int:
               help="--ray: replica count, or MIN-MAX to autoscale on ongoing sessions.")
 @click.option("--ray-gpus", type=click.FloatRange(0), default=None, help="--ray: GPUs per replica (default 1; "
               "0 with --device cpu).")
+@click.option("--drain", type=click.FloatRange(0), default=60.0, show_default=True, metavar="SECONDS",
+              help="--ray: how long a replica being scaled down keeps its open sessions (Ray stops the newest "
+                   "replica, busy or not) before they are ended.")
 def serve_command(host, port, model, revision, device, dtype, lllite, steps, te_size, token, prompt, size, crop,
                   max_size, max_sessions, target_fps, max_batch, prepare_inputs, max_resolution, ice_hosts,
-                  cpu_threads, certfile, keyfile, shared_engine, preset, ray_address, replicas, ray_gpus):
+                  cpu_threads, certfile, keyfile, shared_engine, preset, ray_address, replicas, ray_gpus, drain):
     """Serve a web page that stylizes the browser's camera (or a video file) live over WebRTC."""
     _need_server_deps()
     if ray_address is not None:  # the scale package sits above this one: reached by name (scale/__init__.py)
@@ -86,7 +89,7 @@ def serve_command(host, port, model, revision, device, dtype, lllite, steps, te_
         importlib.import_module("streamedit.scale.serve_cli").run(
             ray_address, host=host, port=port, token=token, replicas=replicas, gpus=ray_gpus, slots=max_sessions or 2,
             model=model, revision=revision, device=device, dtype=dtype, lllite=lllite, steps=steps, te_size=te_size,
-            shared=shared_engine is not False, threads=cpu_threads, server=server)
+            shared=shared_engine is not False, threads=cpu_threads, server=server, drain_s=drain)
         return
     from ..config import check_prompt
     from .runtime import check_lllite, load_runtime, set_cpu_threads, start_engine
