@@ -15,12 +15,7 @@ cd "$(dirname "$0")/.."
 extra=()
 if [ "${1:-}" = --serve ]; then
   SERVE='^(aiortc|aioice|aiohttp|aiohappyeyeballs|aiosignal|attrs|frozenlist|multidict|propcache|yarl|pyee|pylibsrtp|google-crc32c|cryptography|pyopenssl|dnspython|ifaddr|cffi|pycparser)=='
-  mkdir -p .gpu/serve-wheels
-  mapfile -t pins < <(grep -iE "$SERVE" constraints.txt)
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_26_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any \
-    -d .gpu/serve-wheels "${pins[@]}" 2>&1 | grep -v '^WARNING: Location' || true
+  ONLY=$SERVE DEST=.gpu/serve-wheels scripts/gpu-wheels.sh
   extra=(.gpu/serve-wheels/*.whl)
 fi
 tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
