@@ -99,11 +99,6 @@ def stylize(models, frames: np.ndarray, style: str, *, lllite=None, refresh: int
         engine.close()
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * math.log10(255.0 ** 2 / mse) if mse > 0 else math.inf
-
-
 def measure_clip(models, name, frames, styles, refreshes, lllite, opts, log=None) -> list[dict]:
     """One record per (style, refresh) with the adapter, each against the same no-adapter run."""
     from .metrics import compute_flows, sobel_sharpness, warp_error
@@ -129,6 +124,8 @@ def measure_clip(models, name, frames, styles, refreshes, lllite, opts, log=None
 
 def measure_cut(models, name, frames, styles, lllite, opts, window: int = 24, log=None) -> list[dict]:
     """PSNR against the no-adapter output before / after the cut, cut-triggered refresh on and off."""
+    from .metrics import psnr_per_frame
+
     rows = []
     after = slice(CUT_AT, min(len(frames), CUT_AT + window))
     before = slice(max(0, CUT_AT - window), CUT_AT)
@@ -136,11 +133,10 @@ def measure_cut(models, name, frames, styles, lllite, opts, window: int = 24, lo
         off = stylize(models, frames, style, **opts)
         for cut_refresh in (True, False):
             on = stylize(models, frames, style, lllite=lllite, refresh=8, cut_refresh=cut_refresh, **opts)
+            first4 = slice(CUT_AT, CUT_AT + 4)
             rows.append({"clip": name, "style": style, "cut_refresh": cut_refresh, "cut_at": CUT_AT,
-                         "psnr_before": float(np.mean([_psnr(a, b) for a, b in zip(on[before], off[before])])),
-                         "psnr_after": float(np.mean([_psnr(a, b) for a, b in zip(on[after], off[after])])),
-                         "psnr_first4": float(np.mean([_psnr(a, b) for a, b in
-                                                       zip(on[CUT_AT:CUT_AT + 4], off[CUT_AT:CUT_AT + 4])]))})
+                         **{f"psnr_{k}": float(np.mean(psnr_per_frame(on[w], off[w])))
+                            for k, w in (("before", before), ("after", after), ("first4", first4))}})
             if log:
                 log(rows[-1])
     return rows
