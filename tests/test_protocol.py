@@ -88,3 +88,31 @@ def test_bad_input_is_one_line(tmp_path, args, msg):
     assert res.exit_code == 2
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and msg in lines[0], res.output
+
+
+def test_cut_rows_measure_each_window(monkeypatch):
+    """measure_cut: PSNR of the adapter run against the no-adapter run over the windows before the cut, after
+    it and its first 4 frames, cut refresh on and off (runs faked with known offsets per window)."""
+    import math
+
+    import numpy as np
+
+    frames = np.random.default_rng(0).integers(20, 200, (P.CUT_AT + 30, 8, 8, 3), dtype=np.uint8)
+
+    def fake_stylize(models, clip, style, *, lllite=None, cut_refresh=True, **kw):
+        out = clip.astype(np.int16)
+        if lllite is not None:
+            out[:P.CUT_AT] += 2
+            out[P.CUT_AT:P.CUT_AT + 4] += 4 if cut_refresh else 16
+            out[P.CUT_AT + 4:] += 8 if cut_refresh else 16
+        return out.astype(np.uint8)
+
+    monkeypatch.setattr(P, "stylize", fake_stylize)
+    rows = P.measure_cut(None, "c", frames, ["oil"], "adapter", {}, window=24)
+    db = lambda d: 10 * math.log10(255**2 / d**2)  # noqa: E731
+    on, off = rows
+    assert on["cut_refresh"] and not off["cut_refresh"]
+    assert on["psnr_before"] == pytest.approx(db(2)) and off["psnr_before"] == pytest.approx(db(2))
+    assert on["psnr_first4"] == pytest.approx(db(4)) and off["psnr_first4"] == pytest.approx(db(16))
+    assert on["psnr_after"] == pytest.approx((4 * db(4) + 20 * db(8)) / 24)
+    assert off["psnr_after"] == pytest.approx(db(16))
