@@ -7,26 +7,39 @@
 #   RUNS="1x30x60 4x30x60 6x24x30" LIMIT=580 scripts/gpu_serve_load.sh [more serve args]
 #
 # RUNS: SESSIONSxFPSxSECONDS, in order; a run that no longer fits LIMIT seconds (from the start) is skipped.
-# Writes into $OUT (default out/serve-load): server.log, gpumem.csv, load-*.json/.txt, stats-*.json.
+# KEEP=1 leaves the server (and the memory sampling) running detached after the call, and a later call on the
+# same warm machine finds it on PORT and reuses it (no second start-up); without KEEP the server is stopped.
+# Writes into $OUT (default out/serve-load): server.log, gpumem.csv (the server's whole life so far),
+# load-*.json/.txt, stats-*.json.
 set -uo pipefail
 OUT=${OUT:-out/serve-load} && mkdir -p "$OUT"
 export STREAMEDIT_CACHE_DIR=${STREAMEDIT_CACHE_DIR:-$PWD/.cache/streamedit}
+LIVE=$PWD/.cache/serve-load && mkdir -p "$LIVE"  # outlives the call: the kept server's log, pids, memory trace
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
-TOKEN=loadtest-$$ PORT=${PORT:-7860}
-python -m streamedit serve --model "${MODEL:-random:real}" --device cuda --dtype bfloat16 --lllite "${LLLITE:-random}" \
-  --size 512 --max-size 512 --prepare-input 512x512 --max-sessions "${MAX_SESSIONS:-12}" --host 127.0.0.1 \
-  --ice-host 127.0.0.1 --port "$PORT" --token "$TOKEN" "$@" > "$OUT/server.log" 2>&1 &
-SP=$!
-nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader -l 2 > "$OUT/gpumem.csv" &
-NP=$!
-trap 'kill -INT $SP 2>/dev/null; sleep 5; kill $NP 2>/dev/null' EXIT
+TOKEN=${TOKEN:-loadtest} PORT=${PORT:-7860}
 get() { python -c "import sys,urllib.request as u;sys.stdout.write(u.urlopen(sys.argv[1],timeout=5).read().decode())" "$1"; }
+stop() { kill -INT "$(cat "$LIVE/server.pid")" 2>/dev/null; sleep 5; kill "$(cat "$LIVE/smi.pid")" 2>/dev/null; }
+finish() { cp "$LIVE/server.log" "$LIVE/gpumem.csv" "$OUT/" 2>/dev/null; [ "${KEEP:-0}" = 1 ] || stop; }
+if get "http://127.0.0.1:$PORT/health" > /dev/null 2>&1; then
+  echo "reusing the server already up on port $PORT (started by an earlier call)"
+else
+  setsid nohup python -m streamedit serve --model "${MODEL:-random:real}" --device cuda --dtype bfloat16 \
+    --lllite "${LLLITE:-random}" --size 512 --max-size 512 --prepare-input 512x512 \
+    --max-sessions "${MAX_SESSIONS:-12}" --host 127.0.0.1 --ice-host 127.0.0.1 --port "$PORT" --token "$TOKEN" "$@" \
+    > "$LIVE/server.log" 2>&1 < /dev/null &
+  echo $! > "$LIVE/server.pid"
+  setsid nohup nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader -l 2 \
+    > "$LIVE/gpumem.csv" 2>/dev/null < /dev/null &
+  echo $! > "$LIVE/smi.pid"
+fi
+SP=$(cat "$LIVE/server.pid")
+trap finish EXIT
 until get "http://127.0.0.1:$PORT/health" > /dev/null 2>&1; do
-  kill -0 $SP 2>/dev/null || { echo "the server exited:"; tail -5 "$OUT/server.log"; exit 1; }
+  kill -0 "$SP" 2>/dev/null || { echo "the server exited:"; tail -5 "$LIVE/server.log"; exit 1; }
   [ "$(el)" -lt "${LIMIT:-580}" ] || { echo "the server was not up in time"; exit 1; }
   sleep 1
 done
-echo "server up at $(el) s"; grep -E "^(engine|compiled|loaded)" "$OUT/server.log"
+echo "server up at $(el) s"; grep -E "^(engine|compiled|loaded|built)" "$LIVE/server.log"
 for r in ${RUNS:-1x30x60 4x30x60 6x24x30 8x24x30}; do
   IFS=x read -r n fps s <<< "$r"
   left=$(( ${LIMIT:-580} - $(el) ))
@@ -37,7 +50,7 @@ for r in ${RUNS:-1x30x60 4x30x60 6x24x30 8x24x30}; do
   echo "== $r: rc=$? at $(el) s"; grep -v -i warning "$OUT/load-$r.txt" | tail -$(( n + 4 ))
   get "http://127.0.0.1:$PORT/stats?token=$TOKEN" > "$OUT/stats-$r.json" 2>/dev/null
 done
-python - "$OUT/gpumem.csv" <<'P'
+python - "$LIVE/gpumem.csv" <<'P'
 import sys
 mem = [int(l.split(", ")[1].split()[0]) for l in open(sys.argv[1]) if "MiB" in l]
 if mem:

@@ -144,6 +144,39 @@ def test_prompt_change_affects_only_its_stream(tiny_models, spy):
         assert_close(outs[b][t], want[t])
 
 
+def test_fast_text_encoder_one_length_for_every_prompt(tiny_models, spy):
+    """With the fast TE the engine computes every prompt at one padded, masked length (rows.PROMPT_TOKENS:
+    a prompt change never recompiles), and each stream still gets its own single-stream engine's latents;
+    a prompt over the room is refused when set, the stream keeping its prompt, never in a tick."""
+    with multi(tiny_models, te_fast=True) as engine:
+        a, b = engine.open_stream("oil painting", seed=0), engine.open_stream("make it a watercolor", seed=1)
+        with pytest.raises(StreameditError, match="too long"):
+            a.set_prompt("an instruction far longer than any prompt should be " * 6)
+        with pytest.raises(StreameditError, match="too long"):
+            engine.open_stream("an instruction far longer than any prompt should be " * 6)
+        assert a.prompt == "oil painting" and len(engine.streams) == 2
+        for t in range(3):
+            if t == 1:
+                a.set_prompt("cartoon")
+            for k, s in enumerate((a, b)):
+                s.submit(pattern(k, t))
+            engine.tick()
+        lat_a, lat_b = row_latents(engine, spy, a), row_latents(engine, spy, b)
+        assert len({tuple(engine.te.text_mask(p).shape) for p in ("oil painting", "cartoon")}) == 1
+    frames_a, frames_b = [pattern(0, t) for t in range(3)], [pattern(1, t) for t in range(3)]
+    _, before = single(tiny_models, "oil painting", 0, frames_a, spy=spy, te_fast=True)
+    _, after = single(tiny_models, "cartoon", 0, frames_a, spy=spy, te_fast=True)
+    assert_latents(lat_a, before[:1] + after[1:])
+    assert_latents(lat_b, single(tiny_models, "make it a watercolor", 1, frames_b, spy=spy, te_fast=True)[1])
+
+
+def test_te_batch_pads_to_captured_sizes():
+    from streamedit.engine.rows import te_batch
+
+    assert [te_batch(n, (1, 2, 4, 8)) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert te_batch(3, None) == 3 and te_batch(9, (1, 2)) == 9
+
+
 def test_latest_frame_wins_counts_drops(tiny_models, spy):
     with multi(tiny_models) as engine:
         fast, calm = engine.open_stream("oil painting", seed=0), engine.open_stream("watercolor", seed=1)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import close_clients, run_closing
 
-from streamedit.engine.multistats import BusyClock, capacity, stream_fps
+from streamedit.engine.multistats import BusyClock, capacity, rows_per_tick, stream_fps
 from streamedit.errors import StreameditError
 from streamedit.serve.runtime import engine_factory
 from streamedit.serve.shared import choose_engine
@@ -65,19 +65,29 @@ def scheduled_fps(engine, batch_s: dict[int, float], streams: int, ticks: int = 
 
 
 def test_capacity_matches_the_engines_scheduler(tiny_models):
-    """stream_fps (the --max-sessions formula) is what the fair scheduler gives each of K busy streams."""
+    """stream_fps (the --max-sessions formula) is what the fair scheduler gives each of K busy streams, for
+    made-up batch times and for the H100's measured ones (where 5 streams are served 4 per tick, not 8)."""
     from streamedit import EngineConfig
     from streamedit.engine.multi import MultiStreamEngine
 
-    batch_s = {1: 0.010, 2: 0.012, 4: 0.016, 8: 0.024}
+    made_up = {1: 0.010, 2: 0.012, 4: 0.016, 8: 0.024}
+    h100 = {1: 0.0147, 2: 0.0209, 4: 0.0340, 8: 0.0601}  # docs/benchmarks.md, serve start-up 2026-12-06
     config = EngineConfig(prompt="oil painting", batch_size=8, size=64, fixed_noise=True)
+    fps = {}
     with MultiStreamEngine(tiny_models, config, max_streams=20) as engine:
-        assert engine.buckets == tuple(batch_s)
-        fps = {k: scheduled_fps(engine, batch_s, k) for k in (1, 2, 3, 5, 8, 9, 13, 14, 20)}
-    for k, got in fps.items():
-        assert stream_fps(batch_s, k) == pytest.approx(got, rel=0.01), k
-    n = capacity(batch_s, 24.0)
-    assert n == 13 and fps[13] >= 24.0 > fps[14]  # 8 / (13 * 24 ms) = 25.6 fps, 8 / (14 * 24 ms) = 23.8 fps
+        assert engine.buckets == tuple(made_up)
+        for name, batch_s in (("made_up", made_up), ("h100", h100)):
+            engine.batch_seconds[(64, 64)] = batch_s  # what prepare(measure=) records
+            fps[name] = {k: scheduled_fps(engine, batch_s, k) for k in (1, 2, 3, 5, 6, 8, 9, 13, 14, 20)}
+            for k, got in fps[name].items():
+                assert stream_fps(batch_s, k) == pytest.approx(got, rel=0.01), (name, k)
+        engine.batch_seconds.clear()  # unmeasured: as many as ready, up to the largest bucket
+        assert scheduled_fps(engine, h100, 5) == pytest.approx(1 / 0.0601, rel=0.01)
+    assert capacity(made_up, 24.0) == 13 and fps["made_up"][13] >= 24.0 > fps["made_up"][14]  # 8 / (13 * 24 ms)
+    assert fps["made_up"][5] == pytest.approx(4 / (5 * 0.016), rel=0.01)  # 4 a tick beats 5 padded to 8
+    assert fps["h100"][5] == pytest.approx(4 / (5 * 0.0340), rel=0.01)  # 23.5 fps, against 16.6 padded to 8
+    assert capacity(h100, 24.0) == 4 and capacity(h100, 23.0) == 5
+    assert rows_per_tick(h100, 8, (1, 2, 4, 8)) == 8 and rows_per_tick(None, 5, (1, 2, 4, 8)) == 5
     assert capacity({1: 0.1}, 30.0) == 1  # not even one stream at the target: still one session
 
 

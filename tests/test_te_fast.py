@@ -265,3 +265,46 @@ def test_engine_te_fast_flag(tiny_models, size, te_batch_one, te_size):
         assert diff <= 1
     else:  # 64 -> 512 resize: bicubic vs LANCZOS changes the conditioning slightly (measured: 1 level)
         assert diff <= 4
+
+
+@pytest.mark.parametrize("te_size", [512, 256])
+def test_prompt_tokens_one_length_for_every_prompt(mid_models, te_size):
+    """prompt_tokens (the multi-stream engine): every prompt at one sequence length, so a prompt change copies
+    constants in place (no re-layout: no recompile, no re-capture); its own rows equal the unpadded runner's,
+    the rest are zeros and masked; a prompt over the room is refused with a message, not in a batch."""
+    from streamedit.errors import StreameditError
+
+    plain = FastTextEncoderRunner(mid_models, 3, te_size=te_size)
+    fixed = FastTextEncoderRunner(mid_models, 3, te_size=te_size, prompt_tokens=24)
+    frames = fixed.prepare_images(smooth_frames(te_size, seed=3))
+    prompts = ("oil painting", "make it look like a lego city at sunset", "pencil")
+    outs, layouts, shapes = {}, set(), set()
+    for prompt in prompts + prompts[:1]:
+        ref = plain.encode(prompt, frames, 3)
+        ours = fixed.encode(prompt, frames, 3)
+        mask = fixed.text_mask(prompt)
+        own = int(mask.sum())
+        shapes.add(tuple(ours.shape))
+        assert mask.shape == (1, ours.shape[1]) and bool(mask[0, :own].all()) and own < ours.shape[1]
+        assert (ours[:, :own] - ref[:, :own]).abs().max() <= TOL, prompt
+        assert not ours[:, own:].any()  # pad rows: zeros
+        assert fixed.output_shape(prompt) == tuple(ours.shape[1:])
+        if prompt in outs:  # back to a prompt seen before: its kept constants, the same output
+            assert torch.equal(outs[prompt], ours)
+        outs[prompt] = ours
+        layouts.add(fixed._layout)
+    assert len(shapes) == 1 and len(layouts) == 1  # one length; constants never re-allocated after the first
+    assert len({int(fixed.text_mask(p).sum()) for p in prompts}) == 3
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_te(fixed, "reduce-overhead", backend=counter)
+    for prompt in prompts:  # three prompt lengths: one compile (the unpadded runner compiles per length)
+        assert (fixed.encode(prompt, frames, 3) - outs[prompt]).abs().max() <= 1e-5
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+    with pytest.raises(StreameditError, match="too long"):
+        fixed.check_prompt("a very long instruction " * 8)
+    fixed.check_prompt("watercolor")  # fits: nothing raised
+    plain.check_prompt("a very long instruction " * 8)  # the unpadded runner takes any prompt

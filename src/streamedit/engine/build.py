@@ -14,11 +14,13 @@ from ..text.exact import TextEncoderRunner
 from ..text.fast import FastTextEncoderRunner
 
 
-def text_encoder(models, config: EngineConfig) -> TextEncoder:
-    """The exact runner, or the fast one with ``te_fast`` (compiled by :func:`build_denoiser`)."""
+def text_encoder(models, config: EngineConfig, prompt_tokens: int | None = None) -> TextEncoder:
+    """The exact runner, or the fast one with ``te_fast`` (compiled by :func:`build_denoiser`; with
+    ``prompt_tokens``, one sequence length for every prompt: FastTextEncoderRunner)."""
     text = config.text
     if text.te_fast:
-        return FastTextEncoderRunner(models, config.batch_size, fp8=text.te_fp8, te_size=text.te_size)
+        return FastTextEncoderRunner(models, config.batch_size, fp8=text.te_fp8, te_size=text.te_size,
+                                     prompt_tokens=prompt_tokens)
     return TextEncoderRunner(models, te_size=text.te_size)
 
 

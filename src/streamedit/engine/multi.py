@@ -40,7 +40,7 @@ import torch
 from ..accel import compile_cache
 from ..accel.compile_main import own_graphs, release_graphs
 from ..accel.graphs import release_memory
-from ..config import EngineConfig, check_frame, engine_shape, validate
+from ..config import EngineConfig, check_frame, clean_prompt, engine_shape, validate
 from ..diffusion.denoiser import Denoiser
 from ..errors import StreameditError
 from ..models.loading import warn_unknown_instruction
@@ -50,8 +50,8 @@ from ..temporal.attach import attach_adapter
 from ..temporal.conditioner import TemporalConditioner
 from .build import build_denoiser, text_encoder
 from .host import to_working
-from .multistats import BusyClock, engine_report, time_buckets, warm_items
-from .rows import TOKEN_STEP, RowBatch, SizeGroup, assign_rows, default_buckets, stack_text
+from .multistats import BusyClock, engine_report, rows_per_tick, time_buckets, warm_items
+from .rows import PROMPT_TOKENS, TOKEN_STEP, RowBatch, SizeGroup, assign_rows, default_buckets, stack_text, te_batch
 from .streams import Pending, Stream, StreamOutput, latency_ms
 from .ticks import TickDriver
 
@@ -74,7 +74,7 @@ class MultiStreamEngine(TickDriver):
         self.models, self.config, self.max_streams = models, config, max_streams
         self.device = models.device
         self.cuda = self.device.type == "cuda"
-        self.te = text_encoder(models, config)
+        self.te = text_encoder(models, config, prompt_tokens=PROMPT_TOKENS)  # a prompt change: no recompile
         self.adapter = attach_adapter(models, config.temporal, config.size)  # patches the U-Net: before compiling
         self._owns_adapter = self.adapter is not None and self.adapter is not config.lllite
         self._flow_pool = ThreadPoolExecutor(4, thread_name_prefix="streamedit-flow") if self.adapter else None
@@ -121,6 +121,7 @@ class MultiStreamEngine(TickDriver):
         if size != self.config.size:
             validate(self.models, dataclasses.replace(self.config, size=size))
         seed = self.config.seed if seed is None else seed
+        self.te.check_prompt(clean_prompt(prompt or self.config.prompt))
         with self._cond:
             if len(self._streams) >= self.max_streams:
                 raise StreameditError(f"this engine serves at most {self.max_streams} streams")
@@ -165,12 +166,14 @@ class MultiStreamEngine(TickDriver):
     # ---- scheduling -------------------------------------------------------------------------------
     def _select(self) -> tuple[int, tuple[int, int], list] | None:
         """The streams of the next batch (under ``_cond``): the least recently served ready stream's size
-        group, its least recently served ready streams first, up to the largest bucket."""
+        group, its least recently served ready streams first, as many as serve the most frames per second
+        at that size's measured batch times (``multistats.rows_per_tick``; up to the largest bucket)."""
         ready = sorted((s for s in self._streams if s.pending is not None), key=lambda s: (s.last_served, s.id))
         if not ready:
             return None
         shape = ready[0].shape
-        chosen = [s for s in ready if s.shape == shape][: self.buckets[-1]]
+        same = [s for s in ready if s.shape == shape]
+        chosen = same[: rows_per_tick(self.batch_seconds.get(shape), len(same), self.buckets)]
         for s in chosen:
             s.last_served = next(self._served)  # in batch order: the left-out rotate (round robin)
         self.ticks += 1
@@ -216,14 +219,17 @@ class MultiStreamEngine(TickDriver):
             by_prompt.setdefault(tick.record.prompts[r], []).append(r)  # a change applies from the next tick
             if s.temporal is not None:
                 tick.plans[r] = tick.rows[r][3]
-        images = {p: self.te.prepare_images([frames[r] for r in rows]) for p, rows in by_prompt.items()}
+        te_rows = {p: te_batch(len(rows), self.buckets if self.config.compile else None)
+                   for p, rows in by_prompt.items()}  # compiled: padded to a captured batch size
+        images = {p: self.te.prepare_images([frames[r] for r in rows] + [frames[rows[0]]] * (te_rows[p] - len(rows)))
+                  for p, rows in by_prompt.items()}
         host = torch.from_numpy(np.stack(frames))
         host = host.pin_memory() if self.cuda else host
         den = group.denoisers[bucket]
         noise = torch.cat([(it or filler)[2] for it in tick.rows])
         with self._on(self.side_stream):
             tick.started = self.clock.event(self.side_stream)
-            text = stack_text(self.te, by_prompt, images, bucket, TOKEN_STEP if self.config.compile else 1)
+            text = stack_text(self.te, by_prompt, images, bucket, TOKEN_STEP if self.config.compile else 1, te_rows)
             frames_dev = host.to(self.device, non_blocking=True)
             source = den.encode(frames_dev)
             noise = noise.to(self.device, non_blocking=True)

@@ -14,6 +14,7 @@ from ..telemetry import TickRecord
 from ..text.base import TextEncoder
 
 TOKEN_STEP = 64  # compiled: the text sequence is padded to a multiple of this (few graph signatures)
+PROMPT_TOKENS = 48  # the fast text encoder's room for a prompt: one sequence length for every prompt
 
 
 def default_buckets(batch_size: int) -> tuple[int, ...]:
@@ -63,15 +64,22 @@ def assign_rows(owners: list, ids: list[int], bucket: int) -> list[int]:
     return [r if r is not None else free.pop(0) for r in rows]
 
 
+def te_batch(rows: int, buckets: tuple[int, ...] | None) -> int:
+    """The TE batch for one prompt's ``rows``: the next of ``buckets`` (the batch sizes captured at start-up),
+    so a split of a tick among prompts (3 + 1) never captures a graph for a new batch size mid-stream."""
+    return next((b for b in buckets if b >= rows), rows) if buckets else rows
+
+
 def stack_text(te: TextEncoder, by_prompt: dict[str, list[int]], images: dict, bucket: int,
-               pad_step: int = 1) -> tuple[torch.Tensor, ...]:
+               pad_step: int = 1, te_rows: dict[str, int] | None = None) -> tuple[torch.Tensor, ...]:
     """The U-Net's text inputs for a batch: one TE call per prompt (its rows' frames), the embeddings in row
     order (padding rows: the first row's), zero-padded to the longest and to a multiple of ``pad_step``,
     with a mask where lengths differ or the TE view pads (te_size 256). All one length, no pad: no mask,
-    exactly a single-stream engine's inputs."""
+    exactly a single-stream engine's inputs. ``te_rows``: a prompt's TE batch when its ``images`` hold more
+    frames than its rows (:func:`te_batch`; the outputs past its rows are unused)."""
     embeds, masks = [None] * bucket, [None] * bucket
     for prompt, rows in by_prompt.items():
-        out = te.encode(prompt, images[prompt], len(rows))
+        out = te.encode(prompt, images[prompt], (te_rows or {}).get(prompt, len(rows)))
         mask = te.text_mask(prompt)
         for j, r in enumerate(rows):
             embeds[r] = out[j]

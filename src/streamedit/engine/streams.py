@@ -94,8 +94,11 @@ class Stream:
         return self._prompt
 
     def set_prompt(self, prompt: str) -> None:
-        """This stream's instruction from its next frame a tick takes; the other streams keep theirs."""
-        self._prompt = clean_prompt(prompt)
+        """This stream's instruction from its next frame a tick takes; the other streams keep theirs. A prompt
+        the engine's text encoder cannot take is refused here (StreameditError), never in a tick."""
+        prompt = clean_prompt(prompt)
+        self.engine.te.check_prompt(prompt)
+        self._prompt = prompt
 
     def submit(self, frame: np.ndarray, meta: object = None) -> int:
         """Queue an HxWx3 uint8 RGB frame (resized here, on the caller's thread); returns its index."""

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from ..config import check_prompt
+from ..errors import StreameditError
 from ..video.geometry import fit, working_shape
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,12 @@ class Session:
 
     def set_prompt(self, prompt) -> str:
         prompt = check_prompt(prompt)
+        check = getattr(self.engine, "check_prompt", None)  # one the engine cannot take: refused here
+        if check is not None:
+            try:
+                check(prompt)
+            except StreameditError as exc:
+                raise ValueError(str(exc)) from None
         with self._prompt_lock:
             self.prompt = prompt
             self._pending_prompt = (prompt, self.stats.sent)

@@ -66,6 +66,10 @@ class SharedStream:
     def set_prompt(self, prompt: str) -> None:
         self.stream.set_prompt(prompt)
 
+    def check_prompt(self, prompt: str) -> None:
+        """StreameditError if the shared engine's text encoder cannot take ``prompt`` (too long)."""
+        self.stream.engine.te.check_prompt(prompt)
+
     def submit(self, frame: np.ndarray, meta: object = None) -> int:
         """Queue a frame (raises StreameditError for a malformed one: only this stream is affected)."""
         return self.stream.submit(frame, meta)

@@ -31,6 +31,9 @@ class TextEncoder(Protocol):
     def text_mask(self, prompt: str) -> torch.Tensor | None:
         """(1, tokens) mask of the embeddings for the U-Net (padded view, te_size 256); None: unpadded."""
 
+    def check_prompt(self, prompt: str) -> None:
+        """Raise StreameditError if ``prompt`` cannot be encoded (called before it reaches a batch)."""
+
     def output_shape(self, prompt: str) -> tuple[int, int] | None:
         """(tokens, hidden) of :meth:`encode` per frame, without running it; None where unknown until then."""
 

@@ -31,6 +31,7 @@ Pad rows of the embeddings are zeros: the U-Net's mask gives them no weight.
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import torch
@@ -92,6 +93,7 @@ class TextEncoderRunner:
         self.resample, self.pad_to = TE_VIEWS[self.size]
         self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._device_text: tuple[str, dict[str, torch.Tensor]] | None = None  # (prompt, ids on device)
+        self._tokenizer_lock = threading.Lock()  # the engine thread and a caller's check_prompt share it
 
     def release(self) -> None:
         """Drop the device tensors kept between batches (the prompt's token ids)."""
@@ -105,12 +107,19 @@ class TextEncoderRunner:
         pin = self.models.device.type == "cuda"
         return {k: out[k].pin_memory() if pin else out[k] for k in ("pixel_values", "image_grid_thw")}
 
+    def check_prompt(self, prompt: str) -> None:
+        """Every prompt can be encoded (the processor truncates the te_size 256 view's sequence)."""
+
     def output_shape(self, prompt: str) -> None:
         """Unknown until the first :meth:`encode` (the processor decides the token count)."""
         return None
 
     def text_inputs(self, prompt: str) -> dict[str, torch.Tensor]:
         """input_ids / attention_mask / mm_token_type_ids for one frame (cached per prompt)."""
+        with self._tokenizer_lock:  # a fast tokenizer whose padding is being set is not re-entrant
+            return self._text_inputs(prompt)
+
+    def _text_inputs(self, prompt: str) -> dict[str, torch.Tensor]:
         if prompt not in self._text_cache:
             probe = Image.new("RGB", (self.size, self.size))
             pad = dict(padding="max_length", max_length=self.pad_to, truncation=True) if self.pad_to else {}

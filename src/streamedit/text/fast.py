@@ -40,6 +40,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
 from ..accel.kernels import linear_gelu_tanh, shallow, with_prefix_causal
+from ..errors import StreameditError
 from .exact import TextEncoderRunner
 from .fp8 import Fp8Linear, with_fp8_linears  # noqa: F401  (Fp8Linear: public name kept here)
 
@@ -89,7 +90,13 @@ class FastTextEncoderRunner(TextEncoderRunner):
     """
 
     def __init__(self, models, batch_size: int = 8, fp8: bool = False, fused_kernels: bool = True,
-                 te_size: int | None = None):
+                 te_size: int | None = None, prompt_tokens: int | None = None):
+        """``prompt_tokens``: compute every prompt's sequence at one length, room for that many prompt tokens
+        (longer prompts are refused: :meth:`check_prompt`), so a prompt change only copies constants into
+        place and never recompiles or re-captures (the multi-stream engine, where a stream's prompt change
+        must not stall the others). The rows past a prompt's own tokens are zeros and masked
+        (:meth:`text_mask`); the real rows are what the unpadded forward gives (causal: they never see
+        the pad rows). None: each prompt at its own length, unmasked (a new length: a new graph)."""
         super().__init__(models, te_size)  # the feature model (its final norm: identity if prenorm), image_processor, size, text_inputs() and its cache
         self.batch_size = batch_size  # nominal; shapes come from each call (a new B: one more compile/graph)
         self.visual, self.lm = _hook_free(self.model.visual), _hook_free(self.model.language_model)
@@ -117,6 +124,10 @@ class FastTextEncoderRunner(TextEncoderRunner):
         self._layout = 0  # bumped whenever a constant is re-allocated (CUDA graphs must be re-captured)
         self._prompt = None
         self.n_pad = 0  # zero rows appended to the output (te_size 256: the sequence padded to 256 tokens)
+        self.prompt_tokens = prompt_tokens
+        self._suffix_len: int | None = None  # prompt_tokens: the computed suffix rows, for every prompt
+        self._masks: dict[str, torch.Tensor] = {}  # prompt_tokens: text_mask per prompt (a few recent ones)
+        self._prompts: dict[str, tuple] = {}  # set_prompt's constants per prompt (a few recent ones)
         # what encode() runs; accel.compile_te.compile_te installs the compiled forward and its CUDA graph
         self.forward_fn = self._forward  # the static forward, or its torch.compile wrapper
         self.graph = None  # graphs.StaticGraph of forward_fn when compiled with a CUDA-graph mode
@@ -136,8 +147,8 @@ class FastTextEncoderRunner(TextEncoderRunner):
         elif isinstance(old, torch.Tensor) and old.shape == value.shape and old.dtype == value.dtype:
             old.copy_(value)
             return
-        self.c[name] = value
-        self._layout += 1
+        self.c[name] = [v.clone() for v in value] if isinstance(value, list) else value.clone()  # own storage:
+        self._layout += 1  # the next prompt's values are copied into it, and the caller may keep ``value``
 
     @torch.no_grad()
     def _vision_constants(self):
@@ -176,6 +187,18 @@ class FastTextEncoderRunner(TextEncoderRunner):
         """Per-prompt constants (host syncs happen here, once per prompt, never per batch)."""
         if prompt == self._prompt:
             return
+        if prompt not in self._prompts:  # computed once per prompt, kept for the last few
+            if len(self._prompts) >= 8:
+                self._prompts.pop(next(iter(self._prompts)))
+            self._prompts[prompt] = self._prompt_constants(prompt)
+        values, self.span, self.n_pad = self._prompts[prompt]
+        for name, value in values.items():
+            self._store(name, value)
+        self._prompt = prompt
+
+    def _prompt_constants(self, prompt: str) -> tuple[dict, tuple[int, int], int]:
+        """What :meth:`set_prompt` stores for ``prompt``: (constants by name, image span, zero rows after)."""
+        values = {}
         text = self.text_inputs(prompt)
         real = int(text["attention_mask"][0].sum())  # right padding: the real tokens come first
         n_pad = text["input_ids"].shape[1] - real
@@ -183,6 +206,7 @@ class FastTextEncoderRunner(TextEncoderRunner):
         ids = text["input_ids"].to(self.device)
         grid = torch.tensor([self.grid], device=self.device)
         prefix = self.models.edit_prefix_len
+        fixed = self.fixed_length(prompt) if self.prompt_tokens else None  # (suffix rows computed, own rows)
         # M-RoPE ids (3, 1, L): what Qwen3VLModel.forward computes through compute_3d_position_ids for
         # a batch of identical rows (all-ones mask). The 4-row variant (text row + 3) only feeds mask
         # construction/packed-sequence detection, which is replaced by the explicit mask below.
@@ -192,30 +216,71 @@ class FastTextEncoderRunner(TextEncoderRunner):
         if len(image) != self.n_tokens or image[-1] + 1 - image[0] != len(image) or start < 0:
             raise ValueError("expected one contiguous run of image tokens after the dropped prefix")
         embeds = self.lm.embed_tokens(ids)
+        if fixed is not None:  # pad rows after the prompt's own: zero embeddings at the following positions
+            extra = fixed[0] - fixed[1]
+            embeds = F.pad(embeds, (0, 0, 0, extra))
+            pos = torch.cat([pos, pos[:, :, -1:] + torch.arange(1, extra + 1, device=pos.device)], dim=2)
+            n_pad = max(0, real + n_pad - prefix - fixed[0])  # what still follows as zeros (te_size 256's padding)
+            keep = torch.zeros(1, fixed[0], 1, dtype=self.te_dtype, device=self.device)
+            keep[:, :fixed[1]] = 1
+            values["keep"] = keep
         # Prefix K/V: the first `prefix` tokens are text only (no image, no deepstack) and, with causal
         # attention, their hidden states and K/V never see later tokens; the library's text model on
         # them alone (positions 0..prefix-1 as in the full sequence) yields the K/V the full pass uses.
         cache = DynamicCache(config=self.lm.config)
         self.lm(inputs_embeds=embeds[:, :prefix], position_ids=pos[:, :, :prefix], past_key_values=cache,
                 use_cache=True)
-        self._store("keys", [layer.keys.clone() for layer in cache.layers])
-        self._store("values", [layer.values.clone() for layer in cache.layers])
+        values["keys"] = [layer.keys.clone() for layer in cache.layers]
+        values["values"] = [layer.values.clone() for layer in cache.layers]
         # Rotary cos/sin are per position, so those of the suffix positions (sliced from the full
         # sequence's M-RoPE ids) are the full pass's cos/sin rows; (1, L-prefix, d), broadcast over B.
         cos, sin = self.lm.rotary_emb(embeds, pos[:, :, prefix:])
-        self._store("cos", cos)
-        self._store("sin", sin)
-        self._store("text", embeds[:, prefix:].contiguous())  # image rows are overwritten per batch
+        values["cos"], values["sin"] = cos, sin
+        values["text"] = embeds[:, prefix:].contiguous()  # image rows are overwritten per batch
         # Suffix query i sits at absolute position prefix+i and may see keys 0..prefix+i: the library's
         # mask builder for this attention implementation, with the query offset (no padding).
         cfg = self.lm.config
-        self._store("mask", ALL_MASK_ATTENTION_FUNCTIONS[cfg._attn_implementation](
-            batch_size=1, q_length=ids.shape[1] - prefix, kv_length=ids.shape[1], q_offset=prefix, kv_offset=0,
+        values["mask"] = (ALL_MASK_ATTENTION_FUNCTIONS[cfg._attn_implementation](
+            batch_size=1, q_length=embeds.shape[1] - prefix, kv_length=embeds.shape[1], q_offset=prefix, kv_offset=0,
             mask_function=causal_mask_function, attention_mask=None, allow_is_causal_skip=False,
             dtype=self.te_dtype, config=cfg, device=self.device))
-        self.span = (start, end)
-        self.n_pad = n_pad
-        self._prompt = prompt
+        return values, (start, end), n_pad
+
+    def fixed_length(self, prompt: str) -> tuple[int, int]:
+        """With ``prompt_tokens``: (suffix rows every prompt is computed at, this prompt's own rows); a
+        StreameditError when the prompt does not fit."""
+        prefix = self.models.edit_prefix_len
+        own = int(self.text_inputs(prompt)["attention_mask"][0].sum()) - prefix
+        if self._suffix_len is None:  # the template's own rows (an empty prompt) + room for prompt_tokens
+            inputs = self.text_inputs("")
+            room = int(inputs["attention_mask"][0].sum()) - prefix + self.prompt_tokens
+            self._suffix_len = min(-(-room // 8) * 8, inputs["input_ids"].shape[1] - prefix if self.pad_to else room)
+        if own > self._suffix_len:
+            raise StreameditError(f"the prompt is too long for this engine ({own - self._suffix_len} tokens over "
+                                  f"its limit of about {self.prompt_tokens} tokens): shorten it")
+        return self._suffix_len, own
+
+    def check_prompt(self, prompt: str) -> None:
+        """Raise StreameditError now (on the caller's thread) if ``prompt`` cannot be encoded."""
+        if self.prompt_tokens:
+            self.fixed_length(prompt)
+
+    def text_mask(self, prompt: str) -> torch.Tensor | None:
+        if not self.prompt_tokens:
+            return super().text_mask(prompt)
+        if prompt not in self._masks:
+            rows, own = self.fixed_length(prompt)
+            mask = torch.zeros(1, rows + self._padding_after(prompt, rows), dtype=torch.long, device=self.device)
+            mask[:, :own] = 1
+            if len(self._masks) >= 16:
+                self._masks.pop(next(iter(self._masks)))
+            self._masks[prompt] = mask
+        return self._masks[prompt]
+
+    def _padding_after(self, prompt: str, rows: int) -> int:
+        """Zero rows after the computed ones (te_size 256: its sequence is padded to ``pad_to`` tokens)."""
+        return max(0, self.text_inputs(prompt)["input_ids"].shape[1] - self.models.edit_prefix_len - rows) \
+            if self.pad_to else 0
 
     def output_shape(self, prompt: str) -> tuple[int, int]:
         """(tokens after the dropped prefix, hidden size): what :meth:`encode` returns per frame."""
@@ -303,6 +368,8 @@ class FastTextEncoderRunner(TextEncoderRunner):
             if i < len(deepstack):  # Qwen3VLTextModel._deepstack_process: h[image] += deepstack[i]
                 h = torch.cat([h[:, :s], h[:, s:e] + deepstack[i].to(h.dtype), h[:, e:]], dim=1)
         h = lm.norm(h)  # nn.Identity for a "prenorm" model (DreamLite): nothing is computed
+        if "keep" in c:  # prompt_tokens: the rows past the prompt's own are zeros
+            h = h * c["keep"]
         if self.n_pad:  # the padded sequence's pad rows (masked in the U-Net)
             h = torch.cat([h, h.new_zeros(b, self.n_pad, h.shape[-1])], dim=1)
         return h  # the features the model was trained on (Models.te_features)
@@ -324,6 +391,8 @@ class FastTextEncoderRunner(TextEncoderRunner):
         if self.graph is not None:
             self.graph.release()
         self.c.clear()
+        self._prompts.clear()
+        self._masks.clear()
         self._prompt = None
 
 
