@@ -19,21 +19,24 @@ def main() -> None:
     ap.add_argument("input")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--output", default="/tmp/io-speed.mp4")
+    ap.add_argument("--workers", type=int, nargs="*", default=[None],
+                    help="VideoWriter conversion threads to time (default: its own default); 0 = synchronous")
     a = ap.parse_args()
     t0 = time.perf_counter()
     with open_video(a.input, size=a.size) as source:
         frames = list(source.frames())
     decode = time.perf_counter() - t0
-    source = open_video(a.input, size=a.size)
-    t0 = time.perf_counter()
-    with VideoWriter(a.output, source) as writer:
-        for f in frames:
-            writer.write(f)
-    encode = time.perf_counter() - t0
-    source.close()
-    n = len(frames)
-    print(json.dumps({"frames": n, "working": list(frames[0].shape[:2]), "decode_resize_fps": round(n / decode, 1),
-                      "scale_encode_mux_fps": round(n / encode, 1)}))
+    n, result = len(frames), {"frames": len(frames), "working": list(frames[0].shape[:2]),
+                              "decode_resize_fps": round(len(frames) / decode, 1)}
+    for workers in a.workers:
+        source = open_video(a.input, size=a.size)
+        t0 = time.perf_counter()
+        with VideoWriter(a.output, source, workers=workers) as writer:
+            for f in frames:
+                writer.write(f)
+        result[f"scale_encode_mux_fps(workers={workers})"] = round(n / (time.perf_counter() - t0), 1)
+        source.close()
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
