@@ -116,18 +116,25 @@ def test_streams_match_their_single_stream_engines(tiny_models, spy):
         assert np.abs(got[k][0].astype(int) - got[(k + 1) % 3][0].astype(int)).max() > 10
 
 
+def tick_two(engine, a, b, ticks: int, switch_at: int) -> dict:
+    """Streams a and b each submit pattern(k, t) and the engine ticks; a's prompt becomes "cartoon" from tick
+    ``switch_at``. Returns each stream's output images."""
+    outs = {a: [], b: []}
+    for t in range(ticks):
+        if t == switch_at:
+            a.set_prompt("cartoon")
+        for k, s in enumerate((a, b)):
+            s.submit(pattern(k, t))
+        engine.tick()
+        for s in (a, b):
+            outs[s].append(s.get(timeout=0).image)
+    return outs
+
+
 def test_prompt_change_affects_only_its_stream(tiny_models, spy):
     with multi(tiny_models) as engine:
         a, b = engine.open_stream("oil painting", seed=0), engine.open_stream("watercolor", seed=1)
-        outs = {a: [], b: []}
-        for t in range(4):
-            if t == 2:
-                a.set_prompt("cartoon")
-            for k, s in enumerate((a, b)):
-                s.submit(pattern(k, t))
-            engine.tick()
-            for s in (a, b):
-                outs[s].append(s.get(timeout=0).image)
+        outs = tick_two(engine, a, b, ticks=4, switch_at=2)
         lat_a, lat_b = row_latents(engine, spy, a), row_latents(engine, spy, b)
         prompts = [rec.prompts[rec.streams.index(a.id)] for rec in engine.tick_log]
         assert prompts == ["oil painting"] * 2 + ["cartoon"] * 2
@@ -155,12 +162,7 @@ def test_fast_text_encoder_one_length_for_every_prompt(tiny_models, spy):
         with pytest.raises(StreameditError, match="too long"):
             engine.open_stream("an instruction far longer than any prompt should be " * 6)
         assert a.prompt == "oil painting" and len(engine.streams) == 2
-        for t in range(3):
-            if t == 1:
-                a.set_prompt("cartoon")
-            for k, s in enumerate((a, b)):
-                s.submit(pattern(k, t))
-            engine.tick()
+        tick_two(engine, a, b, ticks=3, switch_at=1)
         lat_a, lat_b = row_latents(engine, spy, a), row_latents(engine, spy, b)
         assert len({tuple(engine.te.text_mask(p).shape) for p in ("oil painting", "cartoon")}) == 1
     frames_a, frames_b = [pattern(0, t) for t in range(3)], [pattern(1, t) for t in range(3)]
