@@ -125,6 +125,11 @@ def _to_av_frame(rgb: np.ndarray, pix_fmt: str) -> av.VideoFrame:
     return frame.reformat(format=pix_fmt)
 
 
+def _cores() -> int:
+    """CPU cores this process may run on (a container's limit, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @contextlib.contextmanager
 def _signals_deferred(sigs=(signal.SIGINT, signal.SIGTERM)):
     """Hold off Ctrl-C/SIGTERM while a file is finalized (a second Ctrl-C would leave an mp4 without
@@ -169,7 +174,7 @@ class VideoWriter:
         thread while the model path runs several times faster)."""
         self.path, self.source, self.frames_written = Path(path), source, 0
         self._accepted = 0  # frames given to write(); frames_written counts those encoded
-        workers = min(4, (os.cpu_count() or 1) // 4) if workers is None else workers
+        workers = min(4, _cores() // 4) if workers is None else workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="streamedit-writer") if workers > 0 else None
         self._window = 2 * workers  # converted frames in flight before write() waits for the oldest
         self._pending: deque = deque()  # (future of the converted frame, its pts), in write order
