@@ -23,6 +23,8 @@ class FakeEngine:
         self.prompt = prompt
 
     def set_prompt(self, prompt):
+        if len(prompt) > 40:  # as the shared engine's fast text encoder refuses a prompt over its room
+            raise StreameditError("the prompt is too long for this engine")
         self.prompt = prompt
 
     def process(self, frames):
@@ -77,12 +79,14 @@ def test_loop_keys_pause_save_and_prompt(clip, tmp_path):
                     echo=messages.append)
     commands.put(("prompt", "  watercolor  "))
     commands.put(("prompt", "bad\x00prompt"))
+    commands.put(("prompt", "a prompt the engine refuses as too long for it"))
     try:
         loop.run()
     finally:
         grabber.stop()
     assert engine.prompt == "watercolor" and "prompt: watercolor" in messages
     assert any(m.startswith("prompt not changed") for m in messages)
+    assert "prompt not changed: the prompt is too long for this engine" in messages and loop.prompt == "watercolor"
     assert len(loop.saved) == 1 and loop.saved[0].is_file()
     assert "paused" in messages and "resumed" in messages
     # frames shown while paused repeat the last output: fewer processed than shown

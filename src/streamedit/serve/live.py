@@ -167,11 +167,12 @@ class LiveLoop:
             self.echo(f"saved {path}")
         elif isinstance(command, tuple) and command[0] == "prompt":
             try:
-                self.prompt = check_prompt(command[1])
-            except ValueError as exc:
+                prompt = check_prompt(command[1])
+                self.engine.set_prompt(prompt)  # the shared engine refuses one its text encoder cannot take
+            except (ValueError, StreameditError) as exc:
                 self.echo(f"prompt not changed: {exc}")
             else:
-                self.engine.set_prompt(self.prompt)
+                self.prompt = prompt
                 self.echo(f"prompt: {self.prompt}")
         return True
 
