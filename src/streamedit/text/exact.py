@@ -81,6 +81,11 @@ def feature_model(models) -> nn.Module:
     return prenorm_model(models.text_encoder.model)
 
 
+# The engine thread and a caller's check_prompt share a processor; module level, not on the runner: a runner
+# is pickled by torch's precompile, and a lock cannot be.
+_TOKENIZER_LOCK = threading.Lock()
+
+
 class TextEncoderRunner:
     """Upstream's ``encode_prompt`` for a batch of frames (a :class:`~streamedit.text.base.TextEncoder`)."""
 
@@ -93,7 +98,6 @@ class TextEncoderRunner:
         self.resample, self.pad_to = TE_VIEWS[self.size]
         self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._device_text: tuple[str, dict[str, torch.Tensor]] | None = None  # (prompt, ids on device)
-        self._tokenizer_lock = threading.Lock()  # the engine thread and a caller's check_prompt share it
 
     def release(self) -> None:
         """Drop the device tensors kept between batches (the prompt's token ids)."""
@@ -116,7 +120,7 @@ class TextEncoderRunner:
 
     def text_inputs(self, prompt: str) -> dict[str, torch.Tensor]:
         """input_ids / attention_mask / mm_token_type_ids for one frame (cached per prompt)."""
-        with self._tokenizer_lock:  # a fast tokenizer whose padding is being set is not re-entrant
+        with _TOKENIZER_LOCK:  # a fast tokenizer whose padding is being set is not re-entrant
             return self._text_inputs(prompt)
 
     def _text_inputs(self, prompt: str) -> dict[str, torch.Tensor]:
