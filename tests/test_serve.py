@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 from conftest import close_clients, run_closing  # noqa: E402
 
 from streamedit.serve.bench import SyntheticCamera, connect  # noqa: E402
+from streamedit.serve.rtp import _ATTR as JITTER_ATTR, FrameJitterBuffer  # noqa: E402
 from streamedit.serve.server import Server, ServerConfig, filter_candidates, is_loopback  # noqa: E402
 from streamedit.serve.session import LatestQueue, check_prompt, square_resize  # noqa: E402
 
@@ -197,6 +198,9 @@ def test_session_streams_stylized_frames_and_changes_prompt(tiny_models):
             await cam.wait(lambda: len(cam.frames) >= 3, 60, "3 stylized frames")
             _, _, out = cam.frames[-1]
             assert out.shape == (64, 64, 3)
+            for pc in (cam.pc, server.pcs[cam.session]):  # both ends decode a frame at its last packet
+                video = [t.receiver for t in pc.getTransceivers() if t.kind == "video"]
+                assert [type(getattr(r, JITTER_ATTR)) for r in video] == [FrameJitterBuffer]
             src = square_resize(cam.camera.image(0), 64)
             assert np.abs(out.astype(int) - src).mean() > 10, "output looks like the input"
             cam.channel.send(json.dumps({"type": "prompt", "prompt": "watercolor"}))

@@ -25,6 +25,8 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError
 
+from .rtp import decode_on_marker
+
 PTS_SLACK = 3  # 90 kHz ticks: pts survive aiortc's RTP round trips to within a tick or two
 KEEP_PIXELS = 300  # received frames kept with their pixels (tests look at recent ones)
 
@@ -102,6 +104,7 @@ class Client:
 
     def _on_track(self, track) -> None:
         if track.kind == "video" and self._reader is None:
+            decode_on_marker(self.pc, track)  # as a browser does: a frame is shown when its last packet is in
             self._reader = asyncio.ensure_future(self._read(track))
 
     def _on_message(self, message) -> None:

@@ -28,6 +28,7 @@ from aiortc.sdp import SessionDescription
 from ..config import check_prompt
 from .network import LOOPBACK_NAMES, filter_candidates, request_token, restrict_ice_hosts
 from .network import is_loopback as is_loopback, new_token as new_token  # re-exported: serve/commands.py, scale/
+from .rtp import decode_on_marker
 from .session import Session
 from .tracks import StylizedTrack, discard, drain
 
@@ -208,6 +209,7 @@ class Server:
         @pc.on("track")
         def on_track(track):
             if track.kind == "video" and not tasks:
+                decode_on_marker(pc, track)  # each camera frame decoded when complete, not a frame later
                 pc.addTrack(session.track)
                 tasks.append(asyncio.ensure_future(drain(track, session)))
             else:  # audio or extra tracks: read and drop, so nothing piles up
