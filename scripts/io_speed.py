@@ -4,14 +4,35 @@ size (video/reader.py, as `stylize` reads), then scale back + encode + audio mux
 writes, each frame the decoded one). Names the bound of an end-to-end run: if the model path is faster than
 these, the file I/O is the bottleneck.
 
-    python scripts/io_speed.py INPUT [--size 512] [--output /tmp/io-speed.mp4]
+``--model-ms M`` also times `stylize`'s loop shape with the model replaced by a sleep of M ms per frame, taken
+once per batch of 8 (a GPU-bound loop leaves the CPU to the other threads as a sleep does), once with every
+stage on one thread (``ahead 0, workers 0``: how `stylize` ran before the reader and encoder threads) and once
+as `stylize` runs now: the reader decoding ahead, the writer converting and encoding on its own threads.
+
+    python scripts/io_speed.py INPUT [--size 512] [--output /tmp/io-speed.mp4] [--workers 0 4] [--model-ms 5]
 """
 
 import argparse
+import itertools
 import json
 import time
 
-from streamedit.video.io import VideoWriter, open_video
+from streamedit.video.io import READ_AHEAD, VideoWriter, open_video
+
+
+def pipeline(path: str, size: int, output: str, model_ms: float, ahead: int, workers: int | None,
+             batch: int = 8) -> float:
+    """Frames per second of decode -> (model: a sleep per batch) -> write, as `stylize`'s loop runs them."""
+    source = open_video(path, size=size)
+    n, t0 = 0, time.perf_counter()
+    with VideoWriter(output, source, workers=workers) as writer:
+        frames = source.frames(ahead=ahead)
+        while chunk := list(itertools.islice(frames, batch)):
+            time.sleep(model_ms * len(chunk) / 1000)
+            for f in chunk:
+                writer.write(f)
+            n += len(chunk)
+    return n / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -20,7 +41,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--output", default="/tmp/io-speed.mp4")
     ap.add_argument("--workers", type=int, nargs="*", default=[None],
-                    help="VideoWriter conversion threads to time (default: its own default); 0 = synchronous")
+                    help="VideoWriter threads to time (default: its own default); 0 = synchronous")
+    ap.add_argument("--model-ms", type=float, default=None,
+                    help="also time the stylize loop with the model as a sleep of this many ms per frame")
     a = ap.parse_args()
     t0 = time.perf_counter()
     with open_video(a.input, size=a.size) as source:
@@ -36,6 +59,11 @@ def main() -> None:
                 writer.write(f)
         result[f"scale_encode_mux_fps(workers={workers})"] = round(n / (time.perf_counter() - t0), 1)
         source.close()
+    if a.model_ms is not None:
+        result["model_alone_fps"] = round(1000 / a.model_ms, 1) if a.model_ms else None
+        for ahead, workers in ((0, 0), (READ_AHEAD, a.workers[-1])):
+            fps = pipeline(a.input, a.size, a.output, a.model_ms, ahead, workers)
+            result[f"stylize_loop_fps(ahead={ahead},workers={workers})"] = round(fps, 1)
     print(json.dumps(result))
 
 

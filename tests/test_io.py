@@ -223,6 +223,50 @@ def test_truncated_file_keeps_decoded_frames_and_warns(tmp_path, ext):
     assert len(list(src.frames())) == 48 and src.warning is None
 
 
+def test_read_ahead_gives_the_same_frames_and_stops_with_its_consumer(tmp_path):
+    """frames(ahead=N) decodes on a thread: the same frames, timestamps and end-of-file state as frames();
+    a truncated file's warning still arrives; a consumer that stops early stops the thread and closes the
+    decoder's generator; an error in the producer is raised in the consumer."""
+    import threading
+
+    from streamedit.video.io import read_ahead
+
+    inp = make_test_clip(tmp_path / "in.mp4", frames=40, width=64, height=48, pattern="noise")
+    plain, ahead = open_video(inp, size=32), open_video(inp, size=32)
+    a, b = list(plain.frames()), list(ahead.frames(ahead=3))
+    assert len(a) == 40 and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert plain.pts == ahead.pts and ahead.exhausted and ahead.warning is None
+    data = inp.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) * 6 // 10])
+    cut_plain, cut_ahead = open_video(tmp_path / "cut.mp4", size=32), open_video(tmp_path / "cut.mp4", size=32)
+    assert len(list(cut_plain.frames())) == len(list(cut_ahead.frames(ahead=3))) < 40
+    assert cut_ahead.warning == cut_plain.warning and cut_ahead.warning
+
+    closed = []
+
+    def numbers():
+        try:
+            yield from range(10**9)
+        finally:
+            closed.append(threading.current_thread().name)
+
+    gen = read_ahead(numbers(), 4)
+    assert [next(gen) for _ in range(5)] == [0, 1, 2, 3, 4]
+    gen.close()
+    assert closed == ["streamedit-reader"]
+    assert not any(t.name == "streamedit-reader" for t in threading.enumerate())
+
+    def broken():
+        yield 1
+        raise ValueError("bad packet")
+
+    got = []
+    with pytest.raises(ValueError, match="bad packet"):
+        for item in read_ahead(broken(), 2):
+            got.append(item)
+    assert got == [1]
+
+
 @contextlib.contextmanager
 def read_only_folder(path):
     """A folder nobody may create files in: mode 0o500, or for root (who ignores modes) immutable."""
@@ -311,13 +355,14 @@ class FullDisk:
         return getattr(self.out, name)
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["caller-thread", "encoder-thread"])
 @pytest.mark.parametrize("where", [dict(after=5), dict(on_close=True)], ids=["mid-run", "at-close"])
-def test_full_disk_keeps_the_old_file_and_cleans_up(tmp_path, where):
+def test_full_disk_keeps_the_old_file_and_cleans_up(tmp_path, where, workers):
     inp = make_test_clip(tmp_path / "in.mp4", frames=24, audio=True)
     out, before = _old_output(tmp_path)
     src = open_video(inp, size=32)
     with pytest.raises(StreameditError) as err:
-        with VideoWriter(out, src) as w:
+        with VideoWriter(out, src, workers=workers) as w:
             w._out = FullDisk(w._out, **where)
             for frame in src.frames():
                 w.write(frame)
@@ -376,18 +421,20 @@ def test_interrupted_run_over_an_existing_output_finalizes_what_it_has(tmp_path)
     assert len(probe(out)[0]) == 7 and sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mp4"]
 
 
-def test_ctrl_c_in_real_process(tmp_path):
-    """A real SIGINT mid-write (KeyboardInterrupt can land anywhere) still leaves a complete file."""
+@pytest.mark.parametrize("threads", [0, 2], ids=["one-thread", "reader-and-encoder-threads"])
+def test_ctrl_c_in_real_process(tmp_path, threads):
+    """A real SIGINT mid-write (KeyboardInterrupt can land anywhere) still leaves a complete file, also with
+    the reader decoding ahead and the writer converting and encoding on threads of their own."""
     inp = make_test_clip(tmp_path / "in.mp4", frames=200, width=64, height=48, audio=True)
     out = tmp_path / "out.mp4"
     script = textwrap.dedent(f"""
         import sys, time
         from streamedit.video.io import VideoWriter, open_video
         src = open_video({str(inp)!r}, size=32)
-        w = VideoWriter({str(out)!r}, src)
+        w = VideoWriter({str(out)!r}, src, workers={threads})
         try:
             with w:
-                for frame in src.frames():
+                for frame in src.frames(ahead={threads} * 4):
                     w.write(frame)
                     print(w.frames_written, flush=True)
                     time.sleep(0.01)

@@ -58,7 +58,7 @@ def stylize(inputs, output, prompt, model, revision, device, dtype, batch, steps
     from ..config import EngineConfig, clean_prompt
     from ..engine.stream import StreamEngine
     from ..models.loading import working_size
-    from ..video.io import VideoWriter, open_video
+    from ..video.io import READ_AHEAD, VideoWriter, open_video
 
     check_size(size)
     size = working_size(size, model)
@@ -100,7 +100,7 @@ def stylize(inputs, output, prompt, model, revision, device, dtype, batch, steps
             t0 = time.perf_counter()
             bar = tqdm(total=source.info.frame_count, unit="frame", desc="stylize", dynamic_ncols=True,
                        disable=None)
-            for frame in engine.run(source.frames()):
+            for frame in engine.run(source.frames(ahead=READ_AHEAD)):  # decode overlaps the model
                 writer.write(frame)
                 written += 1
                 bar.update(1)

@@ -20,7 +20,7 @@ from pathlib import Path
 import av
 
 from ..errors import StreameditError
-from ..video.io import VideoSource, _open_input
+from ..video.io import READ_AHEAD, VideoSource, _open_input
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def stylize_shard(shard: Shard, spec: dict, progress=None) -> bytes:
     try:
         engine.skip_noise(shard.first)
         with VideoWriter(tmp / f"shard{spec['suffix']}", source, crf=spec["crf"], audio=False) as writer:
-            for i, frame in enumerate(engine.run(source.frames())):
+            for i, frame in enumerate(engine.run(source.frames(ahead=READ_AHEAD))):
                 if i < shard.warm:
                     continue
                 writer.write(frame, pts=source.pts[i])

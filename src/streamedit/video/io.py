@@ -7,7 +7,7 @@ success. Each module's docstring has the details.
 
 from __future__ import annotations
 
-from .reader import VideoInfo, VideoSource, _ffmpeg_reason, _open_input, open_video
+from .reader import READ_AHEAD, VideoInfo, VideoSource, _ffmpeg_reason, _open_input, open_video, read_ahead
 from .writer import (
     VIDEO_CODECS,
     VideoWriter,
@@ -20,6 +20,6 @@ from .writer import (
 )
 
 # the public names, and the helpers that video/clips.py, scale/ and tests import from here
-__all__ = ["VIDEO_CODECS", "VideoInfo", "VideoSource", "VideoWriter", "check_output", "open_video",
-           "_add_video_stream", "_ffmpeg_reason", "_open_input", "_open_output", "_signals_deferred",
+__all__ = ["READ_AHEAD", "VIDEO_CODECS", "VideoInfo", "VideoSource", "VideoWriter", "check_output", "open_video",
+           "read_ahead", "_add_video_stream", "_ffmpeg_reason", "_open_input", "_open_output", "_signals_deferred",
            "_temp_beside", "_to_av_frame"]

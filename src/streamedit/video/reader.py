@@ -16,6 +16,9 @@ import contextlib
 import itertools
 import logging
 import os
+import queue
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -144,9 +147,15 @@ class VideoSource:
         self.warning = msg
         log.warning("%s: %s", self.path, msg)
 
-    def frames(self):
+    def frames(self, ahead: int = 0):
         """Yield HxWx3 uint8 RGB frames at the working ``shape`` (as stored if ``size`` is None). A second
-        call starts over."""
+        call starts over. ``ahead`` > 0 decodes and resizes on a thread, up to that many frames ahead of
+        the caller (PyAV, swscale and cv2 release the GIL), so a GPU loop does not wait on decode."""
+        if ahead > 0:
+            return read_ahead(self._frames(), ahead)
+        return self._frames()
+
+    def _frames(self):
         if self._raw is None:
             self._start()
         raw, self._raw = self._raw, None
@@ -171,6 +180,54 @@ class VideoSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+READ_AHEAD = 16  # frames a model loop's reader decodes ahead: two batches of 8, about 70 MB at 1080p
+_END = object()
+
+
+def read_ahead(items: Iterator, depth: int) -> Iterator:
+    """``items`` produced on a thread of their own, up to ``depth`` ahead of the consumer, in order. An
+    exception there is raised here; a consumer that stops early (or is interrupted) stops the thread within
+    one item, and ``items`` is closed on it before this generator returns."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not hand_over((item, None)):
+                    return
+            hand_over((_END, None))
+        except BaseException as e:  # noqa: BLE001 - re-raised on the consumer's side
+            hand_over((_END, e))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=produce, name="streamedit-reader", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 def _alpha_notice(path: Path, fmt) -> None:

@@ -16,8 +16,8 @@ import os
 import secrets
 import shutil
 import signal
+import queue
 import threading
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
@@ -167,17 +167,19 @@ class VideoWriter:
 
     def __init__(self, path, source: VideoSource | None = None, *, fps=None, size=None, crf=18,
                  preset="veryfast", audio=True, workers: int | None = None):
-        """``workers``: threads that scale and convert frames ahead of the encoder (cv2 and swscale release
-        the GIL), in write order; 0 converts on the caller's thread. Default: a quarter of the cores, up to
-        4 (none on a 2-core machine, where the model needs them). Why: at 1080p the scale-up and the
-        RGB -> YUV conversion cost more than x264 itself (an H100 host: the whole writer 45 fps on one
-        thread while the model path runs several times faster)."""
+        """``workers``: threads that scale and convert frames (cv2 and swscale release the GIL), and with
+        them one encoder thread that encodes and muxes in write order, so write() returns at once and the
+        caller's loop (the GPU's) never waits for x264; 0 does everything on the caller's thread. Default: a
+        quarter of the cores, up to 4 (none on a 2-core machine, where the model needs them). Why: at 1080p
+        the scale-up, the RGB -> YUV conversion and x264 on the caller's thread held `stylize` to the
+        writer's 45 fps on an H100 host, several times below the model path."""
         self.path, self.source, self.frames_written = Path(path), source, 0
         self._accepted = 0  # frames given to write(); frames_written counts those encoded
         workers = min(4, _cores() // 4) if workers is None else workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="streamedit-writer") if workers > 0 else None
-        self._window = 2 * workers  # converted frames in flight before write() waits for the oldest
-        self._pending: deque = deque()  # (future of the converted frame, its pts), in write order
+        # (future of the converted frame, its pts) in write order; bounded: write() waits when the encoder lags
+        self._pending: queue.Queue | None = queue.Queue(2 * workers) if workers > 0 else None
+        self._encoder: threading.Thread | None = None
         self._closed, self._last_pts, self._failed = False, None, None
         if source is not None:
             fps, tb, info = source.info.fps, source.info.time_base, source.info
@@ -283,9 +285,25 @@ class VideoWriter:
         if self._pool is None:
             self._encode(self._convert(rgb), pts)
             return
-        self._pending.append((self._pool.submit(self._convert, rgb.copy()), pts))  # the caller may reuse rgb
-        while len(self._pending) > self._window:
-            self._encode(self._pending[0][0].result(), self._pending.popleft()[1])
+        if self._failed:  # the encoder thread hit it (a full disk)
+            raise StreameditError(self._failure_message())
+        if self._encoder is None:
+            self._encoder = threading.Thread(target=self._encode_in_order, name="streamedit-encoder", daemon=True)
+            self._encoder.start()
+        self._pending.put((self._pool.submit(self._convert, rgb.copy()), pts))  # the caller may reuse rgb
+
+    def _encode_in_order(self) -> None:
+        """The encoder thread: converted frames in write order until close()'s None; after a failure it only
+        drains (so write() never blocks on a dead encoder) and the failure is raised on the caller's side."""
+        while (item := self._pending.get()) is not None:
+            if self._failed:
+                continue
+            try:
+                self._encode(item[0].result(), item[1])
+            except StreameditError:
+                pass  # _mux recorded why
+            except Exception as e:  # an encoder error: the output is lost, say why where the caller sees it
+                self._failed = _ffmpeg_reason(e)
 
     def _convert(self, rgb: np.ndarray) -> av.VideoFrame:
         w, h = self.size
@@ -318,8 +336,9 @@ class VideoWriter:
         self._closed = True
         with _signals_deferred():
             try:
-                while self._pending and not self._failed:  # every frame written gets encoded
-                    self._encode(self._pending[0][0].result(), self._pending.popleft()[1])
+                if self._encoder is not None:  # every frame written gets encoded
+                    self._pending.put(None)
+                    self._encoder.join()
                 if self.frames_written and not self._failed:
                     self._out.mux(self._stream.encode(None))  # flush delayed (B-)frames
                     src = self.source
