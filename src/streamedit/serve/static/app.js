@@ -167,16 +167,15 @@ function watchFrames(video) {
   if ("requestVideoFrameCallback" in video) video.requestVideoFrameCallback(onFrame);
 }
 
-// End-to-end latency = browser encode + network round trip + server frame assembly + server (queue + model)
-// + jitter buffer + decode. Only the server's own encode/decode (a few ms) is left out.
+// End-to-end latency = browser encode + network round trip + server (queue + model) + jitter buffer + decode.
+// Only the server's own encode/decode (a few ms) is left out; the server decodes a frame as soon as its last
+// packet is in (serve/rtp.py), so frame assembly adds no frame interval.
 async function browserStats() {
   if (!pc) return;
   const b = {}, report = await pc.getStats();
   report.forEach((r) => {
     if (r.type === "outbound-rtp" && r.kind === "video" && r.framesEncoded) {
       b.encodeMs = 1000 * r.totalEncodeTime / r.framesEncoded;
-      // the server (aiortc) completes a frame when the next one's first packet arrives: one frame interval
-      if (r.framesPerSecond) b.assemblyMs = 1000 / r.framesPerSecond;
     }
     if (r.type === "inbound-rtp" && r.kind === "video") {
       if (r.framesDecoded) b.decodeMs = 1000 * r.totalDecodeTime / r.framesDecoded;
@@ -201,8 +200,8 @@ function render() {
   state.fps = spanS > 0 ? (renderTimes.length - 1) / spanS : (s.fps || 0);
   state.dropped = (s.dropped || 0) + (b.framesDropped || 0);
   if (s.latency_ms_p50 != null) {
-    state.latencyMs = s.latency_ms_p50 + (b.encodeMs || 0) + (b.rttMs || 0) + (b.assemblyMs || 0) +
-      (b.jitterMs || 0) + (b.decodeMs || 0);
+    state.latencyMs = s.latency_ms_p50 + (b.encodeMs || 0) + (b.rttMs || 0) + (b.jitterMs || 0) +
+      (b.decodeMs || 0);
   }
   $("fps").textContent = state.fps ? state.fps.toFixed(1) : "–";
   $("latency").textContent = state.latencyMs != null ? Math.round(state.latencyMs) : "–";
@@ -212,7 +211,7 @@ function render() {
     `session ${state.session || "–"} · ${s.size || "–"}px · input ${s.input_size ? s.input_size.join("x") : "–"}\n` +
     `server: fps ${s.fps ?? "–"} · latency p50 ${s.latency_ms_p50 ?? "–"} ms, p95 ${s.latency_ms_p95 ?? "–"} ms · ` +
     `received ${s.received ?? 0} · sent ${s.sent ?? 0} · dropped ${s.dropped_input ?? 0} in, ${s.dropped_output ?? 0} out\n` +
-    `browser: encode ${fmt(b.encodeMs)} ms · rtt ${fmt(b.rttMs)} ms · server frame assembly ${fmt(b.assemblyMs)} ms · ` +
+    `browser: encode ${fmt(b.encodeMs)} ms · rtt ${fmt(b.rttMs)} ms · ` +
     `jitter buffer ${fmt(b.jitterMs)} ms · ` +
     `decode ${fmt(b.decodeMs)} ms · dropped ${b.framesDropped ?? 0}`;
 }
