@@ -163,6 +163,7 @@ def test_fast_text_encoder_one_length_for_every_prompt(tiny_models, spy):
             engine.open_stream("an instruction far longer than any prompt should be " * 6)
         assert a.prompt == "oil painting" and len(engine.streams) == 2
         tick_two(engine, a, b, ticks=3, switch_at=1)
+        assert engine.stats.te_calls == 3  # two prompts per tick, one TE call (text/mixed.py)
         lat_a, lat_b = row_latents(engine, spy, a), row_latents(engine, spy, b)
         assert len({tuple(engine.te.text_mask(p).shape) for p in ("oil painting", "cartoon")}) == 1
     frames_a, frames_b = [pattern(0, t) for t in range(3)], [pattern(1, t) for t in range(3)]

@@ -308,3 +308,41 @@ def test_prompt_tokens_one_length_for_every_prompt(mid_models, te_size):
         fixed.check_prompt("a very long instruction " * 8)
     fixed.check_prompt("watercolor")  # fits: nothing raised
     plain.check_prompt("a very long instruction " * 8)  # the unpadded runner takes any prompt
+
+
+@pytest.mark.parametrize("te_size", [512, 256])
+def test_mixed_prompts_one_call_equals_one_call_per_prompt(mid_models, te_size):
+    """text/mixed.py: a batch whose rows have different prompts, in one call, gives each row what the
+    one-prompt runner gives for that row's prompt and frame; the constants stay in place (no re-layout), a
+    compiled runner compiles once for any mix, and a one-prompt call after a mixed one is that prompt's again."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from streamedit.text.mixed import MixedPromptRunner
+
+    one = FastTextEncoderRunner(mid_models, 4, te_size=te_size, prompt_tokens=24)
+    mixed = MixedPromptRunner(mid_models, 4, prompt_tokens=24, te_size=te_size)
+    frames = mixed.prepare_images(smooth_frames(te_size, n=4, seed=5))
+    p = ("oil painting", "make it look like a lego city at sunset", "pencil")
+    mixes = [[p[0], p[1], p[2], p[1]], [p[2], p[0]], [p[1], p[1], p[0]]]
+
+    def per_row(prompts):
+        return torch.cat([one.encode(q, frames[r:r + 1], 1) for r, q in enumerate(prompts)])
+
+    assert mixed.can_mix(list(p))
+    expected, layouts = [per_row(m) for m in mixes], set()
+    for m, ref in zip(mixes, expected):
+        out = mixed.encode_rows(m, frames, 4)[:len(m)]
+        assert (out - ref).abs().max() <= TOL, m
+        layouts.add(mixed._layout)
+    assert len(layouts) == 1
+    solo = mixed.encode(p[0], frames, 4)  # every row back to one prompt
+    assert (solo - one.encode(p[0], frames, 4)).abs().max() <= TOL
+    with pytest.raises(ValueError, match="prompts for a batch"):
+        mixed.encode_rows(list(p) * 2, frames, 4)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_te(mixed, "reduce-overhead", backend=counter)
+    for m, ref in zip(mixes, expected):
+        assert (mixed.encode_rows(m, frames, 4)[:len(m)] - ref).abs().max() <= TOL
+    assert counter.frame_count == 1
+    torch._dynamo.reset()

@@ -12,15 +12,20 @@ from ..diffusion.denoiser import Denoiser
 from ..text.base import TextEncoder
 from ..text.exact import TextEncoderRunner
 from ..text.fast import FastTextEncoderRunner
+from ..text.mixed import MixedPromptRunner
 
 
-def text_encoder(models, config: EngineConfig, prompt_tokens: int | None = None) -> TextEncoder:
-    """The exact runner, or the fast one with ``te_fast`` (compiled by :func:`build_denoiser`; with
-    ``prompt_tokens``, one sequence length for every prompt: FastTextEncoderRunner)."""
+def text_encoder(models, config: EngineConfig, prompt_tokens: int | None = None,
+                 rows: int | None = None) -> TextEncoder:
+    """The exact runner, or the fast one with ``te_fast`` (compiled by :func:`build_denoiser`). With
+    ``prompt_tokens`` (the multi-stream engine): one sequence length for every prompt and a prompt per row
+    of up to ``rows`` rows (text/mixed.py)."""
     text = config.text
+    if text.te_fast and prompt_tokens:
+        return MixedPromptRunner(models, rows or config.batch_size, prompt_tokens, fp8=text.te_fp8,
+                                 te_size=text.te_size)
     if text.te_fast:
-        return FastTextEncoderRunner(models, config.batch_size, fp8=text.te_fp8, te_size=text.te_size,
-                                     prompt_tokens=prompt_tokens)
+        return FastTextEncoderRunner(models, config.batch_size, fp8=text.te_fp8, te_size=text.te_size)
     return TextEncoderRunner(models, te_size=text.te_size)
 
 

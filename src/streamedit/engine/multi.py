@@ -51,7 +51,7 @@ from ..temporal.conditioner import TemporalConditioner
 from .build import build_denoiser, text_encoder
 from .host import to_working
 from .multistats import BusyClock, engine_report, rows_per_tick, time_buckets, warm_items
-from .rows import PROMPT_TOKENS, TOKEN_STEP, RowBatch, SizeGroup, assign_rows, default_buckets, stack_text, te_batch
+from .rows import PROMPT_TOKENS, TOKEN_STEP, RowBatch, SizeGroup, assign_rows, default_buckets, tick_text
 from .streams import Pending, Stream, StreamOutput, latency_ms
 from .ticks import TickDriver
 
@@ -74,7 +74,8 @@ class MultiStreamEngine(TickDriver):
         self.models, self.config, self.max_streams = models, config, max_streams
         self.device = models.device
         self.cuda = self.device.type == "cuda"
-        self.te = text_encoder(models, config, prompt_tokens=PROMPT_TOKENS)  # a prompt change: no recompile
+        self.te = text_encoder(models, config, prompt_tokens=PROMPT_TOKENS,  # a prompt change: no recompile
+                               rows=self.buckets[-1])
         self.adapter = attach_adapter(models, config.temporal, config.size)  # patches the U-Net: before compiling
         self._owns_adapter = self.adapter is not None and self.adapter is not config.lllite
         self._flow_pool = ThreadPoolExecutor(4, thread_name_prefix="streamedit-flow") if self.adapter else None
@@ -214,22 +215,19 @@ class MultiStreamEngine(TickDriver):
         self.tick_log.append(tick.record)
         filler = tick.rows[real[0][0]]  # padding rows repeat a real row's frame and noise; outputs dropped
         frames = [(it or filler)[1].frame for it in tick.rows]
-        by_prompt: dict[str, list[int]] = {}
+        prompts = {r: tick.record.prompts[r] for r, _, _ in real}  # a change applies from the next tick
         for r, s, _ in real:
-            by_prompt.setdefault(tick.record.prompts[r], []).append(r)  # a change applies from the next tick
             if s.temporal is not None:
                 tick.plans[r] = tick.rows[r][3]
-        te_rows = {p: te_batch(len(rows), self.buckets if self.config.compile else None)
-                   for p, rows in by_prompt.items()}  # compiled: padded to a captured batch size
-        images = {p: self.te.prepare_images([frames[r] for r in rows] + [frames[rows[0]]] * (te_rows[p] - len(rows)))
-                  for p, rows in by_prompt.items()}
         host = torch.from_numpy(np.stack(frames))
         host = host.pin_memory() if self.cuda else host
         den = group.denoisers[bucket]
         noise = torch.cat([(it or filler)[2] for it in tick.rows])
         with self._on(self.side_stream):
             tick.started = self.clock.event(self.side_stream)
-            text = stack_text(self.te, by_prompt, images, bucket, TOKEN_STEP if self.config.compile else 1, te_rows)
+            compiled = self.config.compile  # compiled: TE batches padded to a captured batch size
+            text, te_calls = tick_text(self.te, frames, prompts, bucket, self.buckets if compiled else None,
+                                       TOKEN_STEP if compiled else 1)
             frames_dev = host.to(self.device, non_blocking=True)
             source = den.encode(frames_dev)
             noise = noise.to(self.device, non_blocking=True)
@@ -239,7 +237,7 @@ class MultiStreamEngine(TickDriver):
                 for t in (noise, source, frames_dev, *text):
                     t.record_stream(self.main_stream)
         tick.device = (noise, source, text, frames_dev)
-        self.stats.te_calls += len(by_prompt)
+        self.stats.te_calls += te_calls
         self.stats.te_frames += len(real)
         with self._on(self.main_stream):
             self._generate(tick, den)

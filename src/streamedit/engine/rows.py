@@ -70,6 +70,33 @@ def te_batch(rows: int, buckets: tuple[int, ...] | None) -> int:
     return next((b for b in buckets if b >= rows), rows) if buckets else rows
 
 
+def tick_text(te: TextEncoder, frames: list, prompts: dict[int, str], bucket: int,
+              buckets: tuple[int, ...] | None, pad_step: int) -> tuple[tuple[torch.Tensor, ...], int]:
+    """The U-Net's text inputs for a tick (call it on the side stream): ``frames`` per batch row, ``prompts``
+    per real row. Returns (text tensors, TE calls made). Several prompts that can share one call
+    (text/mixed.py) get one, over the real rows padded to a captured batch size; otherwise one call per
+    prompt (:func:`stack_text`). ``buckets``: the captured TE batch sizes (None: uncompiled, any size)."""
+    order = list(prompts)
+    row_prompts = [prompts[r] for r in order]
+    if len(set(row_prompts)) > 1 and hasattr(te, "encode_rows") and te.can_mix(row_prompts):
+        n = te_batch(len(order), buckets)
+        images = te.prepare_images([frames[r] for r in order] + [frames[order[0]]] * (n - len(order)))
+        out = te.encode_rows(row_prompts, images, n)
+        where = {r: j for j, r in enumerate(order)}
+        index = torch.tensor([where.get(r, 0) for r in range(bucket)], device=out.device)  # padding: row 0's
+        masks = torch.cat([te.text_mask(p) for p in row_prompts])  # fixed length: one shape for every prompt
+        embeds, mask = out.index_select(0, index), masks.index_select(0, index)
+        extra = -embeds.shape[1] % pad_step
+        return (F.pad(embeds, (0, 0, 0, extra)), F.pad(mask, (0, extra))), 1
+    by_prompt: dict[str, list[int]] = {}
+    for r in order:
+        by_prompt.setdefault(prompts[r], []).append(r)
+    te_rows = {p: te_batch(len(rows), buckets) for p, rows in by_prompt.items()}
+    images = {p: te.prepare_images([frames[r] for r in rows] + [frames[rows[0]]] * (te_rows[p] - len(rows)))
+              for p, rows in by_prompt.items()}
+    return stack_text(te, by_prompt, images, bucket, pad_step, te_rows), len(by_prompt)
+
+
 def stack_text(te: TextEncoder, by_prompt: dict[str, list[int]], images: dict, bucket: int,
                pad_step: int = 1, te_rows: dict[str, int] | None = None) -> tuple[torch.Tensor, ...]:
     """The U-Net's text inputs for a batch: one TE call per prompt (its rows' frames), the embeddings in row

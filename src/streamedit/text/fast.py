@@ -187,14 +187,18 @@ class FastTextEncoderRunner(TextEncoderRunner):
         """Per-prompt constants (host syncs happen here, once per prompt, never per batch)."""
         if prompt == self._prompt:
             return
-        if prompt not in self._prompts:  # computed once per prompt, kept for the last few
-            if len(self._prompts) >= 8:
-                self._prompts.pop(next(iter(self._prompts)))
-            self._prompts[prompt] = self._prompt_constants(prompt)
-        values, self.span, self.n_pad = self._prompts[prompt]
+        values, self.span, self.n_pad = self._constants(prompt)
         for name, value in values.items():
             self._store(name, value)
         self._prompt = prompt
+
+    def _constants(self, prompt: str) -> tuple[dict, tuple[int, int], int]:
+        """:meth:`_prompt_constants`, computed once per prompt and kept for the last 16."""
+        if prompt not in self._prompts:
+            if len(self._prompts) >= 16:
+                self._prompts.pop(next(iter(self._prompts)))
+            self._prompts[prompt] = self._prompt_constants(prompt)
+        return self._prompts[prompt]
 
     def _prompt_constants(self, prompt: str) -> tuple[dict, tuple[int, int], int]:
         """What :meth:`set_prompt` stores for ``prompt``: (constants by name, image span, zero rows after)."""
@@ -360,7 +364,7 @@ class FastTextEncoderRunner(TextEncoderRunner):
         # text model on the suffix: image features replace the <|image_pad|> rows (masked_scatter on
         # a static span), prefix K/V come from the cache, deepstack adds at the same image rows.
         s, e = self.span
-        text = c["text"].expand(b, -1, -1)
+        text = _rows(c["text"], b)
         h = torch.cat([text[:, :s], image.to(text.dtype), text[:, e:]], dim=1)
         cache, rope = _PrefixKV(c["keys"], c["values"]), (c["cos"], c["sin"])
         for i, layer in enumerate(lm.layers):
@@ -369,7 +373,7 @@ class FastTextEncoderRunner(TextEncoderRunner):
                 h = torch.cat([h[:, :s], h[:, s:e] + deepstack[i].to(h.dtype), h[:, e:]], dim=1)
         h = lm.norm(h)  # nn.Identity for a "prenorm" model (DreamLite): nothing is computed
         if "keep" in c:  # prompt_tokens: the rows past the prompt's own are zeros
-            h = h * c["keep"]
+            h = h * _rows(c["keep"], b)
         if self.n_pad:  # the padded sequence's pad rows (masked in the U-Net)
             h = torch.cat([h, h.new_zeros(b, self.n_pad, h.shape[-1])], dim=1)
         return h  # the features the model was trained on (Models.te_features)
@@ -378,6 +382,10 @@ class FastTextEncoderRunner(TextEncoderRunner):
     def encode(self, prompt: str, images: torch.Tensor, batch: int) -> torch.Tensor:
         """(batch, tokens - prefix, hidden) prompt embeddings on the model's device/dtype."""
         self.set_prompt(prompt)
+        return self._run(images, batch)
+
+    def _run(self, images: torch.Tensor, batch: int) -> torch.Tensor:
+        """The forward (or its graph) on the constants in place."""
         frames = images[:batch]
         if self.graph is not None:  # the key: everything the capture baked in besides the input shape
             out = self.graph(frames, key=(self._layout, self.span, self.n_pad))
@@ -394,6 +402,12 @@ class FastTextEncoderRunner(TextEncoderRunner):
         self._prompts.clear()
         self._masks.clear()
         self._prompt = None
+
+
+def _rows(constant: torch.Tensor, b: int) -> torch.Tensor:
+    """A per-prompt constant for ``b`` rows: one row broadcast, or the first ``b`` of per-row values
+    (text/mixed.py keeps a prompt per row)."""
+    return constant.expand(b, -1, -1) if constant.shape[0] == 1 else constant[:b]
 
 
 @torch.no_grad()
