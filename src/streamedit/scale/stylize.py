@@ -125,6 +125,7 @@ def run(inputs: list[str], output: str, spec: dict, *, batch: int, address: str 
     key = hashlib.sha256(key.encode()).hexdigest()[:16]
     for job in jobs:
         _resume(job, key)
+    ours = not ray.is_initialized()  # our own connection: ended here when shards are left running
     connect(address)
 
     @ray.remote(num_cpus=0)
@@ -170,8 +171,8 @@ def run(inputs: list[str], output: str, spec: dict, *, batch: int, address: str 
         code = 130
     finally:
         bar.close()
-        for ref in pending:
-            ray.cancel(ref, force=True)
+        if pending:
+            _abandon(ray, list(pending), ours)
     if error:
         code = 1
     for job in jobs:
@@ -181,6 +182,19 @@ def run(inputs: list[str], output: str, spec: dict, *, batch: int, address: str 
     elif code == 130:
         click.echo("interrupted", err=True)
     return code
+
+
+def _abandon(ray, refs: list, ours: bool) -> None:
+    """Stop the shards still running. On our own connection, by ending it: the cluster ends a driver's tasks
+    with it. ``ray.cancel`` races with a shard's completion reply inside Ray and can abort the driver
+    (RAY_CHECK "Tried to complete task that was not pending", seen with Ray 2.60 in CI after Ctrl-C, when
+    the finished shards were already saved), which would turn a clean interrupt into a crash. A connection
+    the caller made is left open: its shards are cancelled without force."""
+    if ours:
+        ray.shutdown()
+        return
+    for ref in refs:
+        ray.cancel(ref, force=False)
 
 
 def _reason(e: Exception) -> str:
