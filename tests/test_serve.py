@@ -294,6 +294,35 @@ def test_oversized_input_is_refused_on_its_session_only():
     run(go())
 
 
+def test_an_error_said_before_the_data_channel_opens_reaches_the_client_when_it_opens():
+    # a camera frame can be decoded before the client's data channel is up: the refusal must wait for it
+    class Channel:
+        readyState, bufferedAmount = "connecting", 0
+
+        def __init__(self):
+            self.sent = []
+
+        def send(self, text):
+            self.sent.append(json.loads(text))
+
+    async def go():
+        server = Server(ServerConfig(ice_hosts=["127.0.0.1"], size=64), fake_factory)
+        ended = []
+        server._end = ended.append
+        session = type("S", (), {"id": "s1", "channel": None, "outbox": [], "error": "too big"})()
+        assert not server._send(session, {"type": "stats"})  # not held: stats are dropped
+        assert not server._send(session, {"type": "error", "error": "too big"}, hold=True)
+        session.channel = channel = Channel()
+        server._flush(session)  # the channel exists but is not open yet
+        assert channel.sent == [] and ended == []
+        channel.readyState = "open"
+        server._flush(session)
+        assert channel.sent == [{"type": "error", "error": "too big"}] and session.outbox == []
+        assert ended == ["s1"]  # told, then ended
+
+    run(go())
+
+
 @pytest.mark.timeout(300)
 def test_1000_malformed_offers_and_messages_leave_a_healthy_server():
     valid_sdp_head = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"

@@ -201,8 +201,10 @@ class Server:
         tasks = session.tasks
 
         def on_error(message: str) -> None:
-            self._send(session, {"type": "error", "error": message})
-            self._end(sid)
+            if self._send(session, {"type": "error", "error": message}, hold=True):
+                self._end(sid)
+            else:  # a frame can be decoded before the data channel is up: end once the client has been told
+                asyncio.get_running_loop().call_later(self.config.connect_timeout, self._end, sid)
 
         session.on_error = on_error
 
@@ -222,6 +224,8 @@ class Server:
                 return
             session.channel = channel
             channel.on("message", lambda msg: self._on_message(session, msg))
+            channel.on("open", lambda: self._flush(session))
+            self._flush(session)
             tasks.append(asyncio.ensure_future(self._push_stats(session, channel)))
 
         @pc.on("connectionstatechange")
@@ -250,11 +254,29 @@ class Server:
             self.refused["messages"] += 1
             self._send(session, {"type": "error", "error": f"message refused: {exc}"[:300]})
 
-    def _send(self, session: Session, payload: dict) -> None:
+    def _send(self, session: Session, payload: dict, hold: bool = False) -> bool:
+        """Send ``payload`` on the session's data channel; True if sent. ``hold``: keep it for the channel's
+        opening instead of dropping it."""
         channel = session.channel
+        if channel is None or channel.readyState != "open":
+            if hold and len(session.outbox) < 8:
+                session.outbox.append(payload)
+            return False
         # a client that floods and never reads gets no more replies once 256 KiB are waiting
-        if channel is not None and channel.readyState == "open" and channel.bufferedAmount < 256 * 1024:
-            channel.send(json.dumps(payload))
+        if channel.bufferedAmount >= 256 * 1024:
+            return False
+        channel.send(json.dumps(payload))
+        return True
+
+    def _flush(self, session: Session) -> None:
+        channel = session.channel
+        if channel is None or channel.readyState != "open" or not session.outbox:
+            return
+        held, session.outbox = session.outbox, []
+        for payload in held:
+            self._send(session, payload)
+        if session.error is not None and any(p.get("type") == "error" for p in held):
+            self._end(session.id)  # the client now knows why its session ends
 
     async def _push_stats(self, session: Session, channel) -> None:
         pushed = 0  # frames whose trace the client has

@@ -132,6 +132,7 @@ class Session:
         self._closed = False
         self.trace: deque | None = deque(maxlen=2000) if trace else None  # (output pts, input pts, prompt)
         self.channel = None  # the WebRTC data channel, once the browser opens it
+        self.outbox: list[dict] = []  # what the server said before that channel was open (sent when it opens)
         self.tasks: list = []  # asyncio tasks the server runs for this session
         self.engine = None  # what the factory made, once the worker made it
         self._reader: threading.Thread | None = None  # streaming engines: reads outputs
