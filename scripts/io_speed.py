@@ -9,6 +9,9 @@ once per batch of 8 (a GPU-bound loop leaves the CPU to the other threads as a s
 stage on one thread (``ahead 0, workers 0``: how `stylize` ran before the reader and encoder threads) and once
 as `stylize` runs now: the reader decoding ahead, the writer converting and encoding on its own threads.
 
+``--x264-threads frame slice`` times the writer with x264's frame threads (the default) and with PyAV's slice
+threads (how it ran before).
+
     python scripts/io_speed.py INPUT [--size 512] [--output /tmp/io-speed.mp4] [--workers 0 4] [--model-ms 5]
 """
 
@@ -42,6 +45,7 @@ def main() -> None:
     ap.add_argument("--output", default="/tmp/io-speed.mp4")
     ap.add_argument("--workers", type=int, nargs="*", default=[None],
                     help="VideoWriter threads to time (default: its own default); 0 = synchronous")
+    ap.add_argument("--x264-threads", nargs="*", choices=("frame", "slice"), default=["frame"])
     ap.add_argument("--model-ms", type=float, default=None,
                     help="also time the stylize loop with the model as a sleep of this many ms per frame")
     a = ap.parse_args()
@@ -51,13 +55,13 @@ def main() -> None:
     decode = time.perf_counter() - t0
     n, result = len(frames), {"frames": len(frames), "working": list(frames[0].shape[:2]),
                               "decode_resize_fps": round(len(frames) / decode, 1)}
-    for workers in a.workers:
+    for workers, threads in itertools.product(a.workers, a.x264_threads):
         source = open_video(a.input, size=a.size)
         t0 = time.perf_counter()
-        with VideoWriter(a.output, source, workers=workers) as writer:
+        with VideoWriter(a.output, source, workers=workers, frame_threads=threads == "frame") as writer:
             for f in frames:
                 writer.write(f)
-        result[f"scale_encode_mux_fps(workers={workers})"] = round(n / (time.perf_counter() - t0), 1)
+        result[f"scale_encode_mux_fps(workers={workers},x264={threads})"] = round(n / (time.perf_counter() - t0), 1)
         source.close()
     if a.model_ms is not None:
         result["model_alone_fps"] = round(1000 / a.model_ms, 1) if a.model_ms else None

@@ -94,7 +94,7 @@ def _open_output(path: Path, source_path: Path | None = None, target: Path | Non
 
 
 def _add_video_stream(out, ext, width, height, fps, time_base, pix_fmt="yuv420p", crf=18, preset="veryfast",
-                      codecs=None):
+                      codecs=None, frame_threads=True):
     for name in codecs or VIDEO_CODECS[ext]:
         try:
             codec = av.Codec(name, "w")
@@ -107,6 +107,10 @@ def _add_video_stream(out, ext, width, height, fps, time_base, pix_fmt="yuv420p"
                 }.get(name, {})
         s = out.add_stream(name, rate=fps, options=opts)
         s.width, s.height, s.pix_fmt = width, height, pix_fmt
+        if name == "libx264" and frame_threads:
+            # PyAV's default (slice threads) splits each frame across cores: at 1080p it scales poorly. x264's
+            # frame threads encode several frames at once (more frames in flight; the same bitstream rules)
+            s.codec_context.thread_type = "FRAME"
         s.time_base = s.codec_context.time_base = time_base
         if name in ("mpeg4", "libopenh264", "libvpx"):  # no CRF mode: pick a generous bitrate
             s.bit_rate = int(width * height * float(fps) * 0.25)
@@ -166,13 +170,14 @@ class VideoWriter:
     """
 
     def __init__(self, path, source: VideoSource | None = None, *, fps=None, size=None, crf=18,
-                 preset="veryfast", audio=True, workers: int | None = None):
+                 preset="veryfast", audio=True, workers: int | None = None, frame_threads: bool = True):
         """``workers``: threads that scale and convert frames (cv2 and swscale release the GIL), and with
         them one encoder thread that encodes and muxes in write order, so write() returns at once and the
         caller's loop (the GPU's) never waits for x264; 0 does everything on the caller's thread. Default: a
         quarter of the cores, up to 4 (none on a 2-core machine, where the model needs them). Why: at 1080p
         the scale-up, the RGB -> YUV conversion and x264 on the caller's thread held `stylize` to the
-        writer's 45 fps on an H100 host, several times below the model path."""
+        writer's 45 fps on an H100 host, several times below the model path. ``frame_threads``: x264 encodes
+        several frames at once (False: PyAV's default, each frame split in slices across the cores)."""
         self.path, self.source, self.frames_written = Path(path), source, 0
         self._accepted = 0  # frames given to write(); frames_written counts those encoded
         workers = min(4, _cores() // 4) if workers is None else workers
@@ -203,7 +208,7 @@ class VideoWriter:
             w, h = self.size
             _even_size_notice(self.path, w, h)
             self._stream = _add_video_stream(self._out, self.path.suffix.lower(), w + w % 2, h + h % 2, fps, tb,
-                                             crf=crf, preset=preset)
+                                             crf=crf, preset=preset, frame_threads=frame_threads)
             self._ain = self._aout = None
             if audio and source is not None and source.info.has_audio:
                 self._setup_audio()
