@@ -7,6 +7,7 @@
 #   RUNS="1x30x60 4x30x60 6x24x30" LIMIT=580 scripts/gpu_serve_load.sh [more serve args]
 #
 # RUNS: SESSIONSxFPSxSECONDS, in order; a run that no longer fits LIMIT seconds (from the start) is skipped.
+# echoSESSIONSxFPSxSECONDS: the media path alone (scripts/serve_transport.py: no model, 512x384), the floor of e2e.
 # KEEP=1 leaves the server (and the memory sampling) running detached after the call, and a later call on the
 # same warm machine finds it on PORT and reuses it (no second start-up); without KEEP the server is stopped.
 # Writes into $OUT (default out/serve-load): server.log, gpumem.csv (the server's whole life so far),
@@ -41,9 +42,15 @@ until get "http://127.0.0.1:$PORT/health" > /dev/null 2>&1; do
 done
 echo "server up at $(el) s"; grep -E "^(engine|compiled|loaded|built)" "$LIVE/server.log"
 for r in ${RUNS:-1x30x60 4x30x60 6x24x30 8x24x30}; do
-  IFS=x read -r n fps s <<< "$r"
+  IFS=x read -r n fps s <<< "${r#echo}"
   left=$(( ${LIMIT:-580} - $(el) ))
   [ $left -ge $(( s + 40 )) ] || { echo "skip $r (${left} s left)"; continue; }
+  if [ "${r#echo}" != "$r" ]; then  # the media path alone (no model: scripts/serve_transport.py) on this host
+    timeout $left python scripts/serve_transport.py --sessions "$n" --fps "$fps" --seconds "$s" --size 512 \
+      --json "$OUT/transport-${r#echo}.json" > "$OUT/transport-${r#echo}.txt" 2>&1
+    echo "== $r: rc=$? at $(el) s"; grep -v -i warning "$OUT/transport-${r#echo}.txt" | tail -$(( n + 4 ))
+    continue
+  fi
   timeout $left python -m streamedit.serve.bench --url "http://127.0.0.1:$PORT/?token=$TOKEN" --size 512 \
     --input 512x512 --warmup 10 --sessions "$n" --fps "$fps" --seconds "$s" --json "$OUT/load-$r.json" \
     > "$OUT/load-$r.txt" 2>&1
