@@ -1,9 +1,14 @@
 """serve/rtp.py: the video jitter buffer releases each frame at its marked last packet, with the bytes and
-timestamps aiortc's own buffer releases a frame later; gaps, reordering and a lost marker are handled."""
+timestamps aiortc's own buffer releases a frame later; gaps, reordering and a lost marker are handled; end to end
+(a real server and client, no model) a frame comes back within a frame interval, not two intervals later."""
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +85,21 @@ def test_a_missing_packet_holds_its_frame_and_the_frames_after_it():
     hole = next(k for k, p in enumerate(packets) if p.timestamp == 3000 * 1)
     ours = feed(FrameJitterBuffer(), packets[:hole] + packets[hole + 1:])
     assert [ts for _, ts, _ in ours] == [0]  # frame 1 is incomplete; nothing after it is handed on
+
+
+@pytest.mark.timeout(240)
+def test_the_media_path_returns_a_frame_within_one_interval_not_two(tmp_path):
+    # scripts/serve_transport.py: `serve`'s server with an echo engine and the load generator, both ends on
+    # FrameJitterBuffer or (--upstream-buffer) on aiortc's; at 10 fps one frame interval is 100 ms
+    script = Path(__file__).resolve().parents[1] / "scripts" / "serve_transport.py"
+    p50 = {}
+    for upstream in (False, True):
+        out = tmp_path / f"upstream-{upstream}.json"
+        cmd = [sys.executable, str(script), "--size", "64", "--fps", "10", "--seconds", "4", "--json", str(out)]
+        run = subprocess.run(cmd + ["--upstream-buffer"] * upstream, capture_output=True, text=True, timeout=180)
+        assert run.returncode == 0, run.stderr[-2000:]
+        session = json.loads(out.read_text())["sessions"][0]
+        assert session["served_fps"] > 8, session
+        p50[upstream] = session["e2e_ms_p50"]
+    assert p50[False] < 60, p50  # codecs and loopback only: a few ms
+    assert p50[True] > p50[False] + 100, p50  # aiortc's buffer: one interval per hop (two hops)
