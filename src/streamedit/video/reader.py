@@ -183,51 +183,61 @@ class VideoSource:
 
 
 READ_AHEAD = 16  # frames a model loop's reader decodes ahead: two batches of 8, about 70 MB at 1080p
-_END = object()
+
+
+def start_reader(items: Iterator, prepare=None, maxsize: int = 1):
+    """A daemon thread putting ``prepare(item)`` (or the item) for each item on a bounded queue, then ``end``.
+
+    Returns (queue, stop event, end marker, thread). An exception (source or preparation) is put on the
+    queue for the consumer to raise; setting ``stop`` ends the thread at its next put and closes
+    ``items`` (so a generator source runs its cleanup).
+    """
+    ready: queue.Queue = queue.Queue(maxsize=maxsize)
+    stop, end = threading.Event(), object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def read():
+        try:
+            for item in items:
+                if not put(prepare(item) if prepare is not None else item):
+                    return
+            put(end)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
+            put(exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=read, daemon=True, name="streamedit-reader")
+    thread.start()
+    return ready, stop, end, thread
 
 
 def read_ahead(items: Iterator, depth: int) -> Iterator:
     """``items`` produced on a thread of their own, up to ``depth`` ahead of the consumer, in order. An
     exception there is raised here; a consumer that stops early (or is interrupted) stops the thread within
     one item, and ``items`` is closed on it before this generator returns."""
-    ready: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-
-    def hand_over(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not hand_over((item, None)):
-                    return
-            hand_over((_END, None))
-        except BaseException as e:  # noqa: BLE001 - re-raised on the consumer's side
-            hand_over((_END, e))
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
-
-    worker = threading.Thread(target=produce, name="streamedit-reader", daemon=True)
-    worker.start()
+    ready, stop, end, thread = start_reader(items, maxsize=depth)
     try:
         while True:
-            item, error = ready.get()
-            if item is _END:
-                if error is not None:
-                    raise error
+            item = ready.get()
+            if item is end:
                 return
+            if isinstance(item, BaseException):
+                raise item
             yield item
     finally:
         stop.set()
-        worker.join()
+        thread.join()
 
 
 def _alpha_notice(path: Path, fmt) -> None:
