@@ -79,6 +79,7 @@ class MultiStreamEngine(TickDriver):
         self.adapter = attach_adapter(models, config.temporal, config.size)  # patches the U-Net: before compiling
         self._owns_adapter = self.adapter is not None and self.adapter is not config.lllite
         self._flow_pool = ThreadPoolExecutor(4, thread_name_prefix="streamedit-flow") if self.adapter else None
+        self._row_index: dict[tuple[int, ...], torch.Tensor] = {}  # cond rows -> their index on the device
         self._groups: dict[tuple[int, int], SizeGroup] = {}  # working size -> its denoisers and adapter rows
         self._streams: list[Stream] = []
         self._ids = itertools.count()
@@ -286,7 +287,10 @@ class MultiStreamEngine(TickDriver):
                 rows.append(r)
                 images.append(s.cond)
         if rows:
-            self.adapter.set_cond_rows(torch.cat(images), torch.tensor(rows, device=frames.device))
+            key = tuple(rows)
+            if key not in self._row_index:  # made once: a host-to-device copy here would wait for the main stream
+                self._row_index[key] = torch.tensor(rows, device=frames.device)
+            self.adapter.set_cond_rows(torch.cat(images), self._row_index[key])
 
     def _finish(self, tick: RowBatch) -> None:
         """Wait for the tick's outputs and hand each to its stream (a closed stream's are dropped)."""

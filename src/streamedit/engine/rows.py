@@ -83,9 +83,10 @@ def tick_text(te: TextEncoder, frames: list, prompts: dict[int, str], bucket: in
         images = te.prepare_images([frames[r] for r in order] + [frames[order[0]]] * (n - len(order)))
         out = te.encode_rows(row_prompts, images, n)
         where = {r: j for j, r in enumerate(order)}
-        index = torch.tensor([where.get(r, 0) for r in range(bucket)], device=out.device)  # padding: row 0's
-        masks = torch.cat([te.text_mask(p) for p in row_prompts])  # fixed length: one shape for every prompt
-        embeds, mask = out.index_select(0, index), masks.index_select(0, index)
+        pick = [where.get(r, 0) for r in range(bucket)]  # padding rows: the first real row's
+        # rows picked by Python indexing and stacked: an index tensor would be a blocking host-to-device copy
+        embeds = torch.stack([out[j] for j in pick])
+        mask = torch.cat([te.text_mask(row_prompts[j]) for j in pick])  # fixed length: one shape for every prompt
         extra = -embeds.shape[1] % pad_step
         return (F.pad(embeds, (0, 0, 0, extra)), F.pad(mask, (0, extra))), 1
     by_prompt: dict[str, list[int]] = {}
