@@ -18,13 +18,6 @@ from streamedit.engine.probe import EngineProbe
 from streamedit.text.exact import TextEncoderRunner
 
 
-@pytest.fixture(autouse=True, scope="module")
-def no_denormals():
-    previous = torch.set_flush_denormal(True)  # the tiny random U-Net's denormals: 20x slower convs on CPU
-    yield
-    torch.set_flush_denormal(previous)
-
-
 @pytest.fixture(autouse=True)
 def private_compile_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMEDIT_CACHE_DIR", str(tmp_path / "compile-cache"))

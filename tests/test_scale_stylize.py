@@ -62,8 +62,12 @@ def test_sharded_equals_one_process_frame_for_frame(tmp_path, cluster):
     crashes its worker and Ray runs it again."""
     address, marker = cluster
     src = make_test_clip(tmp_path / "in.mp4", frames=20, width=64, height=48, audio=True)
-    code, _, err = _run("stylize", src, "-o", tmp_path / "one.mp4", *FAST, "--crf", "0")
-    assert code == 0, err
+    # the one process is a fresh one with one torch thread, as each Ray worker is: not this test process,
+    # whose floating-point state earlier tests may have changed
+    one = subprocess.run([sys.executable, "-m", "streamedit.cli", "stylize", str(src), "-o", str(tmp_path / "one.mp4"),
+                          *FAST, "--crf", "0"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
     code, _, err = _run("stylize", src, "-o", tmp_path / "ray.mp4", *FAST, "--crf", "0", "--ray", address,
                         "--shard-frames", "8")
     assert code == 0, err
@@ -72,7 +76,8 @@ def test_sharded_equals_one_process_frame_for_frame(tmp_path, cluster):
     pts2, frames2, audio2 = _decode(tmp_path / "ray.mp4")
     assert len(frames1) == len(frames2) == 20 and pts1 == pts2 and audio1 == audio2 > 0
     for i, (a, b) in enumerate(zip(frames1, frames2)):
-        assert np.array_equal(a, b), f"frame {i} differs"
+        diff = np.abs(a.astype(int) - b.astype(int))
+        assert not diff.any(), f"frame {i} differs: {np.count_nonzero(diff)} values, up to {diff.max()} levels"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "one.mp4", "ray.mp4"]  # shard folder gone
 
 

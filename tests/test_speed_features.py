@@ -23,14 +23,6 @@ from streamedit.temporal.adapter import LLLiteAdapter, apply_lllite, remove_llli
 
 
 @pytest.fixture(autouse=True, scope="module")
-def no_denormals():
-    # the tiny random U-Net produces denormal floats for some noise draws: 20x slower convs on CPU
-    previous = torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(previous)
-
-
-@pytest.fixture(autouse=True, scope="module")
 def private_compile_cache(tmp_path_factory):
     """Engines that compile point inductor at STREAMEDIT_CACHE_DIR: keep it out of the user's home."""
     mp = pytest.MonkeyPatch()
