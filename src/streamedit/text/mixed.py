@@ -35,6 +35,14 @@ class MixedPromptRunner(FastTextEncoderRunner):
         self.rows = rows
         self._reference: tuple | None = None  # (shared constants, span, n_pad) of the first prompt seen
         self._mixable: dict[str, bool] = {}
+        # each row's prompt in the buffers; None: the last full store was a prompt that does not mix
+        self._row_prompts: list[str] | None = None
+
+    def set_prompt(self, prompt: str) -> None:
+        if prompt == self._prompt:
+            return
+        super().set_prompt(prompt)
+        self._row_prompts = [prompt] * self.rows if self._mixable.get(prompt) else None
 
     def _store(self, name: str, value):
         if name in PER_ROW:  # every row this prompt's, until encode_rows writes others
@@ -60,24 +68,28 @@ class MixedPromptRunner(FastTextEncoderRunner):
 
     @torch.no_grad()
     def encode_rows(self, prompts: list[str], images: torch.Tensor, batch: int) -> torch.Tensor:
-        """(batch, tokens - prefix, hidden): row ``i`` for ``prompts[i]`` (rows past ``len(prompts)`` take the
-        first prompt's). Only for prompts that :meth:`can_mix`."""
+        """(batch, tokens - prefix, hidden): row ``i`` for ``prompts[i]`` (rows past ``len(prompts)`` keep
+        whatever prompt they had: their outputs are for padding). Only for prompts that :meth:`can_mix`. Only
+        the rows whose prompt changed are written; the shared constants stay as they are."""
         if not 0 < len(prompts) <= min(batch, self.rows):
             raise ValueError(f"{len(prompts)} prompts for a batch of {batch} (room for {self.rows} rows)")
         if not self.can_mix(prompts):
             raise ValueError("these prompts do not share the TE's constants: encode them one prompt at a time")
-        first = prompts[0]
-        self.set_prompt(first)
-        if any(p != first for p in prompts):
-            for r, p in enumerate(prompts):
-                if p != first:
-                    values = self._constants(p)[0]
-                    for name in PER_ROW:
-                        self.c[name][r].copy_(values[name][0])
-            self._prompt = None  # the rows are no longer all one prompt's: the next set_prompt rewrites them
+        if self._row_prompts is None:  # the buffers hold a prompt that does not mix: the shared part first
+            self.set_prompt(prompts[0])
+        rows = self._row_prompts
+        for r, p in enumerate(prompts):
+            if rows[r] != p:
+                values = self._constants(p)[0]
+                for name in PER_ROW:
+                    self.c[name][r].copy_(values[name][0])
+                rows[r] = p
+        # one prompt in every row is what set_prompt would store: it then has nothing to do
+        self._prompt = rows[0] if rows.count(rows[0]) == len(rows) else None
         return self._run(images, batch)
 
     def release(self) -> None:
         super().release()
         self._reference = None
         self._mixable.clear()
+        self._row_prompts = None
