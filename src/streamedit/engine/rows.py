@@ -78,24 +78,31 @@ def tick_text(te: TextEncoder, frames: list, prompts: dict[int, str], bucket: in
     prompt (:func:`stack_text`). ``buckets``: the captured TE batch sizes (None: uncompiled, any size)."""
     order = list(prompts)
     row_prompts = [prompts[r] for r in order]
+
+    def images(rows: list[int], n: int):  # the rows' frames, padded with the first to the TE batch n
+        return te.prepare_images([frames[r] for r in rows] + [frames[rows[0]]] * (n - len(rows)))
+
     if len(set(row_prompts)) > 1 and hasattr(te, "encode_rows") and te.can_mix(row_prompts):
         n = te_batch(len(order), buckets)
-        images = te.prepare_images([frames[r] for r in order] + [frames[order[0]]] * (n - len(order)))
-        out = te.encode_rows(row_prompts, images, n)
+        out = te.encode_rows(row_prompts, images(order, n), n)
         where = {r: j for j, r in enumerate(order)}
         pick = [where.get(r, 0) for r in range(bucket)]  # padding rows: the first real row's
         # rows picked by Python indexing and stacked: an index tensor would be a blocking host-to-device copy
         embeds = torch.stack([out[j] for j in pick])
         mask = torch.cat([te.text_mask(row_prompts[j]) for j in pick])  # fixed length: one shape for every prompt
-        extra = -embeds.shape[1] % pad_step
-        return (F.pad(embeds, (0, 0, 0, extra)), F.pad(mask, (0, extra))), 1
+        return _pad_text(embeds, mask, pad_step), 1
     by_prompt: dict[str, list[int]] = {}
     for r in order:
         by_prompt.setdefault(prompts[r], []).append(r)
     te_rows = {p: te_batch(len(rows), buckets) for p, rows in by_prompt.items()}
-    images = {p: te.prepare_images([frames[r] for r in rows] + [frames[rows[0]]] * (te_rows[p] - len(rows)))
-              for p, rows in by_prompt.items()}
-    return stack_text(te, by_prompt, images, bucket, pad_step, te_rows), len(by_prompt)
+    batches = {p: images(rows, te_rows[p]) for p, rows in by_prompt.items()}
+    return stack_text(te, by_prompt, batches, bucket, pad_step, te_rows), len(by_prompt)
+
+
+def _pad_text(embeds: torch.Tensor, mask: torch.Tensor, pad_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings and mask zero-padded to a multiple of ``pad_step`` tokens."""
+    extra = -embeds.shape[1] % pad_step
+    return F.pad(embeds, (0, 0, 0, extra)), F.pad(mask, (0, extra))
 
 
 def stack_text(te: TextEncoder, by_prompt: dict[str, list[int]], images: dict, bucket: int,
@@ -120,5 +127,4 @@ def stack_text(te: TextEncoder, by_prompt: dict[str, list[int]], images: dict, b
     embeds, mask = pad_sequence(embeds, batch_first=True), pad_sequence(masks, batch_first=True)
     if not masked:
         return (embeds,)
-    extra = -embeds.shape[1] % pad_step
-    return F.pad(embeds, (0, 0, 0, extra)), F.pad(mask, (0, extra))
+    return _pad_text(embeds, mask, pad_step)
