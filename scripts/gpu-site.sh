@@ -6,19 +6,23 @@
 #
 #   scripts/gpu-site.sh            # .whl/*.whl
 #   scripts/gpu-site.sh --serve    # plus aiortc, aiohttp and their dependencies at the constraints.txt pins
+#   scripts/gpu-site.sh --ray      # plus Ray core (for `stylize --ray`), cut down to fit (below)
 #
 # Then `run` with carry [".gpu"] and start the command with
 #   tar xJf .gpu/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/site:$PWD/src
-# (the tracked demo weights, 32 MB, must not travel too: see docs/benchmarks.md "Running on the GPU machine").
+# (the tracked demo weights, 32 MB, must not travel too: delete src/streamedit/assets/demo-* from the working
+# tree for the call and `git checkout` them after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extra=()
-if [ "${1:-}" = --serve ]; then
-  SERVE='^(aiortc|aioice|aiohttp|aiohappyeyeballs|aiosignal|attrs|frozenlist|multidict|propcache|yarl|pyee|pylibsrtp|google-crc32c|cryptography|pyopenssl|dnspython|ifaddr|cffi|pycparser)=='
-  ONLY=$SERVE DEST=.gpu/serve-wheels scripts/gpu-wheels.sh
-  extra=(.gpu/serve-wheels/*.whl)
-fi
-tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
+SERVE='^(aiortc|aioice|aiohttp|aiohappyeyeballs|aiosignal|attrs|frozenlist|multidict|propcache|yarl|pyee|pylibsrtp|google-crc32c|cryptography|pyopenssl|dnspython|ifaddr|cffi|pycparser)=='
+# Ray core and the one dependency family the image lacks (jsonschema); the rest it needs is in the image
+RAY='^(ray|jsonschema|jsonschema-specifications|referencing|rpds-py)=='
+extra=() ray=0
+case "${1:-}" in
+  --serve) ONLY=$SERVE DEST=.gpu/extra-wheels scripts/gpu-wheels.sh; extra=(.gpu/extra-wheels/*.whl) ;;
+  --ray) ONLY=$RAY DEST=.gpu/extra-wheels scripts/gpu-wheels.sh; extra=(.gpu/extra-wheels/*.whl); ray=1 ;;
+esac
+tmp=$(mktemp -d) && trap 'rm -rf "$tmp" .gpu/extra-wheels' EXIT
 for w in .whl/*.whl "${extra[@]}"; do python3 -m zipfile -e "$w" "$tmp/site/"; done
 # a wheel's NAME.data/{purelib,platlib} belong in site-packages itself (what pip's installer does)
 for d in "$tmp"/site/*.data; do
@@ -26,5 +30,12 @@ for d in "$tmp"/site/*.data; do
   for sub in purelib platlib; do [ -d "$d/$sub" ] && cp -r "$d/$sub/." "$tmp/site/"; done
   rm -rf "$d"
 done
+if [ $ray = 1 ]; then
+  # Ray's wheel is 77 MB (65 MB under xz): drop the libraries `stylize --ray` never imports (Java jars, RLlib,
+  # Tune, Train, Data) and the symbol tables of its native binaries; about 25 MB under xz remains.
+  rm -rf "$tmp"/site/ray/{jars,rllib,tune,train,data}
+  find "$tmp/site/ray" -type f \( -name '*.so' -o -path '*/core/src/ray/*' \) -exec strip --strip-unneeded {} + \
+    2>/dev/null || true
+fi
 mkdir -p .gpu && tar cf - -C "$tmp" site | xz -T0 -6 > .gpu/site.tar.xz
 echo ".gpu/site.tar.xz: $(du -h .gpu/site.tar.xz | cut -f1) from $(ls .whl/*.whl "${extra[@]}" | wc -l) wheels"

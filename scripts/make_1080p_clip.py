@@ -4,7 +4,7 @@
 The source (e.g. a 512x512 DAVIS clip) is scaled to cover 1920x1080 (centre crop) and looped ping-pong (no jump at
 the loop) to fill the length; the audio is a soft two-tone chord, so the file has an audio track to keep.
 
-    python scripts/make_1080p_clip.py SOURCE OUTPUT [--seconds 20]
+    python scripts/make_1080p_clip.py SOURCE OUTPUT [--seconds 20] [--width 1920 --height 1080]
 """
 
 import argparse
@@ -14,7 +14,7 @@ import numpy as np
 
 from streamedit.video.clips import read_frames, write_clip
 
-W, H, FPS, SR = 1920, 1080, 30, 48000
+FPS, SR = 30, 48000
 
 
 def main() -> None:
@@ -22,7 +22,10 @@ def main() -> None:
     ap.add_argument("source")
     ap.add_argument("output")
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--width", type=int, default=1920)
+    ap.add_argument("--height", type=int, default=1080)
     a = ap.parse_args()
+    W, H = a.width, a.height
     src = read_frames(a.source)
     h, w = src[0].shape[:2]
     scale = max(W / w, H / h)
