@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 
+import cv2
 import numpy as np
 import pytest
 
@@ -408,3 +409,26 @@ def test_lllite_sessions_get_their_own_unet(tiny_models):
         assert not any("_lllite_restore" in vars(m) for m in tiny_models.unet.modules())
     finally:
         b.close()
+
+
+def test_output_frames_convert_to_yuv420p_as_ffmpeg_does():
+    """The served frame's RGB -> yuv420p (OpenCV, for speed) agrees with FFmpeg's default conversion, which
+    it replaced: same BT.601 limited-range levels; chroma differs only by the subsampling filter."""
+    import av
+
+    from streamedit.serve.session import to_yuv420p
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:128].astype(np.float32)
+    smooth = cv2.GaussianBlur(rng.uniform(0, 255, (96, 128, 3)).astype(np.float32), (0, 0), 3)
+    rgb = np.clip(smooth * 0.5 + np.stack([xx * 2, yy * 2.5, 255 - xx * 2], -1) * 0.5, 0, 255).astype(np.uint8)
+    ours = to_yuv420p(rgb)
+    ffmpeg = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+    assert (ours.format.name, ours.width, ours.height) == ("yuv420p", 128, 96)
+    a, b = ours.to_ndarray().astype(int), ffmpeg.to_ndarray().astype(int)
+    assert np.abs(a[:96] - b[:96]).max() <= 1  # luma
+    assert np.abs(a[96:] - b[96:]).mean() < 1.0  # chroma planes
+    back = ours.to_ndarray(format="rgb24").astype(int)
+    assert np.abs(back - rgb).mean() <= np.abs(ffmpeg.to_ndarray(format="rgb24").astype(int) - rgb).mean() + 0.5
+    odd = to_yuv420p(rgb[:95, :127])  # odd sides: FFmpeg's own conversion
+    assert (odd.format.name, odd.width, odd.height) == ("yuv420p", 127, 95)
