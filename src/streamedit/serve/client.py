@@ -26,6 +26,7 @@ from aiortc import (
 from aiortc.mediastreams import MediaStreamError
 
 from .rtp import decode_on_marker
+from .session import to_yuv420p
 
 PTS_SLACK = 3  # 90 kHz ticks: pts survive aiortc's RTP round trips to within a tick or two
 KEEP_PIXELS = 300  # received frames kept with their pixels (tests look at recent ones)
@@ -61,7 +62,8 @@ class SyntheticCamera(VideoStreamTrack):
         return img
 
     def make_frame(self, n: int) -> av.VideoFrame:
-        return av.VideoFrame.from_ndarray(self.image(n), format="rgb24")
+        # handed to VP8 already in its format: on the GPU host the load generator shares the CPUs with the server
+        return to_yuv420p(self.image(n))
 
     async def recv(self):
         pts, time_base = await self.next_timestamp()
