@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="*", default=[None],
                     help="VideoWriter threads to time (default: its own default); 0 = synchronous")
     ap.add_argument("--x264-threads", nargs="*", choices=("frame", "slice"), default=["frame"])
+    ap.add_argument("--encoder-preset", nargs="*", default=["veryfast"],
+                    help="x264 presets to time the writer with (stylize --encoder-preset)")
     ap.add_argument("--model-ms", type=float, default=None,
                     help="also time the stylize loop with the model as a sleep of this many ms per frame")
     a = ap.parse_args()
@@ -55,13 +57,14 @@ def main() -> None:
     decode = time.perf_counter() - t0
     n, result = len(frames), {"frames": len(frames), "working": list(frames[0].shape[:2]),
                               "decode_resize_fps": round(len(frames) / decode, 1)}
-    for workers, threads in itertools.product(a.workers, a.x264_threads):
+    for workers, threads, preset in itertools.product(a.workers, a.x264_threads, a.encoder_preset):
         source = open_video(a.input, size=a.size)
         t0 = time.perf_counter()
-        with VideoWriter(a.output, source, workers=workers, frame_threads=threads == "frame") as writer:
+        with VideoWriter(a.output, source, workers=workers, frame_threads=threads == "frame", preset=preset) as writer:
             for f in frames:
                 writer.write(f)
-        result[f"scale_encode_mux_fps(workers={workers},x264={threads})"] = round(n / (time.perf_counter() - t0), 1)
+        name = f"workers={workers},x264={threads}" + (f",preset={preset}" if len(a.encoder_preset) > 1 else "")
+        result[f"scale_encode_mux_fps({name})"] = round(n / (time.perf_counter() - t0), 1)
         source.close()
     if a.model_ms is not None:
         result["model_alone_fps"] = round(1000 / a.model_ms, 1) if a.model_ms else None

@@ -44,6 +44,29 @@ def test_stylize_keeps_frames_fps_size_audio(tmp_path):
     assert (n, fps, size, audio) == (10, 25, (80, 48), 1)
 
 
+def _x264_options(path) -> str:
+    """The settings x264 records in its bitstream (an SEI message: 'x264 - core N ... options: cabac=1 ...')."""
+    data = open(path, "rb").read()
+    start = data.index(b"options: ")
+    return data[start:data.index(b"\x00", start)].decode()
+
+
+def test_stylize_encoder_preset_reaches_x264(tmp_path):
+    src = make_test_clip(tmp_path / "in.mp4", frames=4, width=64, height=48)
+    options = {}
+    for preset in (None, "ultrafast"):
+        out = tmp_path / f"{preset}.mp4"
+        code, _, err = _run("stylize", str(src), "-o", str(out), "-p", "sketch", *FAST,
+                            *(["--encoder-preset", preset] if preset else []))
+        assert code == 0, err
+        options[preset] = _x264_options(out)
+    assert "cabac=1" in options[None] and " subme=2 " in options[None]  # veryfast, the default
+    assert "cabac=0" in options["ultrafast"] and " subme=0 " in options["ultrafast"]
+    code, _, err = _run("stylize", str(src), "-o", str(tmp_path / "x.mp4"), "-p", "sketch", *FAST,
+                        "--encoder-preset", "warp9")
+    assert code == 2 and "warp9" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("pix_fmt,size", [("gray", (64, 48)), ("yuva420p", (64, 48)), ("yuv420p10le", (64, 48)),
                                           ("yuv420p", (333, 257))])
 def test_stylize_unusual_sources(tmp_path, pix_fmt, size):

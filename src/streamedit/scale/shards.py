@@ -111,8 +111,8 @@ def _injected_failure(shard: Shard) -> None:
 
 def stylize_shard(shard: Shard, spec: dict, progress=None) -> bytes:
     """Stylize one shard and return its encoded file (the output's container, no audio). ``spec``: path,
-    from_pts, suffix, size, keep_size, crop, crf, model, revision, device, dtype, config (an EngineConfig).
-    ``progress``: an actor whose ``set(key, frames)`` hears the frames kept so far."""
+    from_pts, suffix, size, keep_size, crop, crf, encoder_preset, model, revision, device, dtype, config (an
+    EngineConfig). ``progress``: an actor whose ``set(key, frames)`` hears the frames kept so far."""
     from ..engine.stream import StreamEngine
     from ..video.io import VideoWriter
 
@@ -127,7 +127,8 @@ def stylize_shard(shard: Shard, spec: dict, progress=None) -> bytes:
     key, kept = (shard.job, shard.index), 0
     try:
         engine.skip_noise(shard.first)
-        with VideoWriter(tmp / f"shard{spec['suffix']}", source, crf=spec["crf"], audio=False) as writer:
+        with VideoWriter(tmp / f"shard{spec['suffix']}", source, crf=spec["crf"], preset=spec["encoder_preset"],
+                         audio=False) as writer:
             for i, frame in enumerate(engine.run(source.frames(ahead=READ_AHEAD))):
                 if i < shard.warm:
                     continue
