@@ -7,7 +7,8 @@ these, the file I/O is the bottleneck.
 ``--model-ms M`` also times `stylize`'s loop shape with the model replaced by a sleep of M ms per frame, taken
 once per batch of 8 (a GPU-bound loop leaves the CPU to the other threads as a sleep does), once with every
 stage on one thread (``ahead 0, workers 0``: how `stylize` ran before the reader and encoder threads) and once
-as `stylize` runs now: the reader decoding ahead, the writer converting and encoding on its own threads.
+as `stylize` runs now: the reader decoding ahead, the writer converting and encoding on its own threads (once
+per ``--encoder-preset``).
 
 ``--x264-threads frame slice`` times the writer with x264's frame threads (the default) and with PyAV's slice
 threads (how it ran before).
@@ -24,11 +25,11 @@ from streamedit.video.io import READ_AHEAD, VideoWriter, open_video
 
 
 def pipeline(path: str, size: int, output: str, model_ms: float, ahead: int, workers: int | None,
-             batch: int = 8) -> float:
+             preset: str = "veryfast", batch: int = 8) -> float:
     """Frames per second of decode -> (model: a sleep per batch) -> write, as `stylize`'s loop runs them."""
     source = open_video(path, size=size)
     n, t0 = 0, time.perf_counter()
-    with VideoWriter(output, source, workers=workers) as writer:
+    with VideoWriter(output, source, workers=workers, preset=preset) as writer:
         frames = source.frames(ahead=ahead)
         while chunk := list(itertools.islice(frames, batch)):
             time.sleep(model_ms * len(chunk) / 1000)
@@ -68,9 +69,11 @@ def main() -> None:
         source.close()
     if a.model_ms is not None:
         result["model_alone_fps"] = round(1000 / a.model_ms, 1) if a.model_ms else None
-        for ahead, workers in ((0, 0), (READ_AHEAD, a.workers[-1])):
-            fps = pipeline(a.input, a.size, a.output, a.model_ms, ahead, workers)
-            result[f"stylize_loop_fps(ahead={ahead},workers={workers})"] = round(fps, 1)
+        loops = [(0, 0, a.encoder_preset[0])] + [(READ_AHEAD, a.workers[-1], p) for p in a.encoder_preset]
+        for ahead, workers, preset in loops:  # every stage on one thread; then as `stylize` runs, per preset
+            fps = pipeline(a.input, a.size, a.output, a.model_ms, ahead, workers, preset)
+            name = f"ahead={ahead},workers={workers}" + (f",preset={preset}" if len(a.encoder_preset) > 1 else "")
+            result[f"stylize_loop_fps({name})"] = round(fps, 1)
     print(json.dumps(result))
 
 
