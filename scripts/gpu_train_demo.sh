@@ -27,7 +27,9 @@
 # Issue 29 (generalisation): `pairs` and `lllite` are the two halves of `adapter`, for one 10-minute call each
 # on a warm machine (the pairs stay in $PAIRS); SYNTHETIC=N adds N generated clips (SYNTHETIC_SEED, 48 frames)
 # to the pairs; STALE_COND=R, AUGMENT=1, FLOW=backward|forward and RUNTIME_BATCH set `train lllite`'s
-# --stale-cond / --augment / --flow / --runtime-batch. `protocol` runs `streamedit eval protocol` on the test
+# --stale-cond / --augment / --flow / --runtime-batch; RESUME=FILE continues an `lllite` run that a call's time cut
+# short, from a checkpoint it wrote (OUT_DIR/demo-lllite-m1-step000500.safetensors: --save-every 500), to the same
+# result as one unbroken run (`train lllite --resume`). `protocol` runs `streamedit eval protocol` on the test
 # set for ADAPTER (default OUT_DIR/demo-lllite.safetensors; `demo` = the bundled one) into OUT_DIR/protocol-NAME,
 # or, with TUNE=1, only on the tune clip (blackswan), once per multiplier in MULTIPLIERS (e.g. "1.0 1.2 1.4").
 set -euo pipefail
@@ -73,7 +75,7 @@ adapter|pairs|lllite)
      --steps "${LLLITE_STEPS:-1400}" --hooks "${HOOKS:-all}" --p-one "${P_ONE:-1.0}" --batch 16 --lr 5e-4 --warmup 100 --fixed-noise --save-every 500 \
      --pixel-weight "${PIXEL_WEIGHT:-1800}" --mlp-dim "${MLP_DIM:-64}" --cond-emb-dim "${COND_DIM:-32}" --log "$out/lllite_log.jsonl" \
      --stale-cond "${STALE_COND:-0}" --runtime-batch "${RUNTIME_BATCH:-4}" --flow "${FLOW:-backward}" ${AUGMENT:+--augment} \
-     2> "$out/lllite.log"
+     ${RESUME:+--resume "$RESUME"} 2> "$out/lllite.log"
   tail -c 600 "$out/lllite.log" | tr '\r' '\n' | tail -3
   python3 "$(dirname "$0")/bake_lllite_multiplier.py" "$out/demo-lllite-m1.safetensors" "$out/demo-lllite.safetensors" \
     "${MULTIPLIER:-1.35}" --model "$model"

@@ -214,6 +214,35 @@ def test_train_with_pixel_weight_adds_the_image_loss(models, pairs, tmp_path):
         train_lllite(models, pairs[0], tmp_path / "c.safetensors", pixel_weight=-1, **kw)
 
 
+def test_resume_ends_where_one_unbroken_run_ends(models, pairs, tmp_path):
+    """A run stopped after 2 steps and resumed to 4 ends with the same adapter and losses, bit for bit, as one
+    4-step run: fresh noise, random sigmas and augmentation all draw from the restored generator, and AdamW
+    goes on from its restored moments."""
+    kw = dict(batch_size=2, p_one=0.5, seed=5, lr=1e-3, augment=True, progress=False)
+    whole = train_lllite(models, pairs[0], tmp_path / "whole.safetensors", steps=4, save_every=2, **kw)
+    first = train_lllite(models, pairs[0], tmp_path / "first.safetensors", steps=2, **kw)
+    assert first["losses"] == whole["losses"][:2] and (tmp_path / "first.train-state.pt").is_file()
+    log = tmp_path / "rest.jsonl"
+    rest = train_lllite(models, pairs[0], tmp_path / "rest.safetensors", steps=4, resume=tmp_path / "first.safetensors",
+                        log_path=log, **kw)
+    assert rest["losses"] == whole["losses"] and [json.loads(x)["step"] for x in log.read_text().splitlines()] == [3, 4]
+    a, b = whole["adapter"].state_dict(), rest["adapter"].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], first["adapter"].state_dict()[k]) for k in a)  # steps 3-4 moved it
+    # The --save-every checkpoint resumes as well; a changed option, nothing left to train or no state refuse.
+    again = train_lllite(models, pairs[0], tmp_path / "again.safetensors", steps=4,
+                         resume=whole["checkpoints"][0], **kw)
+    assert again["losses"] == whole["losses"]
+    with pytest.raises(StreameditError, match="changed: lr 0.001 -> 0.002"):
+        train_lllite(models, pairs[0], tmp_path / "x.safetensors", steps=4, resume=tmp_path / "first.safetensors",
+                     **{**kw, "lr": 2e-3})
+    with pytest.raises(StreameditError, match="at step 4; --steps 4 leaves nothing"):
+        train_lllite(models, pairs[0], tmp_path / "x.safetensors", steps=4, resume=tmp_path / "whole.safetensors", **kw)
+    (tmp_path / "first.train-state.pt").unlink()
+    with pytest.raises(StreameditError, match="no training state"):
+        train_lllite(models, pairs[0], tmp_path / "x.safetensors", steps=4, resume=tmp_path / "first.safetensors", **kw)
+
+
 def _invoke(*args):
     r = CliRunner().invoke(cli, list(map(str, args)))
     return r.exit_code, r.stdout, r.stderr
@@ -251,6 +280,13 @@ def test_cli_bad_inputs(clips, tmp_path):
                              tmp_path / "p")[::2])
     _one_error_line(*_invoke("train", "pairs", *TINY_CPU, "--clips", clips, "-p", "x", "-o", tmp_path / "p",
                              "--alpha", 0)[::2])
+
+
+def test_cli_resume_from_a_missing_file(pairs, tmp_path):
+    code, _, err = _invoke("train", "lllite", *TINY_CPU, "--pairs", pairs[0], "-o", tmp_path / "x.safetensors",
+                           "--steps", 2, "--resume", tmp_path / "nope.safetensors")
+    _one_error_line(code, err)
+    assert "nope.safetensors" in err and "not found" in err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")

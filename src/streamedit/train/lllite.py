@@ -195,26 +195,37 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
                  log_path=None, p_one: float = 0.5, max_grad_norm: float = 1.0, warmup: int = 0,
                  fixed_noise: bool = False, te_cache_gb: float = 8.0, pixel_weight: float = 0.0,
                  stale_cond: int = 0, runtime_batch: int = 4, flow: str = "backward", flow_size: int | None = None,
-                 augment: bool = False, zoom_min: float = 0.6, rotate: float = 8.0, progress: bool = True) -> dict:
+                 augment: bool = False, zoom_min: float = 0.6, rotate: float = 8.0, resume=None,
+                 progress: bool = True) -> dict:
     """Train an adapter on the pairs in ``pairs_dir`` and save it to ``out_path``; returns a summary
     (``first_loss``, ``final_loss``, ``steps``, ``wall_s``, ...). ``fixed_noise`` trains on the runtime's
     ``--fixed-noise`` draw for ``seed`` instead of fresh noise per example; ``pixel_weight`` weighs the
     image loss of the operating-point examples (module docstring). ``stale_cond`` R > 0 trains on the cond
     images the runtime makes at refresh intervals 1..R (batch size ``runtime_batch``, flow convention ``flow``
     at ``flow_size``); ``augment`` transforms every pair (zoom to ``zoom_min``, rotation, flip):
-    :mod:`streamedit.train.augment`."""
+    :mod:`streamedit.train.augment`. ``resume``: an adapter file this trainer wrote, to train on from its step
+    with the same options (:mod:`streamedit.train.resume`)."""
     from tqdm import tqdm
 
     from ..diffusion.denoiser import Denoiser, start_sample
     from ..models.loading import default_strength
     from ..temporal.adapter import LLLiteAdapter, apply_lllite, remove_lllite
     from .augment import PairViews, StaleCond
+    from .resume import read_state, restore, save_state
 
     _check(steps, batch_size, grad_accum, lr, p_one, save_every, pixel_weight)
     _check_generalisation(stale_cond, runtime_batch, flow, zoom_min, rotate)
     t_start = time.perf_counter()
     data = load_pairs(pairs_dir)
     size, device, unet = data.size, models.device, models.unet
+    # what shapes the run (not --steps, --save-every, logging or caching): a resume must match it
+    options = dict(model=type(unet).__name__, frames=len(data), prompts=data.prompts, size=data.size, hooks=hooks,
+                   batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, adamw8bit=adamw8bit,
+                   bf16=bf16, cond_emb_dim=cond_emb_dim, mlp_dim=mlp_dim, seed=seed, p_one=p_one,
+                   max_grad_norm=max_grad_norm, warmup=warmup, fixed_noise=fixed_noise, pixel_weight=pixel_weight,
+                   stale_cond=stale_cond, runtime_batch=runtime_batch, flow=flow, flow_size=flow_size,
+                   augment=augment, zoom_min=zoom_min, rotate=rotate)
+    state = read_state(resume, options, steps) if resume else None  # fail before the slow set-up
     step_px = models.vae_scale_factor * 4
     if size % step_px:
         raise StreameditError(f"pairs are {size}px, but this model needs a multiple of {step_px}")
@@ -234,8 +245,12 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
     width = views.latent_shape[-1]
 
     # the pairs' stored conds use the backward convention; stale conds use `flow`: the file records it
-    adapter = LLLiteAdapter.for_unet(unet, hooks=hooks, cond_emb_dim=cond_emb_dim, mlp_dim=mlp_dim, cond_size=size,
-                                     vae_scale=models.vae_scale_factor, flow=flow).float()  # fp32 master weights
+    # the initial weights follow --seed too (a run can be repeated), without moving the global RNG
+    rng_devices = [torch.device(device).index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        adapter = LLLiteAdapter.for_unet(unet, hooks=hooks, cond_emb_dim=cond_emb_dim, mlp_dim=mlp_dim, cond_size=size,
+                                         vae_scale=models.vae_scale_factor, flow=flow).float()  # fp32 master weights
     params = list(adapter.parameters())
     optimizer = _optimizer(params, lr, weight_decay, adamw8bit)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -256,15 +271,17 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
                  else torch.randn((batch_size, *noise_shape[1:]), generator=gen))
         return idx, g, noise.to(device), table_sigma[pick].to(device), table_t[pick], pick == 0
 
-    log_file = open(log_path, "w") if log_path else None  # noqa: SIM115 (closed in the finally below)
+    done, losses = restore(state, resume, unet, adapter, optimizer, schedule, gen) if state else (0, [])
+    checkpoints = []
+    log_file = open(log_path, "a" if state else "w") if log_path else None  # noqa: SIM115 (closed in the finally)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    losses, checkpoints = [], []
     apply_lllite(unet, adapter, inference_mode=False)  # outside the try: a U-Net patched by others stays so
     frozen = [(p, p.requires_grad) for m in (unet, models.vae, models.text_encoder) for p in m.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)  # restored in the finally below
-    bar = tqdm(range(1, steps + 1), desc="lllite", unit="step", dynamic_ncols=True, disable=None if progress else True)
+    bar = tqdm(range(done + 1, steps + 1), desc="lllite", unit="step", dynamic_ncols=True, initial=done, total=steps,
+               disable=None if progress else True)
     try:
         adapter.train()
         t_train = time.perf_counter()
@@ -307,7 +324,9 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
             if save_every and step % save_every == 0 and step < steps:
                 checkpoints.append(str(checkpoint_path(out_path, step)))
                 adapter.save(checkpoints[-1])
+                save_state(checkpoints[-1], step, options, optimizer, schedule, gen, losses)
         adapter.save(out_path)
+        save_state(out_path, steps, options, optimizer, schedule, gen, losses)
     finally:
         bar.close()
         if stale is not None:
@@ -360,10 +379,13 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
 @click.option("--augment", is_flag=True, help="Random zoom/shift/rotation/flip of each pair (source, cond, target alike).")
 @click.option("--zoom-min", default=0.6, show_default=True, help="--augment: smallest crop side (fraction of the frame).")
 @click.option("--rotate", default=8.0, show_default=True, help="--augment: largest rotation (degrees).")
+@click.option("--resume", default=None, type=click.Path(dir_okay=False),
+              help="Train on from an adapter file this command wrote (a --save-every checkpoint or an output), "
+                   "with the same options and a larger --steps.")
 def lllite_command(model, revision, device, dtype, pairs_dir, output, hooks, steps, batch, grad_accum, lr,
                    weight_decay, adamw8bit, bf16, save_every, cond_emb_dim, mlp_dim, seed, log_path, p_one,
                    max_grad_norm, warmup, fixed_noise, te_cache_gb, pixel_weight, stale_cond, runtime_batch, flow,
-                   flow_size, augment, zoom_min, rotate):
+                   flow_size, augment, zoom_min, rotate, resume):
     """Train a temporal LLLite adapter on teacher pairs (only the adapter learns)."""
     from .pairs import read_manifest
 
@@ -380,7 +402,7 @@ def lllite_command(model, revision, device, dtype, pairs_dir, output, hooks, ste
                            mlp_dim=mlp_dim, seed=seed, log_path=log_path, p_one=p_one, max_grad_norm=max_grad_norm,
                            warmup=warmup, fixed_noise=fixed_noise, te_cache_gb=te_cache_gb,
                            pixel_weight=pixel_weight, stale_cond=stale_cond, runtime_batch=runtime_batch, flow=flow,
-                           flow_size=flow_size, augment=augment, zoom_min=zoom_min, rotate=rotate)
+                           flow_size=flow_size, augment=augment, zoom_min=zoom_min, rotate=rotate, resume=resume)
     click.echo(f"{summary['steps']} steps on {summary['frames']} pairs ({summary['params'] / 1e6:.2f} M adapter "
                f"params) in {summary['wall_s']:.1f} s: loss {summary['first_loss']:.4f} -> "
                f"{summary['mean_last10']:.4f} (mean of last 10) -> {summary['out']}")
