@@ -21,6 +21,7 @@ import itertools
 import json
 import time
 
+from streamedit.cli.commands import X264_PRESETS
 from streamedit.video.io import READ_AHEAD, VideoWriter, open_video
 
 
@@ -47,7 +48,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="*", default=[None],
                     help="VideoWriter threads to time (default: its own default); 0 = synchronous")
     ap.add_argument("--x264-threads", nargs="*", choices=("frame", "slice"), default=["frame"])
-    ap.add_argument("--encoder-preset", nargs="*", default=["veryfast"],
+    ap.add_argument("--encoder-preset", nargs="*", default=["veryfast"], choices=X264_PRESETS,
                     help="x264 presets to time the writer with (stylize --encoder-preset)")
     ap.add_argument("--model-ms", type=float, default=None,
                     help="also time the stylize loop with the model as a sleep of this many ms per frame")

@@ -211,11 +211,12 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
     from ..models.loading import default_strength
     from ..temporal.adapter import LLLiteAdapter, apply_lllite, remove_lllite
     from .augment import PairViews, StaleCond
-    from .resume import read_state, restore, save_state
+    from .resume import check_options, read_state, restore, save_state
 
     _check(steps, batch_size, grad_accum, lr, p_one, save_every, pixel_weight)
     _check_generalisation(stale_cond, runtime_batch, flow, zoom_min, rotate)
     t_start = time.perf_counter()
+    state = read_state(resume, steps) if resume else None  # a wrong file fails before the pairs load
     data = load_pairs(pairs_dir)
     size, device, unet = data.size, models.device, models.unet
     # what shapes the run (not --steps, --save-every, logging or caching): a resume must match it
@@ -225,7 +226,8 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
                    max_grad_norm=max_grad_norm, warmup=warmup, fixed_noise=fixed_noise, pixel_weight=pixel_weight,
                    stale_cond=stale_cond, runtime_batch=runtime_batch, flow=flow, flow_size=flow_size,
                    augment=augment, zoom_min=zoom_min, rotate=rotate)
-    state = read_state(resume, options, steps) if resume else None  # fail before the slow set-up
+    if state:
+        check_options(state, options)
     step_px = models.vae_scale_factor * 4
     if size % step_px:
         raise StreameditError(f"pairs are {size}px, but this model needs a multiple of {step_px}")
@@ -246,7 +248,8 @@ def train_lllite(models, pairs_dir, out_path, hooks="down", steps: int = 2000, b
 
     # the pairs' stored conds use the backward convention; stale conds use `flow`: the file records it
     # the initial weights follow --seed too (a run can be repeated), without moving the global RNG
-    rng_devices = [torch.device(device).index or 0] if device.type == "cuda" else []
+    rng_devices = [torch.cuda.current_device() if device.index is None else device.index] \
+        if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         adapter = LLLiteAdapter.for_unet(unet, hooks=hooks, cond_emb_dim=cond_emb_dim, mlp_dim=mlp_dim, cond_size=size,

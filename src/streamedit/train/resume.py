@@ -35,8 +35,9 @@ def save_state(checkpoint, step: int, options: dict, optimizer, schedule, gen: t
         raise StreameditError(f"could not write {str(state_path(checkpoint))!r}: {exc.strerror or exc}") from exc
 
 
-def read_state(checkpoint, options: dict, steps: int) -> dict:
-    """The training state saved beside ``checkpoint``, checked against this run's ``options`` and ``steps``."""
+def read_state(checkpoint, steps: int) -> dict:
+    """The training state saved beside ``checkpoint``, checked against this run's ``steps`` (before any slow
+    set-up: the options are checked by :func:`check_options` once the pairs are loaded)."""
     checkpoint, path = Path(checkpoint), state_path(checkpoint)
     if not checkpoint.is_file():
         raise StreameditError(f"--resume: checkpoint {str(checkpoint)!r} not found")
@@ -47,14 +48,17 @@ def read_state(checkpoint, options: dict, steps: int) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 (a corrupt or foreign file: one message)
         raise StreameditError(f"--resume: cannot read {str(path)!r}: {exc}") from None
-    changed = [f"{k} {state['options'].get(k)!r} -> {v!r}" for k, v in options.items()
-               if state["options"].get(k) != v]
-    if changed:
-        raise StreameditError("--resume needs the checkpoint's training options; changed: " + "; ".join(changed))
     if state["step"] >= steps:
         raise StreameditError(f"--resume: the checkpoint is at step {state['step']}; --steps {steps} leaves "
                               "nothing to train")
     return state
+
+
+def check_options(state: dict, options: dict) -> None:
+    changed = [f"{k} {state['options'].get(k)!r} -> {v!r}" for k, v in options.items()
+               if state["options"].get(k) != v]
+    if changed:
+        raise StreameditError("--resume needs the checkpoint's training options; changed: " + "; ".join(changed))
 
 
 def restore(state: dict, checkpoint, unet, adapter, optimizer, schedule, gen: torch.Generator) -> tuple[int, list]:
