@@ -261,6 +261,37 @@ def test_fair_share_with_more_streams_than_the_largest_bucket(tiny_models):
         assert engine.histogram == {2: 7}
 
 
+def test_a_batch_in_flight_gathers_the_streams_frames(tiny_models):
+    """Pipelined (as on CUDA), the launch after a batch waits while that batch is due to run (measured batch
+    times) until every open stream has a frame, then serves them together; a stream with nothing to send
+    holds the launch no longer than that; without measured times nothing waits."""
+    def run(batch_s, senders):
+        with multi(tiny_models, max_streams=3) as engine:
+            engine.pipelined = True  # on CPU a launch computes its batch; handing it out is what is deferred
+            engine.batch_seconds[(64, 64)] = batch_s
+            streams = [engine.open_stream(PROMPTS[k], seed=k) for k in range(3)]
+            for k, s in enumerate(streams):
+                s.submit(pattern(k, 0))
+            engine.start()
+            deadline = time.monotonic() + 60
+            while not engine.tick_log and time.monotonic() < deadline:  # the first batch: launched
+                time.sleep(0.001)
+            for k in senders:
+                streams[k].submit(pattern(k, 1))
+            while engine.stats.frames < 3 + len(senders) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            records = list(engine.tick_log)
+            engine.stop()
+            return [sum(x is not None for x in r.streams) for r in records], records
+
+    rows, _ = run({1: 1.0, 2: 1.0, 4: 1.0}, senders=(0, 1, 2))
+    assert rows == [3, 3]
+    rows, records = run({1: 1.0, 2: 1.0, 4: 1.0}, senders=(0, 1))  # stream 2 sends nothing
+    assert rows == [3, 2] and records[1].t_launch - records[0].t_launch > 0.5
+    _, records = run({}, senders=(0, 1))
+    assert records[1].t_launch - records[0].t_launch < 0.5
+
+
 def test_sizes_are_grouped(tiny_models):
     """Three working sizes (64x64; 32x64 frames; 64x64 frames at size 32): separate batches, taking turns,
     each stream equal to its single-stream run. A warmed-up size runs a batch of each bucket first, and

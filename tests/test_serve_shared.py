@@ -148,6 +148,11 @@ def test_report_counts_drops_histogram_and_busy_share(tiny_models):
         assert report["busy_clock"] == "host" and 0 < report["busy_share"] <= 1
         busy = report["busy_share"] * report["wall_s"]  # synchronous ticks: the sum of their spans
         assert busy == pytest.approx(sum(r.t_done - r.t_launch for r in engine.tick_log), rel=0.02)
+        ticks = report["ticks"]
+        assert ticks["count"] == 4 and ticks["rows_mean"] == 2 and ticks["te_calls_mean"] in (1, 2)
+        spans = [1e3 * (r.t_done - r.t_launch) for r in engine.tick_log]
+        assert ticks["tick_ms"] == [pytest.approx(v, abs=0.01) for v in np.percentile(spans, [50, 95])]
+        assert 0 < ticks["launch_ms"][0] <= ticks["tick_ms"][1] and ticks["wait_ms"][0] >= 0
     finally:
         factory.close()
 

@@ -59,6 +59,10 @@ class TickRecord:
     prompts: tuple[str | None, ...]  # batch row -> the prompt it was encoded with
     t_launch: float  # perf_counter when its work was queued
     t_done: float | None = None  # perf_counter when its outputs were on the host
+    launch_ms: float | None = None  # host time to prepare and queue it (flows waited for included)
+    wait_ms: float | None = None  # host time blocked on its outputs in _finish
+    te_calls: int = 0  # text-encoder calls it made (1 when its prompts share one call)
+    cond_rows: int = 0  # adapter rows whose cond embedding it rewrote (refresh, or a stream changed row)
 
 
 @dataclass

@@ -74,6 +74,7 @@ class MultiStreamEngine(TickDriver):
         self.models, self.config, self.max_streams = models, config, max_streams
         self.device = models.device
         self.cuda = self.device.type == "cuda"
+        self.pipelined = self.cuda  # start(): tick k+1 is queued before tick k is handed out (ticks.py)
         self.te = text_encoder(models, config, prompt_tokens=PROMPT_TOKENS,  # a prompt change: no recompile
                                rows=self.buckets[-1])
         self.adapter = attach_adapter(models, config.temporal, config.size)  # patches the U-Net: before compiling
@@ -95,6 +96,8 @@ class MultiStreamEngine(TickDriver):
         self.warm_seconds: dict[tuple, float] = {}  # (working size, bucket) -> prepare(warm=True)'s first batch
         self.batch_seconds: dict[tuple, dict[int, float]] = {}  # working size -> bucket -> s (prepare(measure=))
         self.clock = BusyClock(self.cuda)
+        self._last_done = 0.0  # when the last batch's outputs reached the host (ticks.py: _hold_s)
+        self._launch_s = 0.0  # the host's time to queue a batch, a running average (ticks.py: _hold_s)
         self.main_stream = self.side_stream = self.copy_stream = None
         if self.cuda:  # as StreamEngine: the main stream is the critical path
             self.main_stream = (torch.cuda.Stream(self.device, priority=-100) if config.main_priority
@@ -240,8 +243,12 @@ class MultiStreamEngine(TickDriver):
         tick.device = (noise, source, text, frames_dev)
         self.stats.te_calls += te_calls
         self.stats.te_frames += len(real)
+        tick.record.te_calls = te_calls
         with self._on(self.main_stream):
             self._generate(tick, den)
+        took = time.perf_counter() - t_start
+        tick.record.launch_ms = 1e3 * took
+        self._launch_s = took if not self._launch_s else 0.8 * self._launch_s + 0.2 * took
         return tick
 
     def _generate(self, tick: RowBatch, den: Denoiser) -> None:
@@ -286,6 +293,7 @@ class MultiStreamEngine(TickDriver):
                 group.owners[r] = (s.id, s.cond_version)
                 rows.append(r)
                 images.append(s.cond)
+        tick.record.cond_rows = len(rows)
         if rows:
             key = tuple(rows)
             if key not in self._row_index:  # made once: a host-to-device copy here would wait for the main stream
@@ -294,6 +302,7 @@ class MultiStreamEngine(TickDriver):
 
     def _finish(self, tick: RowBatch) -> None:
         """Wait for the tick's outputs and hand each to its stream (a closed stream's are dropped)."""
+        t_wait = time.perf_counter()
         if tick.ready is not None:
             tick.ready.synchronize()
         out = tick.output.numpy()
@@ -301,7 +310,8 @@ class MultiStreamEngine(TickDriver):
         self.stats.batches += 1
         self.stats.frames += len(real)
         self.histogram[len(real)] += 1
-        tick.record.t_done = time.perf_counter()
+        tick.record.t_done = self._last_done = time.perf_counter()
+        tick.record.wait_ms = 1e3 * (tick.record.t_done - t_wait)
         self.clock.add(tick.record.t_launch, tick.record.t_done, tick.started, tick.ready)
         for r, s, p in real:
             if s.closed:

@@ -81,7 +81,28 @@ def engine_report(engine) -> dict:
     error = None if engine.error is None else repr(engine.error)[:300]
     return dict(streams=streams, histogram=dict(sorted(engine.histogram.items())), batches=engine.stats.batches,
                 frames=engine.stats.frames, buckets=list(engine.buckets), max_streams=engine.max_streams,
-                batch_ms=ms, warm_ms=warm, error=error, **engine.clock.report())
+                batch_ms=ms, warm_ms=warm, error=error, ticks=tick_summary(engine.tick_log),
+                **engine.clock.report())
+
+
+def tick_summary(records, last: int = 512) -> dict:
+    """The ``last`` handed-out ticks (telemetry.TickRecord): ticks per second, real rows per tick, the host's
+    time to queue one (``launch_ms``) and blocked on its outputs (``wait_ms``), launch to outputs on the host
+    (``tick_ms``), as [p50, p95]; TE calls and cond rows rewritten per tick (means). Empty before any tick."""
+    done = [r for r in list(records) if r.t_done is not None and r.launch_ms is not None][-last:]
+    if not done:
+        return {}
+
+    def p50_p95(values):
+        return [round(float(v), 2) for v in np.percentile(values, [50, 95])]
+
+    span = done[-1].t_done - done[0].t_done
+    return dict(count=len(done), ticks_per_s=round((len(done) - 1) / span, 2) if span > 0 else None,
+                rows_mean=round(float(np.mean([sum(x is not None for x in r.streams) for r in done])), 2),
+                launch_ms=p50_p95([r.launch_ms for r in done]), wait_ms=p50_p95([r.wait_ms for r in done]),
+                tick_ms=p50_p95([1e3 * (r.t_done - r.t_launch) for r in done]),
+                te_calls_mean=round(float(np.mean([r.te_calls for r in done])), 2),
+                cond_rows_mean=round(float(np.mean([r.cond_rows for r in done])), 2))
 
 
 def warm_items(engine, shape: tuple[int, int], bucket: int) -> list:
