@@ -200,11 +200,14 @@ def test_latest_frame_wins_counts_drops(tiny_models, spy):
     assert (oldest_lat[0] - newest_lat[0]).abs().max().item() > 5 * LATENT_TOL
 
 
-def test_join_and_leave_while_running(tiny_models):
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_join_and_leave_while_running(tiny_models, pipelined):
     """With the tick thread on: a stream joins, another leaves, the rest keep producing; after close no
-    thread of the engine is left, and a closed stream refuses frames."""
+    thread of the engine is left, and a closed stream refuses frames. Pipelined (as on CUDA): launches and
+    hand-outs on two threads, every output still handed out once."""
     before = stylize_threads()
     engine = multi(tiny_models, max_streams=3)
+    engine.pipelined = pipelined
     counts = {}
 
     def feed(streams, n):

@@ -88,6 +88,8 @@ def test_capacity_matches_the_engines_scheduler(tiny_models):
     assert fps["h100"][5] == pytest.approx(4 / (5 * 0.0340), rel=0.01)  # 23.5 fps, against 16.6 padded to 8
     assert capacity(h100, 24.0) == 4 and capacity(h100, 23.0) == 5
     assert rows_per_tick(h100, 8, (1, 2, 4, 8)) == 8 and rows_per_tick(None, 5, (1, 2, 4, 8)) == 5
+    assert rows_per_tick(h100, 3, (1, 2, 4, 8)) == 3  # 88 frames/s together, 96 two at a time: within 10 %
+    assert rows_per_tick(h100, 6, (1, 2, 4, 8)) == 4  # 118 four at a time, 100 padded to 8: not
     assert capacity({1: 0.1}, 30.0) == 1  # not even one stream at the target: still one session
 
 
@@ -153,6 +155,9 @@ def test_report_counts_drops_histogram_and_busy_share(tiny_models):
         spans = [1e3 * (r.t_done - r.t_launch) for r in engine.tick_log]
         assert ticks["tick_ms"] == [pytest.approx(v, abs=0.01) for v in np.percentile(spans, [50, 95])]
         assert 0 < ticks["launch_ms"][0] <= ticks["tick_ms"][1] and ticks["wait_ms"][0] >= 0
+        assert list(ticks["phases_ms"]) == ["rows", "stack", "text", "encode", "unet", "copy"]  # no adapter: no cond
+        for r in engine.tick_log:  # the parts add up to the launch
+            assert sum(r.phases_ms.values()) == pytest.approx(r.launch_ms, abs=0.5)
     finally:
         factory.close()
 
@@ -188,14 +193,22 @@ def test_a_stream_whose_input_breaks_the_tick_ends_alone(tiny_models, monkeypatc
         factory.close()
 
 
-def test_an_engine_failure_ends_every_stream_with_the_reason(tiny_models, monkeypatch):
+@pytest.mark.parametrize("where", ["launch", "launch-pipelined", "hand-out-pipelined"])
+def test_an_engine_failure_ends_every_stream_with_the_reason(tiny_models, monkeypatch, where):
+    """A failed launch (tick thread) or hand-out (the pipelined hand-out thread) ends every stream with the
+    reason, and the engine still stops and closes (no thread left waiting on the other)."""
     from streamedit.diffusion.denoiser import Denoiser
 
     factory, engine = shared_engine(tiny_models)
     try:
         streams = [engine.open_stream(p) for p in PROMPTS[:2]]
+        engine.pipelined = where.endswith("pipelined")  # as on CUDA: launches and hand-outs on two threads
         engine.start()
-        monkeypatch.setattr(Denoiser, "denoise", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost")))
+        fail = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost"))  # noqa: E731
+        if where.startswith("launch"):
+            monkeypatch.setattr(Denoiser, "denoise", fail)
+        else:
+            monkeypatch.setattr(engine, "_finish", fail)
         for k, s in enumerate(streams):
             s.submit(pattern(k, 0))
         for s in streams:  # the readers are woken with the reason, not left waiting

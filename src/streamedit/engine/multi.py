@@ -50,7 +50,7 @@ from ..temporal.attach import attach_adapter
 from ..temporal.conditioner import TemporalConditioner
 from .build import build_denoiser, text_encoder
 from .host import to_working
-from .multistats import BusyClock, engine_report, rows_per_tick, time_buckets, warm_items
+from .multistats import BusyClock, Laps, engine_report, rows_per_tick, time_buckets, warm_items
 from .rows import PROMPT_TOKENS, TOKEN_STEP, RowBatch, SizeGroup, assign_rows, default_buckets, tick_text
 from .streams import Pending, Stream, StreamOutput, latency_ms
 from .ticks import TickDriver
@@ -87,6 +87,7 @@ class MultiStreamEngine(TickDriver):
         self._served = itertools.count()  # serve order: fairness (_select)
         self._cond = threading.Condition()  # a frame arrived / stop
         self._thread: threading.Thread | None = None
+        self._handout = self._finisher = None  # start() on CUDA: the hand-out queue and thread (ticks.py)
         self._stopping = False
         self.error: BaseException | None = None  # what ended the tick thread
         self.ticks = 0
@@ -217,6 +218,8 @@ class MultiStreamEngine(TickDriver):
         tick.record = TickRecord(index, shape, tuple(it[0].id if it else None for it in tick.rows),
                                  tuple(it[0].prompt if it else None for it in tick.rows), t_start)
         self.tick_log.append(tick.record)
+        lap = Laps(tick.record.phases_ms, t_start)
+        lap("rows")  # each stream's noise and temporal plan (its flows queued), rows assigned
         filler = tick.rows[real[0][0]]  # padding rows repeat a real row's frame and noise; outputs dropped
         frames = [(it or filler)[1].frame for it in tick.rows]
         prompts = {r: tick.record.prompts[r] for r, _, _ in real}  # a change applies from the next tick
@@ -227,11 +230,13 @@ class MultiStreamEngine(TickDriver):
         host = host.pin_memory() if self.cuda else host
         den = group.denoisers[bucket]
         noise = torch.cat([(it or filler)[2] for it in tick.rows])
+        lap("stack")
         with self._on(self.side_stream):
             tick.started = self.clock.event(self.side_stream)
             compiled = self.config.compile  # compiled: TE batches padded to a captured batch size
             text, te_calls = tick_text(self.te, frames, prompts, bucket, self.buckets if compiled else None,
                                        TOKEN_STEP if compiled else 1)
+            lap("text")
             frames_dev = host.to(self.device, non_blocking=True)
             source = den.encode(frames_dev)
             noise = noise.to(self.device, non_blocking=True)
@@ -241,27 +246,33 @@ class MultiStreamEngine(TickDriver):
                 for t in (noise, source, frames_dev, *text):
                     t.record_stream(self.main_stream)
         tick.device = (noise, source, text, frames_dev)
+        lap("encode")
         self.stats.te_calls += te_calls
         self.stats.te_frames += len(real)
         tick.record.te_calls = te_calls
         with self._on(self.main_stream):
-            self._generate(tick, den)
+            self._generate(tick, den, lap)
         took = time.perf_counter() - t_start
+        if group.cache_key is not None:  # its first compiled batch (compiled by now): keep the artifacts
+            compile_cache.save_artifacts(group.cache_key)
+            group.cache_key = None
         tick.record.launch_ms = 1e3 * took
         self._launch_s = took if not self._launch_s else 0.8 * self._launch_s + 0.2 * took
         return tick
 
-    def _generate(self, tick: RowBatch, den: Denoiser) -> None:
+    def _generate(self, tick: RowBatch, den: Denoiser, lap) -> None:
         """Main stream: the cond rows, U-Net + decode, each stream's previous output, the copy to the host."""
         noise, source, text, frames = tick.device
         if tick.done is not None:
             self.main_stream.wait_event(tick.done)
         if self.adapter is not None:
             self._write_cond(tick, frames)
+            lap("cond")  # flows waited for, refreshed rows embedded
         if den.fused is not None:  # U-Net x steps + decode + uint8: one compiled graph
             images, _ = den.fused(noise, source, *text)  # (frames, final latents)
         else:
             images = (den.decode_fn or den.decode)(den.denoise(noise, source, *text))
+        lap("unet")
         for r, s, _ in tick.real:
             if s.temporal is not None:  # a copy: the next replay overwrites a graph's output
                 s.temporal.remember(images[r:r + 1].clone(), 1)
@@ -277,6 +288,7 @@ class MultiStreamEngine(TickDriver):
         else:
             host = images
         tick.output = host
+        lap("copy")
 
     def _write_cond(self, tick: RowBatch, frames: torch.Tensor) -> None:
         """Each stream's cond image into its row: new on its refresh batches (its own conditioner), rewritten
@@ -320,9 +332,6 @@ class MultiStreamEngine(TickDriver):
                 s.deliver(StreamOutput(p.index, out[r], p.meta, latency_ms(p.t_submit), tick.record.prompts[r]))
             except Exception:  # noqa: BLE001  (a broken consumer affects only its own stream)
                 log.exception("stream %d: its output callback failed", s.id)
-        if tick.group.cache_key is not None:  # first compiled batch of this size: keep its artifacts
-            compile_cache.save_artifacts(tick.group.cache_key)
-            tick.group.cache_key = None
 
     # ---- sizes -------------------------------------------------------------------------------------
     def _shape(self, size: int, frame_size) -> tuple[int, int] | None:

@@ -15,6 +15,9 @@ import torch
 from .streams import Pending, Stream
 
 
+FULLER_TICK = 0.1  # rows_per_tick: serve more ready streams at once for at most this share of frames per second
+
+
 class BusyClock:
     """The share of wall time the engine's ticks kept the device busy.
 
@@ -68,6 +71,19 @@ class BusyClock:
                 "busy_window_s": self.window_s, "busy_clock": self.source, "wall_s": wall}
 
 
+class Laps:
+    """``lap(name)``: the milliseconds since the previous lap (or ``t0``) into ``into[name]`` (a tick's
+    launch by part: TickRecord.phases_ms)."""
+
+    def __init__(self, into: dict, t0: float):
+        self.into, self.last = into, t0
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.into[name] = 1e3 * (now - self.last)
+        self.last = now
+
+
 def engine_report(engine) -> dict:
     """A MultiStreamEngine's report: per stream (by id) served fps, latency (submit -> handed out) p50/p95
     in ms, frames dropped by latest-frame-wins, prompt, working (h, w); the batch-size histogram (real rows
@@ -88,7 +104,8 @@ def engine_report(engine) -> dict:
 def tick_summary(records, last: int = 512) -> dict:
     """The ``last`` handed-out ticks (telemetry.TickRecord): ticks per second, real rows per tick, the host's
     time to queue one (``launch_ms``) and blocked on its outputs (``wait_ms``), launch to outputs on the host
-    (``tick_ms``), as [p50, p95]; TE calls and cond rows rewritten per tick (means). Empty before any tick."""
+    (``tick_ms``), the parts of ``launch_ms`` (``phases_ms``: TickRecord.phases_ms), as [p50, p95]; TE calls
+    and cond rows rewritten per tick (means). Empty before any tick."""
     done = [r for r in list(records) if r.t_done is not None and r.launch_ms is not None][-last:]
     if not done:
         return {}
@@ -102,7 +119,8 @@ def tick_summary(records, last: int = 512) -> dict:
                 launch_ms=p50_p95([r.launch_ms for r in done]), wait_ms=p50_p95([r.wait_ms for r in done]),
                 tick_ms=p50_p95([1e3 * (r.t_done - r.t_launch) for r in done]),
                 te_calls_mean=round(float(np.mean([r.te_calls for r in done])), 2),
-                cond_rows_mean=round(float(np.mean([r.cond_rows for r in done])), 2))
+                cond_rows_mean=round(float(np.mean([r.cond_rows for r in done])), 2),
+                phases_ms={k: p50_p95([r.phases_ms.get(k, 0.0) for r in done]) for k in done[-1].phases_ms})
 
 
 def warm_items(engine, shape: tuple[int, int], bucket: int) -> list:
@@ -127,13 +145,21 @@ def time_buckets(engine, shape: tuple[int, int], repeats: int = 5) -> dict[int, 
 
 
 def rows_per_tick(batch_s: dict[int, float] | None, ready: int, buckets: tuple[int, ...]) -> int:
-    """How many of ``ready`` streams the next tick serves: with measured batch times, the n = min(ready, b)
-    over buckets b that serves the most frames per second (n / t[b]); without, min(ready, largest bucket).
-    Why: padding is not free. On an H100 (512², 2026-12-06) a batch of 8 took 60 ms and one of 4 34 ms, so
-    5 ready streams are served faster 4 at a time (the fifth next tick: 118 frames/s) than padded to 8 (83)."""
+    """How many of ``ready`` streams the next tick serves: with measured batch times, the most n = min(ready, b)
+    over buckets b whose frames per second (n / t[b]) come within ``FULLER_TICK`` of the best; without,
+    min(ready, largest bucket). Why: padding is not free. On an H100 (512², 2026-12-06) a batch of 8 took
+    60 ms and one of 4 34 ms, so 5 ready streams are served faster 4 at a time (the fifth next tick: 118
+    frames/s) than padded to 8 (83). But 3 ready streams go together (88 frames/s, against 96 for 2 at a
+    time): leaving one behind costs it a tick of latency, and live ticks (engine/ticks.py) then run short."""
     if not batch_s:
         return min(ready, buckets[-1])
-    return max((min(ready, b) / batch_s[b], min(ready, b)) for b in buckets if b in batch_s)[1]
+    rate: dict[int, float] = {}
+    for b in buckets:
+        if b in batch_s:
+            n = min(ready, b)
+            rate[n] = max(rate.get(n, 0.0), n / batch_s[b])
+    best = max(rate.values())
+    return max(n for n, r in rate.items() if r >= (1 - FULLER_TICK) * best)
 
 
 def stream_fps(batch_s: dict[int, float], streams: int) -> float:

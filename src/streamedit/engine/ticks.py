@@ -1,12 +1,15 @@
 """The multi-stream engine's drivers (a mixin of :class:`~streamedit.engine.multi.MultiStreamEngine`):
-``tick()`` runs one batch on the caller's thread, ``start()`` runs them on a thread of its own, pipelined
-on CUDA (tick k+1 launched before tick k is handed out; on CPU a launch computes its batch, so it is
-handed out at once). A failure no single stream's input explains ends every
-stream with the reason (``Stream.fail``), never silently; per-stream failures are handled in ``_launch``."""
+``tick()`` runs one batch on the caller's thread, ``start()`` runs them on a thread of its own. On CUDA
+(``pipelined``) that thread only launches, and a second one hands each batch out when its outputs are on
+the host, so tick k+1 is queued while tick k runs and no output waits for the next launch; at most two
+batches wait for hand-out. On CPU a launch computes its batch, so it is handed out at once. A failure no
+single stream's input explains ends every stream with the reason (``Stream.fail``), never silently;
+per-stream failures are handled in ``_launch``."""
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 
@@ -41,8 +44,13 @@ class TickDriver:
         self._check_open()
         if self._thread is None:
             self._stopping, self.error = False, None
+            self._handout = queue.Queue(maxsize=1) if self.pipelined else None
             self._thread = threading.Thread(target=self._loop, name="streamedit-multistream", daemon=True)
             self._thread.start()
+            if self._handout is not None:
+                self._finisher = threading.Thread(target=self._handout_loop, name="streamedit-multistream-out",
+                                                  daemon=True)
+                self._finisher.start()
 
     def stop(self) -> None:
         """Stop the tick thread after the batch in flight is handed out."""
@@ -53,15 +61,18 @@ class TickDriver:
             self._stopping = True
             self._cond.notify_all()
         thread.join()
+        if self._handout is not None:  # the tick thread's last act was to tell it to end
+            self._finisher.join()
+            self._handout = self._finisher = None
         self._thread = None
 
     def _work_or_stop(self) -> bool:
-        return self._stopping or any(s.pending is not None for s in self._streams)
+        return self._stopping or self.error is not None or any(s.pending is not None for s in self._streams)
 
     def _full_or_stop(self) -> bool:
         """Every open stream of the next batch's working size has a frame (up to the largest bucket; a stream
         that never sent one has no working size yet and is not waited for)."""
-        if self._stopping:
+        if self._stopping or self.error is not None:
             return True
         ready = [s for s in self._streams if s.pending is not None]
         if not ready:
@@ -84,28 +95,43 @@ class TickDriver:
         return start + times[len(launched.rows)] - self._launch_s - time.perf_counter()
 
     def _loop(self) -> None:
-        launched = None  # queued on the GPU, not handed out yet
+        launched = None  # the last batch queued; in flight until handed out (its t_done set)
         try:
             while True:
                 with self._cond:
-                    if launched is None:
+                    if launched is None or launched.record.t_done is not None:
                         self._cond.wait_for(self._work_or_stop)
                     else:  # the device is busy with it: gather a fuller batch until it is nearly done
                         self._cond.wait_for(self._full_or_stop, timeout=max(0.0, self._hold_s(launched)))
-                    if self._stopping:
+                    if self._stopping or self.error is not None:
                         break
                     picked = self._select()
-                nxt = self._launch(*picked) if picked else None
-                if launched is not None:
-                    self._finish(launched)
-                launched = nxt
-                if launched is not None and not self.pipelined:  # on CPU _launch computed it: nothing to overlap,
-                    self._finish(launched)  # and holding it back for the next tick would double its latency
-                    launched = None
-            if launched is not None:
-                self._finish(launched)
+                tick = self._launch(*picked) if picked else None
+                if tick is None:
+                    continue
+                if self._handout is None:  # on CPU _launch computed it: nothing to overlap
+                    self._finish(tick)
+                else:
+                    self._handout.put(tick)  # blocks while another waits: at most two in flight
+                launched = tick
         except BaseException as exc:  # noqa: BLE001  (kept for the caller: stop() returns, error says why)
             self._fail_all(exc)
+        finally:
+            if self._handout is not None:
+                self._handout.put(None)
+
+    def _handout_loop(self) -> None:
+        """The pipelined hand-out (start()): each launched batch's outputs to their streams, in launch order.
+        After a failure the rest are only taken off the queue, so the tick thread never blocks on it."""
+        while (tick := self._handout.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                self._finish(tick)
+            except BaseException as exc:  # noqa: BLE001
+                self._fail_all(exc)
+                with self._cond:
+                    self._cond.notify_all()  # the tick thread sees the error and stops
 
     def _fail_all(self, exc: BaseException) -> None:
         """A tick failed in work no one stream's input explains (the batch's TE, U-Net, decode, copies):
