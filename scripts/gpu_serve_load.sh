@@ -8,6 +8,7 @@
 #
 # RUNS: SESSIONSxFPSxSECONDS, in order; a run that no longer fits LIMIT seconds (from the start) is skipped.
 # echoSESSIONSxFPSxSECONDS: the media path alone (scripts/serve_transport.py: no model, 512x384), the floor of e2e.
+# TAR=1 packs $OUT into $OUT.tgz at the end (the device tool returns only a few files per call).
 # KEEP=1 leaves the server (and the memory sampling) running detached after the call, and a later call on the
 # same warm machine finds it on PORT and reuses it (no second start-up); without KEEP the server is stopped.
 # Writes into $OUT (default out/serve-load): server.log, gpumem.csv (the server's whole life so far),
@@ -20,7 +21,10 @@ T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 TOKEN=${TOKEN:-loadtest} PORT=${PORT:-7860}
 get() { python -c "import sys,urllib.request as u;sys.stdout.write(u.urlopen(sys.argv[1],timeout=5).read().decode())" "$1"; }
 stop() { kill -INT "$(cat "$LIVE/server.pid")" 2>/dev/null; sleep 5; kill "$(cat "$LIVE/smi.pid")" 2>/dev/null; }
-finish() { cp "$LIVE/server.log" "$LIVE/gpumem.csv" "$OUT/" 2>/dev/null; [ "${KEEP:-0}" = 1 ] || stop; }
+finish() {
+  cp "$LIVE/server.log" "$LIVE/gpumem.csv" "$OUT/" 2>/dev/null; [ "${KEEP:-0}" = 1 ] || stop
+  [ "${TAR:-0}" = 1 ] && tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && rm -rf "$OUT"
+}
 if get "http://127.0.0.1:$PORT/health" > /dev/null 2>&1; then
   echo "reusing the server already up on port $PORT (started by an earlier call)"
 else
@@ -56,6 +60,14 @@ for r in ${RUNS:-1x30x60 4x30x60 6x24x30 8x24x30}; do
     > "$OUT/load-$r.txt" 2>&1
   echo "== $r: rc=$? at $(el) s"; grep -v -i warning "$OUT/load-$r.txt" | tail -$(( n + 4 ))
   get "http://127.0.0.1:$PORT/stats?token=$TOKEN" > "$OUT/stats-$r.json" 2>/dev/null
+  python - "$OUT/stats-$r.json" <<'P'  # the engine's last ticks: rows, host launch by part, hand-out (multistats)
+import json, sys
+try:
+    e = json.load(open(sys.argv[1]))["engine"]
+except (OSError, ValueError, KeyError):
+    sys.exit()
+print("   histogram", e.get("histogram"), "busy", round(e.get("busy_share_recent", 0), 3), "ticks", json.dumps(e.get("ticks")))
+P
 done
 python - "$LIVE/gpumem.csv" <<'P'
 import sys
