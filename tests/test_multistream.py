@@ -349,7 +349,8 @@ def adapter(tiny_models):
 def test_temporal_state_is_per_stream(tiny_models, adapter, spy):
     """With the adapter, each stream's outputs equal its own single-stream run (previous output, flows,
     refresh schedule, scene cuts of its own), while streams come and go from ticks and so change rows (a
-    moved stream's cond row is rewritten from its kept cond image); the U-Net is the shared one."""
+    moved stream's cond row is rewritten from its kept cond image); the U-Net is the shared one. A refresh's
+    flow is started when its frame is submitted, and it is the flow the single-stream run computes."""
     present = [{0, 1, 2}, {1, 2}, {0, 2}, {0, 1, 2}, {0, 1}]  # tick -> streams with a frame
     kw = dict(lllite=adapter, cond_refresh_every=2)
     with multi(tiny_models, **kw) as engine:
@@ -364,6 +365,8 @@ def test_temporal_state_is_per_stream(tiny_models, adapter, spy):
             for k in who:
                 got[k].append(streams[k].get(timeout=0).image)
         assert engine.adapter is adapter and engine.histogram == {3: 2, 2: 3}
+        # the scheduled refreshes' flows were started when their frames were submitted (early_flow)
+        assert [s.temporal.early_flows for s in streams] == [1, 1, 1]
         assert [rec.streams for rec in engine.tick_log][:2] == [(0, 1, 2, None), (2, 1)]  # stream 2 moved
         lat = [row_latents(engine, spy, s) for s in streams]
     for k, prompt in enumerate(PROMPTS):

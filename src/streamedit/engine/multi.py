@@ -152,8 +152,10 @@ class MultiStreamEngine(TickDriver):
         frame = check_frame(frame)
         if stream.shape is None:
             stream.shape = self._shape(stream.size, frame.shape[:2])
-        pending = Pending(stream.next_index(), to_working(frame, stream.shape, self.config.crop), meta,
-                          time.perf_counter())
+        working = to_working(frame, stream.shape, self.config.crop)
+        # a refresh's flow, started now (on the flow pool) rather than in the tick's launch
+        early = stream.temporal.early_flow(working) if stream.temporal is not None else None
+        pending = Pending(stream.next_index(), working, meta, time.perf_counter(), early)
         with self._cond:
             stream.put(pending)
             self._cond.notify()
@@ -193,7 +195,7 @@ class MultiStreamEngine(TickDriver):
         for s, p in items:
             try:
                 noise = s.noise(latent, self.models.dtype)
-                plan = s.temporal.plan([p.frame], 1) if s.temporal is not None else None
+                plan = s.temporal.plan([p.frame], 1, p.early) if s.temporal is not None else None
             except Exception as exc:  # noqa: BLE001  (attributable to this stream's input)
                 log.warning("stream %d: its frame broke the tick, ending it: %s", s.id, exc)
                 s.fail(f"its frame could not be processed: {exc}"[:300])

@@ -57,6 +57,7 @@ class Pending:
     frame: np.ndarray  # at the working size
     meta: object
     t_submit: float
+    early: tuple | None = None  # TemporalConditioner.early_flow(frame): its refresh flow, started at submit
 
 
 class Stream:
@@ -108,6 +109,8 @@ class Stream:
         with self._lock:
             if self.pending is not None:
                 self.stats.dropped += 1
+                if self.pending.early is not None:  # its flow is not needed any more
+                    self.pending.early[1].cancel()
             self.pending = pending
             self.stats.submitted += 1
 

@@ -166,6 +166,7 @@ class TemporalConditioner:
         self._after_cut = False  # the last batch had a cut after slot 0: refresh this one (module docstring)
         self._prev_last = None  # last input frame of the previous batch
         self._prev_output = None  # last decoded output of the previous batch (device, (3,H,W) uint8)
+        self.early_flows = 0  # refresh flows that plan() took from early_flow() (started before the batch)
 
     @classmethod
     def from_options(cls, adapter, options: TemporalOptions, graph: bool = False,
@@ -176,7 +177,20 @@ class TemporalConditioner:
                    options.flow_size, **kwargs)
 
     # ---- prefetch thread ----------------------------------------------------------------
-    def plan(self, frames: list[np.ndarray], count: int) -> CondPlan:
+    def early_flow(self, frame: np.ndarray) -> tuple | None:
+        """For a caller whose next batch is this one frame (a multi-stream engine's stream, when the frame is
+        submitted): if that batch is due for a refresh by schedule or after a cut, start its flow now, so the
+        batch's launch does not wait for it. Returns (the previous frame it is computed against, its Future)
+        for :meth:`plan`'s ``early``, else None. It may run on another thread than plan(): a guess from stale
+        state is only wasted or missed work, since plan() checks the previous frame."""
+        prev = self._prev_last
+        if prev is None or self.stagger or not (self._after_cut or self._since_refresh + 1 >= self.refresh_every):
+            return None
+        return prev, self._pool.submit(_timed, cond_flow, frame, prev, self.flow_size, self.convention)
+
+    def plan(self, frames: list[np.ndarray], count: int, early: tuple | None = None) -> CondPlan:
+        """What the batch ``frames[:count]`` does with the cond embedding (its flows queued on the pool);
+        ``early``: :meth:`early_flow`'s for ``frames[0]`` when the batch is that frame alone."""
         cut_at = None
         if self.cuts is not None:
             for i, frame in enumerate(frames[:count]):
@@ -208,12 +222,18 @@ class TemporalConditioner:
             self._since_refresh, self._motion = 0, 0.0
             if self._prev_last is not None:
                 stop = len(frames) if plan.cut_at is None else plan.cut_at
-                plan.flows = [self._pool.submit(_timed, cond_flow, f, self._prev_last, self.flow_size,
-                                                self.convention) for f in frames[:stop]]
+                if early is not None and early[0] is self._prev_last and count == stop == 1:
+                    plan.flows, early = [early[1]], None
+                    self.early_flows += 1
+                else:
+                    plan.flows = [self._pool.submit(_timed, cond_flow, f, self._prev_last, self.flow_size,
+                                                    self.convention) for f in frames[:stop]]
         else:
             self._since_refresh += 1
         self._after_cut = bool(cut_at)  # slot 0: every row already holds a new-shot input frame
         self._prev_last = frames[count - 1]
+        if early is not None:  # started for nothing (no refresh after all, or another previous frame)
+            early[1].cancel()
         return plan
 
     # ---- main stream ----------------------------------------------------------------------
