@@ -295,6 +295,39 @@ def test_a_batch_in_flight_gathers_the_streams_frames(tiny_models):
     assert records[1].t_launch - records[0].t_launch < 0.5
 
 
+def test_pipelined_at_most_two_batches_wait_for_hand_out(tiny_models):
+    """Pipelined, a slow hand-out (outputs not on the host yet) holds the launches back at two batches in
+    flight: latest-frame-wins keeps replacing the waiting frames instead of queueing more batches."""
+    lock, in_flight, peak = threading.Lock(), [0], [0]
+    with multi(tiny_models, max_streams=1) as engine:
+        engine.pipelined = True
+        launch, finish = engine._launch, engine._finish
+
+        def counted_launch(*args):
+            tick = launch(*args)
+            with lock:
+                in_flight[0] += tick is not None
+                peak[0] = max(peak[0], in_flight[0])
+            return tick
+
+        def slow_finish(tick):
+            time.sleep(0.2)
+            finish(tick)
+            with lock:
+                in_flight[0] -= 1
+
+        engine._launch, engine._finish = counted_launch, slow_finish
+        stream = engine.open_stream("oil painting")
+        engine.start()
+        for t in range(12):
+            stream.submit(pattern(0, t))
+            time.sleep(0.05)
+        engine.stop()
+        assert peak[0] == 2 and in_flight[0] == 0
+        assert stream.stats.processed + stream.stats.dropped + (stream.pending is not None) == 12
+        assert stream.stats.dropped > 0
+
+
 def test_sizes_are_grouped(tiny_models):
     """Three working sizes (64x64; 32x64 frames; 64x64 frames at size 32): separate batches, taking turns,
     each stream equal to its single-stream run. A warmed-up size runs a batch of each bucket first, and

@@ -2,7 +2,7 @@
 ``tick()`` runs one batch on the caller's thread, ``start()`` runs them on a thread of its own. On CUDA
 (``pipelined``) that thread only launches, and a second one hands each batch out when its outputs are on
 the host, so tick k+1 is queued while tick k runs and no output waits for the next launch; at most two
-batches wait for hand-out. On CPU a launch computes its batch, so it is handed out at once. A failure no
+batches are launched and not yet handed out. On CPU a launch computes its batch, so it is handed out at once. A failure no
 single stream's input explains ends every stream with the reason (``Stream.fail``), never silently;
 per-stream failures are handled in ``_launch``."""
 
@@ -44,7 +44,8 @@ class TickDriver:
         self._check_open()
         if self._thread is None:
             self._stopping, self.error = False, None
-            self._handout = queue.Queue(maxsize=1) if self.pipelined else None
+            self._handout = queue.Queue() if self.pipelined else None
+            self._slots = threading.Semaphore(2)  # pipelined: batches launched and not handed out yet
             self._thread = threading.Thread(target=self._loop, name="streamedit-multistream", daemon=True)
             self._thread.start()
             if self._handout is not None:
@@ -98,6 +99,8 @@ class TickDriver:
         launched = None  # the last batch queued; in flight until handed out (its t_done set)
         try:
             while True:
+                if self._handout is not None:
+                    self._slots.acquire()  # before taking frames: two batches in flight at most
                 with self._cond:
                     if launched is None or launched.record.t_done is not None:
                         self._cond.wait_for(self._work_or_stop)
@@ -108,11 +111,13 @@ class TickDriver:
                     picked = self._select()
                 tick = self._launch(*picked) if picked else None
                 if tick is None:
+                    if self._handout is not None:
+                        self._slots.release()
                     continue
                 if self._handout is None:  # on CPU _launch computed it: nothing to overlap
                     self._finish(tick)
                 else:
-                    self._handout.put(tick)  # blocks while another waits: at most two in flight
+                    self._handout.put(tick)  # its slot is released when it has been handed out
                 launched = tick
         except BaseException as exc:  # noqa: BLE001  (kept for the caller: stop() returns, error says why)
             self._fail_all(exc)
@@ -122,16 +127,17 @@ class TickDriver:
 
     def _handout_loop(self) -> None:
         """The pipelined hand-out (start()): each launched batch's outputs to their streams, in launch order.
-        After a failure the rest are only taken off the queue, so the tick thread never blocks on it."""
+        After a failure the rest are only taken off the queue, so the tick thread never waits for a slot."""
         while (tick := self._handout.get()) is not None:
-            if self.error is not None:
-                continue
             try:
-                self._finish(tick)
+                if self.error is None:
+                    self._finish(tick)
             except BaseException as exc:  # noqa: BLE001
                 self._fail_all(exc)
                 with self._cond:
                     self._cond.notify_all()  # the tick thread sees the error and stops
+            finally:
+                self._slots.release()
 
     def _fail_all(self, exc: BaseException) -> None:
         """A tick failed in work no one stream's input explains (the batch's TE, U-Net, decode, copies):
