@@ -270,38 +270,46 @@ def test_a_batch_in_flight_gathers_the_streams_frames(tiny_models):
     holds the launch no longer than that; without measured times nothing waits."""
     def run(batch_s, senders):
         with multi(tiny_models, max_streams=3) as engine:
-            engine.pipelined = True  # on CPU a launch computes its batch; handing it out is what is deferred
-            engine.batch_seconds[(64, 64)] = batch_s
             streams = [engine.open_stream(PROMPTS[k], seed=k) for k in range(3)]
             for k, s in enumerate(streams):
                 s.submit(pattern(k, 0))
+            assert engine.tick() == 3  # warm (the first batch is slow on CPU)
+            engine.pipelined = True  # on CPU a launch computes its batch; handing it out is what is deferred
+            engine.batch_seconds[(64, 64)] = batch_s
+            for k, s in enumerate(streams):
+                s.submit(pattern(k, 1))
             engine.start()
             deadline = time.monotonic() + 60
-            while not engine.tick_log and time.monotonic() < deadline:  # the first batch: launched
+            while len(engine.tick_log) < 2 and time.monotonic() < deadline:  # the first batch: launched
                 time.sleep(0.001)
             for k in senders:
-                streams[k].submit(pattern(k, 1))
-            while engine.stats.frames < 3 + len(senders) and time.monotonic() < deadline:
+                streams[k].submit(pattern(k, 2))
+            while engine.stats.frames < 6 + len(senders) and time.monotonic() < deadline:
                 time.sleep(0.005)
-            records = list(engine.tick_log)
+            first, second = list(engine.tick_log)[1:3]
             engine.stop()
-            return [sum(x is not None for x in r.streams) for r in records], records
+            rows = [sum(x is not None for x in r.streams) for r in (first, second)]
+            return rows, second.t_launch - (first.t_launch + first.launch_ms / 1e3)  # after the first's launch
 
-    rows, _ = run({1: 1.0, 2: 1.0, 4: 1.0}, senders=(0, 1, 2))
+    rows, _ = run({1: 3.0, 2: 3.0, 4: 3.0}, senders=(0, 1, 2))
     assert rows == [3, 3]
-    rows, records = run({1: 1.0, 2: 1.0, 4: 1.0}, senders=(0, 1))  # stream 2 sends nothing
-    assert rows == [3, 2] and records[1].t_launch - records[0].t_launch > 0.5
-    _, records = run({}, senders=(0, 1))
-    assert records[1].t_launch - records[0].t_launch < 0.5
+    rows, gap = run({1: 3.0, 2: 3.0, 4: 3.0}, senders=(0, 1))  # stream 2 sends nothing
+    assert rows == [3, 2] and gap > 0.5
+    rows, gap = run({}, senders=(0, 1))
+    assert rows == [3, 2] and gap < 0.5
 
 
 def test_pipelined_at_most_two_batches_wait_for_hand_out(tiny_models):
     """Pipelined, a slow hand-out (outputs not on the host yet) holds the launches back at two batches in
-    flight: latest-frame-wins keeps replacing the waiting frames instead of queueing more batches."""
-    lock, in_flight, peak = threading.Lock(), [0], [0]
+    flight: latest-frame-wins keeps replacing the waiting frames instead of queueing more batches; between
+    frames the tick thread sleeps."""
+    lock, in_flight, peak, selects = threading.Lock(), [0], [0], []
     with multi(tiny_models, max_streams=1) as engine:
+        stream = engine.open_stream("oil painting")
+        stream.submit(pattern(0, 0))
+        assert engine.tick() == 1  # warm (the first batch is slow on CPU)
         engine.pipelined = True
-        launch, finish = engine._launch, engine._finish
+        launch, finish, select = engine._launch, engine._finish, engine._select
 
         def counted_launch(*args):
             tick = launch(*args)
@@ -311,21 +319,32 @@ def test_pipelined_at_most_two_batches_wait_for_hand_out(tiny_models):
             return tick
 
         def slow_finish(tick):
-            time.sleep(0.2)
+            time.sleep(0.6)
             finish(tick)
             with lock:
                 in_flight[0] -= 1
 
-        engine._launch, engine._finish = counted_launch, slow_finish
-        stream = engine.open_stream("oil painting")
+        def counted_select():
+            selects.append(1)
+            return select()
+
+        engine._launch, engine._finish, engine._select = counted_launch, slow_finish, counted_select
         engine.start()
-        for t in range(12):
+        for t in range(1, 7):
             stream.submit(pattern(0, t))
             time.sleep(0.05)
-        engine.stop()
+        deadline = time.monotonic() + 60
+        while (in_flight[0] or stream.pending is not None) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert peak[0] == 2 and in_flight[0] == 0
-        assert stream.stats.processed + stream.stats.dropped + (stream.pending is not None) == 12
-        assert stream.stats.dropped > 0
+        assert stream.stats.processed + stream.stats.dropped == 7 and stream.stats.dropped > 0
+        selects.clear()  # frames slower than a hand-out: one batch in flight, then nothing to take
+        for t in range(7, 10):
+            stream.submit(pattern(0, t))
+            time.sleep(1.0)
+        engine.stop()
+        assert stream.stats.processed + stream.stats.dropped == 10
+        assert len(selects) <= 4  # the tick thread waits for frames, never spins while a batch is in flight
 
 
 def test_sizes_are_grouped(tiny_models):

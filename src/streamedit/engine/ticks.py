@@ -104,8 +104,9 @@ class TickDriver:
                 with self._cond:
                     if launched is None or launched.record.t_done is not None:
                         self._cond.wait_for(self._work_or_stop)
-                    else:  # the device is busy with it: gather a fuller batch until it is nearly done
+                    else:  # the device is busy with it: gather a fuller batch until it is nearly done,
                         self._cond.wait_for(self._full_or_stop, timeout=max(0.0, self._hold_s(launched)))
+                        self._cond.wait_for(self._work_or_stop)  # then take what comes (never spin)
                     if self._stopping or self.error is not None:
                         break
                     picked = self._select()
