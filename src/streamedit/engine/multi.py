@@ -172,15 +172,21 @@ class MultiStreamEngine(TickDriver):
         # its conditioner is only dropped: a tick in flight may still use it (flows run on the shared pool)
 
     # ---- scheduling -------------------------------------------------------------------------------
-    def _select(self) -> tuple[int, tuple[int, int], list] | None:
-        """The streams of the next batch (under ``_cond``): the least recently served ready stream's size
-        group, its least recently served ready streams first, as many as serve the most frames per second
-        at that size's measured batch times (``multistats.rows_per_tick``; up to the largest bucket)."""
+    def _next_group(self) -> tuple[tuple[int, int] | None, list]:
+        """(under ``_cond``) The size group the next batch serves: the least recently served ready stream's
+        working size, and that size's ready streams, least recently served first ((None, []): none ready)."""
         ready = sorted((s for s in self._streams if s.pending is not None), key=lambda s: (s.last_served, s.id))
         if not ready:
+            return None, []
+        return ready[0].shape, [s for s in ready if s.shape == ready[0].shape]
+
+    def _select(self) -> tuple[int, tuple[int, int], list] | None:
+        """The streams of the next batch (under ``_cond``): :meth:`_next_group`'s, as many as serve the most
+        frames per second at that size's measured batch times (``multistats.rows_per_tick``; up to the
+        largest bucket)."""
+        shape, same = self._next_group()
+        if not same:
             return None
-        shape = ready[0].shape
-        same = [s for s in ready if s.shape == shape]
         chosen = same[: rows_per_tick(self.batch_seconds.get(shape), len(same), self.buckets)]
         for s in chosen:
             s.last_served = next(self._served)  # in batch order: the left-out rotate (round robin)

@@ -2,9 +2,9 @@
 ``tick()`` runs one batch on the caller's thread, ``start()`` runs them on a thread of its own. On CUDA
 (``pipelined``) that thread only launches, and a second one hands each batch out when its outputs are on
 the host, so tick k+1 is queued while tick k runs and no output waits for the next launch; at most two
-batches are launched and not yet handed out. On CPU a launch computes its batch, so it is handed out at once. A failure no
-single stream's input explains ends every stream with the reason (``Stream.fail``), never silently;
-per-stream failures are handled in ``_launch``."""
+batches are launched and not yet handed out. On CPU a launch computes its batch, so it is handed out at
+once. A failure no single stream's input explains ends every stream with the reason (``Stream.fail``),
+never silently; per-stream failures are handled in ``_launch``."""
 
 from __future__ import annotations
 
@@ -75,12 +75,8 @@ class TickDriver:
         that never sent one has no working size yet and is not waited for)."""
         if self._stopping or self.error is not None:
             return True
-        ready = [s for s in self._streams if s.pending is not None]
-        if not ready:
-            return False
-        shape = min(ready, key=lambda s: (s.last_served, s.id)).shape  # the group _select serves next
-        want = min(sum(s.shape == shape for s in self._streams), self.buckets[-1])
-        return sum(s.shape == shape for s in ready) >= want
+        shape, ready = self._next_group()
+        return bool(ready) and len(ready) >= min(sum(s.shape == shape for s in self._streams), self.buckets[-1])
 
     def _hold_s(self, launched) -> float:
         """How long the next launch may wait for more streams' frames with ``launched`` in flight: until that

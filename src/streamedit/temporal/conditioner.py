@@ -186,7 +186,7 @@ class TemporalConditioner:
         prev = self._prev_last
         if prev is None or self.stagger or not (self._after_cut or self._since_refresh + 1 >= self.refresh_every):
             return None
-        return prev, self._pool.submit(_timed, cond_flow, frame, prev, self.flow_size, self.convention)
+        return prev, self._flow(frame, prev)
 
     def plan(self, frames: list[np.ndarray], count: int, early: tuple | None = None) -> CondPlan:
         """What the batch ``frames[:count]`` does with the cond embedding (its flows queued on the pool);
@@ -216,8 +216,7 @@ class TemporalConditioner:
         else:
             plan = CondPlan(False)
         if plan.slots is not None:
-            plan.flows = [self._pool.submit(_timed, cond_flow, frames[j], self._prev_last, self.flow_size,
-                                            self.convention) for j in plan.slots]
+            plan.flows = [self._flow(frames[j], self._prev_last) for j in plan.slots]
         elif plan.refresh:
             self._since_refresh, self._motion = 0, 0.0
             if self._prev_last is not None:
@@ -226,8 +225,7 @@ class TemporalConditioner:
                     plan.flows, early = [early[1]], None
                     self.early_flows += 1
                 else:
-                    plan.flows = [self._pool.submit(_timed, cond_flow, f, self._prev_last, self.flow_size,
-                                                    self.convention) for f in frames[:stop]]
+                    plan.flows = [self._flow(f, self._prev_last) for f in frames[:stop]]
         else:
             self._since_refresh += 1
         self._after_cut = bool(cut_at)  # slot 0: every row already holds a new-shot input frame
@@ -235,6 +233,10 @@ class TemporalConditioner:
         if early is not None:  # started for nothing (no refresh after all, or another previous frame)
             early[1].cancel()
         return plan
+
+    def _flow(self, frame: np.ndarray, prev: np.ndarray) -> Future:
+        """The cond flow of ``frame`` after ``prev``, queued on the pool ((flow, cpu ms) when done)."""
+        return self._pool.submit(_timed, cond_flow, frame, prev, self.flow_size, self.convention)
 
     # ---- main stream ----------------------------------------------------------------------
     def apply(self, plan: CondPlan, inputs: torch.Tensor, timings: dict) -> None:
