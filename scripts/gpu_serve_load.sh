@@ -9,6 +9,8 @@
 # RUNS: SESSIONSxFPSxSECONDS, in order; a run that no longer fits LIMIT seconds (from the start) is skipped.
 # echoSESSIONSxFPSxSECONDS: the media path alone (scripts/serve_transport.py: no model, 512x384), the floor of e2e.
 # TAR=1 packs $OUT into $OUT.tgz at the end (the device tool returns only a few files per call).
+# STACKS=1 starts the server under scripts/stack_sample.py: its threads' stacks sampled (STACK_SAMPLE_MS, default 5),
+# saved after each run as stacks-RUN.json (cumulative; scripts/stack_report.py AFTER BEFORE shows one run's).
 # KEEP=1 leaves the server (and the memory sampling) running detached after the call, and a later call on the
 # same warm machine finds it on PORT and reuses it (no second start-up); without KEEP the server is stopped.
 # Writes into $OUT (default out/serve-load): server.log, gpumem.csv (the server's whole life so far),
@@ -28,7 +30,9 @@ finish() {
 if get "http://127.0.0.1:$PORT/health" > /dev/null 2>&1; then
   echo "reusing the server already up on port $PORT (started by an earlier call)"
 else
-  setsid nohup python -m streamedit serve --model "${MODEL:-random:real}" --device cuda --dtype bfloat16 \
+  # STACKS=1: the server under scripts/stack_sample.py (its threads' stacks sampled; stacks-RUN.json per run)
+  RUNNER=(python -m streamedit); [ "${STACKS:-0}" = 1 ] && RUNNER=(python scripts/stack_sample.py "$LIVE/stacks.json" -m streamedit)
+  setsid nohup "${RUNNER[@]}" serve --model "${MODEL:-random:real}" --device cuda --dtype bfloat16 \
     --lllite "${LLLITE:-random}" --size 512 --max-size 512 --prepare-input 512x512 \
     --max-sessions "${MAX_SESSIONS:-12}" --host 127.0.0.1 --ice-host 127.0.0.1 --port "$PORT" --token "$TOKEN" "$@" \
     > "$LIVE/server.log" 2>&1 < /dev/null &
@@ -60,6 +64,7 @@ for r in ${RUNS:-1x30x60 4x30x60 6x24x30 8x24x30}; do
     > "$OUT/load-$r.txt" 2>&1
   echo "== $r: rc=$? at $(el) s"; grep -v -i warning "$OUT/load-$r.txt" | tail -$(( n + 4 ))
   get "http://127.0.0.1:$PORT/stats?token=$TOKEN" > "$OUT/stats-$r.json" 2>/dev/null
+  [ "${STACKS:-0}" = 1 ] && { sleep 6; cp "$LIVE/stacks.json" "$OUT/stacks-$r.json"; }  # cumulative: diff runs
   python - "$OUT/stats-$r.json" <<'P'  # the engine's last ticks: rows, host launch by part, hand-out (multistats)
 import json, sys
 try:

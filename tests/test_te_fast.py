@@ -209,7 +209,7 @@ def test_compile_fullgraph_no_breaks_no_recompiles(tiny_models):
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     compile_te(fast, "reduce-overhead", backend=counter)  # CPU: no CUDA graph, compiled forward only
-    assert fast.graph is None
+    assert fast.new_graph is None and not fast.graphs
     out_a = fast.encode("oil painting", a, 3)
     out_b = fast.encode("oil painting", b, 3)  # new frames: no recompile
     assert counter.frame_count == 1
@@ -222,6 +222,23 @@ def test_compile_fullgraph_no_breaks_no_recompiles(tiny_models):
     fast.encode("cartoon", a, 3)  # 356 again
     assert counter.frame_count == 2
     torch._dynamo.reset()
+
+
+def test_a_graph_per_batch_size_each_captured_once(tiny_models):
+    """The TE batch of a multi-stream tick changes with the streams ready (1, 2, 4, ...): each size keeps its own
+    graph, so going back to a size replays it (one graph re-captured at every change stalled the launches)."""
+    from streamedit.accel.graphs import StaticGraph
+
+    fast = FastTextEncoderRunner(tiny_models, 4)
+    frames = torch.from_numpy(np.stack(smooth_frames(512, n=4)))
+    with torch.no_grad():
+        eager = {b: fast.encode("oil painting", frames, b) for b in (1, 2, 4)}
+    fast.new_graph = lambda: StaticGraph(fast.forward_fn, "cpu", name="te")  # compile_te's, on CPU (no capture)
+    for b in (1, 2, 1, 4, 2, 1, 4):
+        assert torch.equal(fast.encode("oil painting", frames, b), eager[b])
+    assert sorted(fast.graphs) == [1, 2, 4] and all(g.captures == 1 for g in fast.graphs.values())
+    fast.release()
+    assert not fast.graphs
 
 
 def test_fp8_path(tiny_models):

@@ -201,7 +201,7 @@ def test_set_cond_rows_equals_full_set_cond_image(tiny_models):
 
 
 def test_early_flow_is_used_only_against_the_same_previous_frame():
-    """early_flow (a multi-stream engine starts a refresh's flow when the frame is submitted): None until a
+    """early() (a multi-stream engine starts a refresh's flow when the frame is submitted): None until a
     refresh is due; plan() takes it when the previous frame is the one it was computed against, and
     otherwise computes the flow itself (the early one is cancelled or ignored), so outputs never change."""
     from streamedit.temporal.conditioner import TemporalConditioner, cond_flow
@@ -209,29 +209,53 @@ def test_early_flow_is_used_only_against_the_same_previous_frame():
     frames = [np.roll(_textured(), 2 * t, axis=1) for t in range(6)]
     cond = TemporalConditioner(None, refresh_every=2, cut_refresh=False, workers=1)
     try:
-        assert cond.early_flow(frames[0]) is None  # nothing to flow from yet
+        assert cond.early(frames[0]) is None  # nothing to flow from yet
         cond.plan([frames[0]], 1)
-        assert cond.early_flow(frames[1]) is None  # 1 of 2: no refresh due
+        assert cond.early(frames[1]) is None  # 1 of 2: no refresh due
         cond.plan([frames[1]], 1)
-        early = cond.early_flow(frames[2])
-        assert early is not None and early[0] is frames[1]
+        early = cond.early(frames[2])
+        assert early is not None and early.hist is None and early.prev is frames[1]
+        flow = early.flow
         plan = cond.plan([frames[2]], 1, early)
-        assert plan.refresh and plan.flows == [early[1]] and cond.early_flows == 1
+        assert plan.refresh and plan.flows[0] is flow and cond.early_flows == 1
         cond.plan([frames[3]], 1)
-        stale = cond.early_flow(frames[5])  # against frames[3]; frames[4] is planned first
+        stale = cond.early(frames[5])  # against frames[3]; frames[4] is planned first
         assert stale is not None
-        cond.plan([frames[4]], 1, cond.early_flow(frames[4]))
+        cond.plan([frames[4]], 1, cond.early(frames[4]))
         cond.plan([frames[5]], 1)  # not due (refresh at 4): no flows, nothing taken
         cond.plan([frames[1]], 1, stale)  # due, but against frames[5], not frames[3]
         assert cond.early_flows == 2  # frames[4]'s only
-        assert stale[1].cancelled() or stale[1].done()
+        assert stale.flow.cancelled() or stale.flow.done()
     finally:
         cond.close()
     fresh = TemporalConditioner(None, refresh_every=1, cut_refresh=False, workers=1)
     try:
         fresh.plan([frames[5]], 1)
         got = fresh.plan([frames[1]], 1, stale)  # a mismatched early flow is not used: the flow is its own
-        assert got.flows[0] is not stale[1]
+        assert got.flows[0] is not stale.flow
         np.testing.assert_array_equal(got.flows[0].result()[0], cond_flow(frames[1], frames[5], None, "backward"))
     finally:
         fresh.close()
+
+
+def test_early_cut_histograms_plan_as_without():
+    """early()'s scene-cut histogram (computed when a frame is submitted) gives plan() the same cuts and
+    refreshes as computing it in plan(): a sequence with two cuts, planned both ways."""
+    from streamedit.temporal.conditioner import TemporalConditioner
+
+    base = _textured()
+    shots = [base, np.full_like(base, 30), np.full_like(base, 220)]
+    frames = [np.roll(shots[t // 4], t, axis=1) for t in range(12)]  # cuts at 4 and 8
+    runs = []
+    for use_early in (False, True):
+        cond = TemporalConditioner(None, refresh_every=3, cut_refresh=True, workers=1)
+        try:
+            plans = []
+            for f in frames:
+                early = cond.early(f) if use_early else None
+                assert not use_early or (early is not None and early.hist is not None)
+                plans.append(cond.plan([f], 1, early).reason)
+            runs.append(plans)
+        finally:
+            cond.close()
+    assert runs[0] == runs[1] and runs[0].count("cut") == 2, runs

@@ -153,8 +153,8 @@ class MultiStreamEngine(TickDriver):
         if stream.shape is None:
             stream.shape = self._shape(stream.size, frame.shape[:2])
         working = to_working(frame, stream.shape, self.config.crop)
-        # a refresh's flow, started now (on the flow pool) rather than in the tick's launch
-        early = stream.temporal.early_flow(working) if stream.temporal is not None else None
+        # its scene-cut histogram and a refresh's flow (on the flow pool), now rather than in the tick's launch
+        early = stream.temporal.early(working) if stream.temporal is not None else None
         pending = Pending(stream.next_index(), working, meta, time.perf_counter(), early)
         with self._cond:
             stream.put(pending)
@@ -234,8 +234,8 @@ class MultiStreamEngine(TickDriver):
         for r, s, _ in real:
             if s.temporal is not None:
                 tick.plans[r] = tick.rows[r][3]
-        host = torch.from_numpy(np.stack(frames))
-        host = host.pin_memory() if self.cuda else host
+        host = torch.empty((len(frames), *frames[0].shape), dtype=torch.uint8, pin_memory=self.cuda)
+        np.stack(frames, out=host.numpy())  # into pinned memory: one copy, not a stack then a pin
         den = group.denoisers[bucket]
         noise = torch.cat([(it or filler)[2] for it in tick.rows])
         lap("stack")

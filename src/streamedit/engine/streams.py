@@ -57,7 +57,7 @@ class Pending:
     frame: np.ndarray  # at the working size
     meta: object
     t_submit: float
-    early: tuple | None = None  # TemporalConditioner.early_flow(frame): its refresh flow, started at submit
+    early: object = None  # TemporalConditioner.early(frame): its cut histogram and refresh flow, from submit
 
 
 class Stream:
@@ -110,7 +110,7 @@ class Stream:
             if self.pending is not None:
                 self.stats.dropped += 1
                 if self.pending.early is not None:  # its flow is not needed any more
-                    self.pending.early[1].cancel()
+                    self.pending.early.cancel()
             self.pending = pending
             self.stats.submitted += 1
 

@@ -120,16 +120,33 @@ class SceneCutDetector:
         self.threshold, self.bins = threshold, bins
         self._prev = None
 
-    def _hist(self, frame: np.ndarray) -> np.ndarray:
+    def histogram(self, frame: np.ndarray) -> np.ndarray:
+        """The frame's normalised luma histogram (stateless: any thread may compute it ahead of update())."""
         thumb = cv2.resize(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), (64, 64), interpolation=cv2.INTER_AREA)
         hist = np.bincount(((thumb.astype(np.int32) * self.bins) // 256).ravel(), minlength=self.bins).astype(np.float32)
         return hist / hist.sum()
 
-    def update(self, frame: np.ndarray) -> bool:
-        hist = self._hist(frame)
+    def update(self, frame: np.ndarray, hist: np.ndarray | None = None) -> bool:
+        """Whether ``frame`` starts a new shot after the last updated frame; ``hist``: its :meth:`histogram`
+        when already computed."""
+        hist = self.histogram(frame) if hist is None else hist
         cut = self._prev is not None and float(np.abs(hist - self._prev).sum()) > self.threshold
         self._prev = hist
         return cut
+
+
+@dataclass
+class Early:
+    """What a frame starts when it is submitted, before its batch (a multi-stream engine's stream): its
+    scene-cut histogram and, when its batch is due for a refresh, its flow against ``prev`` (a Future)."""
+
+    prev: np.ndarray | None
+    flow: Future | None
+    hist: np.ndarray | None
+
+    def cancel(self) -> None:
+        if self.flow is not None:
+            self.flow.cancel()
 
 
 @dataclass
@@ -166,7 +183,7 @@ class TemporalConditioner:
         self._after_cut = False  # the last batch had a cut after slot 0: refresh this one (module docstring)
         self._prev_last = None  # last input frame of the previous batch
         self._prev_output = None  # last decoded output of the previous batch (device, (3,H,W) uint8)
-        self.early_flows = 0  # refresh flows that plan() took from early_flow() (started before the batch)
+        self.early_flows = 0  # refresh flows that plan() took from early() (started before the batch)
 
     @classmethod
     def from_options(cls, adapter, options: TemporalOptions, graph: bool = False,
@@ -177,24 +194,26 @@ class TemporalConditioner:
                    options.flow_size, **kwargs)
 
     # ---- prefetch thread ----------------------------------------------------------------
-    def early_flow(self, frame: np.ndarray) -> tuple | None:
+    def early(self, frame: np.ndarray) -> Early | None:
         """For a caller whose next batch is this one frame (a multi-stream engine's stream, when the frame is
-        submitted): if that batch is due for a refresh by schedule or after a cut, start its flow now, so the
-        batch's launch does not wait for it. Returns (the previous frame it is computed against, its Future)
-        for :meth:`plan`'s ``early``, else None. It may run on another thread than plan(): a guess from stale
-        state is only wasted or missed work, since plan() checks the previous frame."""
-        prev = self._prev_last
-        if prev is None or self.stagger or not (self._after_cut or self._since_refresh + 1 >= self.refresh_every):
-            return None
-        return prev, self._flow(frame, prev)
+        submitted): its scene-cut histogram, and if that batch is due for a refresh by schedule or after a
+        cut, its flow, started now, so the batch's launch waits for neither. For :meth:`plan`'s ``early``
+        (None: nothing to start). It may run on another thread than plan(): a guess from stale state is
+        only wasted or missed work, since plan() checks the previous frame."""
+        hist = self.cuts.histogram(frame) if self.cuts is not None else None
+        prev, flow = self._prev_last, None
+        if prev is not None and not self.stagger and (self._after_cut or self._since_refresh + 1 >= self.refresh_every):
+            flow = self._flow(frame, prev)
+        return Early(prev, flow, hist) if flow is not None or hist is not None else None
 
-    def plan(self, frames: list[np.ndarray], count: int, early: tuple | None = None) -> CondPlan:
+    def plan(self, frames: list[np.ndarray], count: int, early: Early | None = None) -> CondPlan:
         """What the batch ``frames[:count]`` does with the cond embedding (its flows queued on the pool);
-        ``early``: :meth:`early_flow`'s for ``frames[0]`` when the batch is that frame alone."""
+        ``early``: :meth:`early`'s for ``frames[0]`` when the batch is that frame alone."""
         cut_at = None
+        first_hist = early.hist if early is not None and count == 1 else None
         if self.cuts is not None:
             for i, frame in enumerate(frames[:count]):
-                if self.cuts.update(frame) and cut_at is None:
+                if self.cuts.update(frame, first_hist if i == 0 else None) and cut_at is None:
                     cut_at = i
         if self.motion_threshold is not None and self._prev_last is not None:
             flow = farneback(frames[count - 1], self._prev_last, size=64)
@@ -221,8 +240,9 @@ class TemporalConditioner:
             self._since_refresh, self._motion = 0, 0.0
             if self._prev_last is not None:
                 stop = len(frames) if plan.cut_at is None else plan.cut_at
-                if early is not None and early[0] is self._prev_last and count == stop == 1:
-                    plan.flows, early = [early[1]], None
+                if early is not None and early.flow is not None and early.prev is self._prev_last and count == stop == 1:
+                    plan.flows = [early.flow]
+                    early.flow = None
                     self.early_flows += 1
                 else:
                     plan.flows = [self._flow(f, self._prev_last) for f in frames[:stop]]
@@ -230,8 +250,8 @@ class TemporalConditioner:
             self._since_refresh += 1
         self._after_cut = bool(cut_at)  # slot 0: every row already holds a new-shot input frame
         self._prev_last = frames[count - 1]
-        if early is not None:  # started for nothing (no refresh after all, or another previous frame)
-            early[1].cancel()
+        if early is not None:  # a flow started for nothing (no refresh after all, or another previous frame)
+            early.cancel()
         return plan
 
     def _flow(self, frame: np.ndarray, prev: np.ndarray) -> Future:

@@ -130,7 +130,11 @@ class FastTextEncoderRunner(TextEncoderRunner):
         self._prompts: dict[str, tuple] = {}  # set_prompt's constants per prompt (a few recent ones)
         # what encode() runs; accel.compile_te.compile_te installs the compiled forward and its CUDA graph
         self.forward_fn = self._forward  # the static forward, or its torch.compile wrapper
-        self.graph = None  # graphs.StaticGraph of forward_fn when compiled with a CUDA-graph mode
+        # compiled with a CUDA-graph mode: a graphs.StaticGraph of forward_fn per batch size, made by
+        # new_graph. One graph per batch: a multi-stream engine's TE batch changes from tick to tick (1, 2, 4)
+        # and a single graph re-captured at each change stalled its launches (issue 25, 2026-12-07).
+        self.new_graph = None
+        self.graphs: dict[int, object] = {}
         self._vision_constants()
 
     # ---- precomputation -----------------------------------------------------------------------
@@ -293,8 +297,9 @@ class FastTextEncoderRunner(TextEncoderRunner):
 
     # ---- per-batch, static ----------------------------------------------------------------------
     def prepare_images(self, frames: list[np.ndarray]) -> torch.Tensor:
-        host = torch.from_numpy(np.stack(frames))
-        return host.pin_memory() if self.device.type == "cuda" else host
+        host = torch.empty((len(frames), *frames[0].shape), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        np.stack(frames, out=host.numpy())  # into pinned memory: one copy, not a stack then a pin
+        return host
 
     def resize(self, frames: torch.Tensor) -> torch.Tensor:
         """(B,H,W,3) uint8 -> (B,3,S,S) uint8 (approximates the view's PIL resample; identity at the TE size)."""
@@ -387,17 +392,21 @@ class FastTextEncoderRunner(TextEncoderRunner):
     def _run(self, images: torch.Tensor, batch: int) -> torch.Tensor:
         """The forward (or its graph) on the constants in place."""
         frames = images[:batch]
-        if self.graph is not None:  # the key: everything the capture baked in besides the input shape
-            out = self.graph(frames, key=(self._layout, self.span, self.n_pad))
+        if self.new_graph is not None:  # the key: everything the capture baked in besides the input shape
+            graph = self.graphs.get(batch)
+            if graph is None:
+                graph = self.graphs[batch] = self.new_graph()
+            out = graph(frames, key=(self._layout, self.span, self.n_pad))
             return out.to(self.models.dtype, copy=True)  # the next replay overwrites the graph's output
         return self.forward_fn(frames.to(self.device, non_blocking=True)).to(self.models.dtype)
 
     def release(self) -> None:
-        """Drop the CUDA graph (its pool goes with it), then the per-size and per-prompt constants it
+        """Drop the CUDA graphs (their pools go with them), then the per-size and per-prompt constants they
         read. The runner is done after this (the engine's close)."""
         super().release()
-        if self.graph is not None:
-            self.graph.release()
+        for graph in self.graphs.values():
+            graph.release()
+        self.graphs.clear()
         self.c.clear()
         self._prompts.clear()
         self._masks.clear()
