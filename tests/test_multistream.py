@@ -173,6 +173,23 @@ def test_fast_text_encoder_one_length_for_every_prompt(tiny_models, spy):
     assert_latents(lat_b, single(tiny_models, "make it a watercolor", 1, frames_b, spy=spy, te_fast=True)[1])
 
 
+def test_fast_te_keeps_a_graph_per_batch_size_across_ticks(tiny_models):
+    """A tick's TE batch follows the streams that are ready (1, 2, 3 here): each size keeps its own graph, so
+    going back to a size replays it (one graph, re-captured at every change, stalled the launches on an H100:
+    docs/benchmarks.md, ninth session). StaticGraph off CUDA runs the function on its buffers, counting captures."""
+    from streamedit.accel.graphs import StaticGraph
+
+    with multi(tiny_models, te_fast=True) as engine:
+        te = engine.te
+        te.new_graph = lambda: StaticGraph(te.forward_fn, "cpu", name="te")  # what compile_te installs on CUDA
+        streams = [engine.open_stream(p, seed=k) for k, p in enumerate(PROMPTS)]
+        for t, ready in enumerate((1, 2, 1, 3, 2, 3, 1)):
+            for s in streams[:ready]:
+                s.submit(pattern(s.id, t))
+            assert engine.tick() == ready
+        assert sorted(te.graphs) == [1, 2, 3] and [g.captures for g in te.graphs.values()] == [1, 1, 1]
+
+
 def test_te_batch_pads_to_captured_sizes():
     from streamedit.engine.rows import te_batch
 
@@ -401,7 +418,7 @@ def adapter(tiny_models):
 def test_temporal_state_is_per_stream(tiny_models, adapter, spy):
     """With the adapter, each stream's outputs equal its own single-stream run (previous output, flows,
     refresh schedule, scene cuts of its own), while streams come and go from ticks and so change rows (a
-    moved stream's cond row is rewritten from its kept cond image); the U-Net is the shared one. A refresh's
+    moved stream's cond row is rewritten from its kept cond embedding); the U-Net is the shared one. A refresh's
     flow is started when its frame is submitted, and it is the flow the single-stream run computes."""
     present = [{0, 1, 2}, {1, 2}, {0, 2}, {0, 1, 2}, {0, 1}]  # tick -> streams with a frame
     kw = dict(lllite=adapter, cond_refresh_every=2)
@@ -417,9 +434,13 @@ def test_temporal_state_is_per_stream(tiny_models, adapter, spy):
             for k in who:
                 got[k].append(streams[k].get(timeout=0).image)
         assert engine.adapter is adapter and engine.histogram == {3: 2, 2: 3}
-        # the scheduled refreshes' flows were started when their frames were submitted (early_flow)
+        # the scheduled refreshes' flows were started when their frames were submitted (TemporalConditioner.early)
         assert [s.temporal.early_flows for s in streams] == [1, 1, 1]
         assert [rec.streams for rec in engine.tick_log][:2] == [(0, 1, 2, None), (2, 1)]  # stream 2 moved
+        # rows written per tick, and of them the refreshed streams' (the cond CNN ran): the others are a moved
+        # stream's kept embedding, copied (ticks 1 and 4: no refresh, one stream in a row another had)
+        assert [(rec.cond_rows, rec.cond_embedded) for rec in engine.tick_log] == [(3, 3), (1, 0), (2, 1), (2, 2),
+                                                                                   (1, 0)]
         lat = [row_latents(engine, spy, s) for s in streams]
     for k, prompt in enumerate(PROMPTS):
         want, want_lat = single(tiny_models, prompt, k, sent[k], spy=spy, **kw)

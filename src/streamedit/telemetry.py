@@ -63,6 +63,7 @@ class TickRecord:
     wait_ms: float | None = None  # host time blocked on its outputs in _finish
     te_calls: int = 0  # text-encoder calls it made (1 when its prompts share one call)
     cond_rows: int = 0  # adapter rows whose cond embedding it rewrote (refresh, or a stream changed row)
+    cond_embedded: int = 0  # of those, the refreshed streams' (the cond CNN ran); the rest were copies
     phases_ms: dict[str, float] = field(default_factory=dict)  # launch_ms by part, in order (multi.py _launch)
 
 

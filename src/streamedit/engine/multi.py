@@ -13,9 +13,10 @@ groups take turns the same way), and runs them as one batch padded to the next b
 
 Per row, everything that makes a stream's output is its own: frame, prompt, noise (the stream's seed),
 and with the temporal adapter its conditioner (previous output, flows, refresh schedule, scene cuts) and
-its cond image, written into the adapter's buffer row the stream occupies (buffers are per row: one
-U-Net for all streams). A stream keeps its row from tick to tick where it can, so its cond embedding is
-rewritten only on its refresh batches or when it moved. Joining or leaving touches no model.
+its cond embedding, written into the adapter's buffer row the stream occupies (buffers are per row: one
+U-Net for all streams). A stream keeps its row from tick to tick where it can, so its row is rewritten only
+on its refresh batches (the cond CNN) or when it moved (a copy of its kept embedding). Joining or leaving
+touches no model.
 
 ``start()`` (engine/ticks.py) runs ticks on a thread, launching tick k+1 before it hands out tick k (as
 StreamEngine's pipelined schedule); ``tick()`` runs one synchronously. A stream whose input breaks its own
@@ -299,26 +300,32 @@ class MultiStreamEngine(TickDriver):
         lap("copy")
 
     def _write_cond(self, tick: RowBatch, frames: torch.Tensor) -> None:
-        """Each stream's cond image into its row: new on its refresh batches (its own conditioner), rewritten
-        from the kept image when another stream used the row since; all rows in one cond CNN pass."""
-        group, rows, images = tick.group, [], []
+        """Each stream's cond embedding into its row: new on its refresh batches (its own conditioner; one cond
+        CNN pass for every refreshed stream), copied from the stream's kept embedding when another stream
+        used the row since (more streams than rows move every tick: a copy, not the CNN again)."""
+        group, fresh = tick.group, []
         for r, s, _ in tick.real:
-            if s.temporal is None:  # a warm-up row
-                continue
-            plan = tick.plans[r]
-            if plan.refresh:
-                s.cond = s.temporal.cond_images(plan, frames[r:r + 1], {}).contiguous()
+            if s.temporal is not None and tick.plans[r].refresh:  # (None: a warm-up row)
+                fresh.append((s, s.temporal.cond_images(tick.plans[r], frames[r:r + 1], {})))
+        if fresh:
+            embedded = self.adapter.row_embeddings(torch.cat([image for _, image in fresh]))
+            for i, (s, _) in enumerate(fresh):
+                s.cond = {stride: emb[i:i + 1] for stride, emb in embedded.items()}
                 s.cond_version += 1
-            if group.owners[r] != (s.id, s.cond_version):
+        rows, kept = [], []
+        for r, s, _ in tick.real:
+            if s.temporal is not None and group.owners[r] != (s.id, s.cond_version):
                 group.owners[r] = (s.id, s.cond_version)
                 rows.append(r)
-                images.append(s.cond)
-        tick.record.cond_rows = len(rows)
+                kept.append(s.cond)
+        tick.record.cond_rows, tick.record.cond_embedded = len(rows), len(fresh)
         if rows:
             key = tuple(rows)
             if key not in self._row_index:  # made once: a host-to-device copy here would wait for the main stream
                 self._row_index[key] = torch.tensor(rows, device=frames.device)
-            self.adapter.set_cond_rows(torch.cat(images), self._row_index[key])
+            joined = {stride: torch.cat([c[stride] for c in kept]) if len(kept) > 1 else kept[0][stride]
+                      for stride in kept[0]}
+            self.adapter.write_rows(joined, self._row_index[key])
 
     def _finish(self, tick: RowBatch) -> None:
         """Wait for the tick's outputs and hand each to its stream (a closed stream's are dropped)."""

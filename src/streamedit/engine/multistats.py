@@ -120,6 +120,7 @@ def tick_summary(records, last: int = 512) -> dict:
                 tick_ms=p50_p95([1e3 * (r.t_done - r.t_launch) for r in done]),
                 te_calls_mean=round(float(np.mean([r.te_calls for r in done])), 2),
                 cond_rows_mean=round(float(np.mean([r.cond_rows for r in done])), 2),
+                cond_embedded_mean=round(float(np.mean([r.cond_embedded for r in done])), 2),
                 phases_ms={k: p50_p95([r.phases_ms.get(k, 0.0) for r in done]) for k in done[-1].phases_ms})
 
 

@@ -79,7 +79,7 @@ class Stream:
         self.pending: Pending | None = None
         self.last_served = -1  # when a tick last took it (serve order): the least recently served go first
         self.temporal = None  # its TemporalConditioner (adapter on): previous output, flows, refreshes, cuts
-        self.cond: torch.Tensor | None = None  # (1,3,H,W) uint8: its current cond image
+        self.cond: dict | None = None  # its current cond embedding (LLLiteAdapter.row_embeddings, one row)
         self.cond_version = 0  # bumped per refresh: a batch row holding an older one is rewritten
         self.closed = False
         self.error: str | None = None  # why the engine ended this stream (fail())

@@ -326,11 +326,21 @@ class LLLiteAdapter(nn.Module):
     def set_cond_rows(self, images: torch.Tensor, rows: torch.Tensor) -> None:
         """Inference: embed ``images`` (n,3,H,W) into buffer rows ``rows`` ((n,) long, on the device), in
         place, leaving the other rows as they are (the staggered refresh; capturable in a CUDA graph)."""
+        self.write_rows(self.row_embeddings(images), rows)
+
+    def row_embeddings(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Inference: the cond embeddings of ``images`` (n,3,H,W) as :meth:`write_rows` takes them, for a
+        caller that writes them again later (a multi-stream engine's stream that changes row keeps its own,
+        so a move is a copy, not the cond CNN again)."""
         if self._alloc is None or tuple(images.shape[2:]) != self._alloc[1:]:
-            raise StreameditError("LLLite: set_cond_rows needs buffers of the image size (allocate() first)")
-        images = self._as_input(images)
+            raise StreameditError("LLLite: cond rows need buffers of the image size (allocate() first)")
         with torch.no_grad():
-            for stride, emb in self.embed(images).items():
+            return self.embed(self._as_input(images))
+
+    def write_rows(self, embeddings: dict[int, torch.Tensor], rows: torch.Tensor) -> None:
+        """Write :meth:`row_embeddings` (n rows) into buffer rows ``rows`` ((n,) long, on the device)."""
+        with torch.no_grad():
+            for stride, emb in embeddings.items():
                 self._left_half(stride).index_copy_(0, rows, emb)
 
     def set_multiplier(self, value: float | torch.Tensor) -> None:

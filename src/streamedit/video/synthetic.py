@@ -161,13 +161,13 @@ def _cut_to(rng: np.random.Generator, before: _Shot, cut_at: int, w: int, h: int
     from ..temporal.conditioner import SceneCutDetector
 
     det = SceneCutDetector()
-    last = det._hist(before.frame(cut_at - 1))
+    last = det.histogram(before.frame(cut_at - 1))
     for _ in range(8):
         shot = _Shot(rng, w, h, MOTIONS[int(rng.integers(len(MOTIONS)))], n_occ)
-        if float(np.abs(det._hist(shot.frame(0)) - last).sum()) > 1.5 * det.threshold:
+        if float(np.abs(det.histogram(shot.frame(0)) - last).sum()) > 1.5 * det.threshold:
             break
         shot.still = 255 - shot.still  # a darker/lighter scene: still textured, histogram moved
-        if float(np.abs(det._hist(shot.frame(0)) - last).sum()) > 1.5 * det.threshold:
+        if float(np.abs(det.histogram(shot.frame(0)) - last).sum()) > 1.5 * det.threshold:
             break
     return shot
 
