@@ -117,7 +117,7 @@ def test_multistream_cut_row(tiny_models):
             stream.submit(frame)
             assert engine.tick() == 1
             outs.append(stream.get(timeout=0).image)
-            conds.append(stream.cond[0].permute(1, 2, 0).numpy().copy())
+            conds.append(stream.cond_image[0].permute(1, 2, 0).numpy().copy())
     refresh = [t for t in range(1, len(frames)) if not np.array_equal(conds[t], conds[t - 1])]
     assert refresh == [3, 5, 8]  # schedule, the cut, schedule (counted from the cut)
     for t in (5, 6, 7):

@@ -309,8 +309,8 @@ class MultiStreamEngine(TickDriver):
                 fresh.append((s, s.temporal.cond_images(tick.plans[r], frames[r:r + 1], {})))
         if fresh:
             embedded = self.adapter.row_embeddings(torch.cat([image for _, image in fresh]))
-            for i, (s, _) in enumerate(fresh):
-                s.cond = {stride: emb[i:i + 1] for stride, emb in embedded.items()}
+            for i, (s, image) in enumerate(fresh):
+                s.cond_image, s.cond = image, {stride: emb[i:i + 1] for stride, emb in embedded.items()}
                 s.cond_version += 1
         rows, kept = [], []
         for r, s, _ in tick.real:
