@@ -441,6 +441,9 @@ def test_temporal_state_is_per_stream(tiny_models, adapter, spy):
         # stream's kept embedding, copied (ticks 1 and 4: no refresh, one stream in a row another had)
         assert [(rec.cond_rows, rec.cond_embedded) for rec in engine.tick_log] == [(3, 3), (1, 0), (2, 1), (2, 2),
                                                                                    (1, 0)]
+        # the launch by part: flows waited for and warped apart from the cond CNN and row writes
+        assert all(list(rec.phases_ms) == ["rows", "stack", "text", "encode", "flow", "cond", "unet", "copy"]
+                   for rec in engine.tick_log)
         lat = [row_latents(engine, spy, s) for s in streams]
     for k, prompt in enumerate(PROMPTS):
         want, want_lat = single(tiny_models, prompt, k, sent[k], spy=spy, **kw)

@@ -275,8 +275,7 @@ class MultiStreamEngine(TickDriver):
         if tick.done is not None:
             self.main_stream.wait_event(tick.done)
         if self.adapter is not None:
-            self._write_cond(tick, frames)
-            lap("cond")  # flows waited for, refreshed rows embedded
+            self._write_cond(tick, frames, lap)  # laps "flow" (waited for, warped) and "cond" (embedded, rows)
         if den.fused is not None:  # U-Net x steps + decode + uint8: one compiled graph
             images, _ = den.fused(noise, source, *text)  # (frames, final latents)
         else:
@@ -299,7 +298,7 @@ class MultiStreamEngine(TickDriver):
         tick.output = host
         lap("copy")
 
-    def _write_cond(self, tick: RowBatch, frames: torch.Tensor) -> None:
+    def _write_cond(self, tick: RowBatch, frames: torch.Tensor, lap) -> None:
         """Each stream's cond embedding into its row: new on its refresh batches (its own conditioner; one cond
         CNN pass for every refreshed stream), copied from the stream's kept embedding when another stream
         used the row since (more streams than rows move every tick: a copy, not the CNN again)."""
@@ -307,6 +306,7 @@ class MultiStreamEngine(TickDriver):
         for r, s, _ in tick.real:
             if s.temporal is not None and tick.plans[r].refresh:  # (None: a warm-up row)
                 fresh.append((s, s.temporal.cond_images(tick.plans[r], frames[r:r + 1], {})))
+        lap("flow")
         if fresh:
             embedded = self.adapter.row_embeddings(torch.cat([image for _, image in fresh]))
             for i, (s, image) in enumerate(fresh):
@@ -326,6 +326,7 @@ class MultiStreamEngine(TickDriver):
             joined = {stride: torch.cat([c[stride] for c in kept]) if len(kept) > 1 else kept[0][stride]
                       for stride in kept[0]}
             self.adapter.write_rows(joined, self._row_index[key])
+        lap("cond")
 
     def _finish(self, tick: RowBatch) -> None:
         """Wait for the tick's outputs and hand each to its stream (a closed stream's are dropped)."""
