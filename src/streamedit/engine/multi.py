@@ -309,8 +309,8 @@ class MultiStreamEngine(TickDriver):
         lap("flow")
         if fresh:
             embedded = self.adapter.row_embeddings(torch.cat([image for _, image in fresh]))
-            for i, (s, image) in enumerate(fresh):
-                s.cond_image, s.cond = image, {stride: emb[i:i + 1] for stride, emb in embedded.items()}
+            for i, (s, _) in enumerate(fresh):
+                s.cond = {stride: emb[i:i + 1] for stride, emb in embedded.items()}
                 s.cond_version += 1
         rows, kept = [], []
         for r, s, _ in tick.real:

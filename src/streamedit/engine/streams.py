@@ -80,7 +80,6 @@ class Stream:
         self.last_served = -1  # when a tick last took it (serve order): the least recently served go first
         self.temporal = None  # its TemporalConditioner (adapter on): previous output, flows, refreshes, cuts
         self.cond: dict | None = None  # its current cond embedding (LLLiteAdapter.row_embeddings, one row)
-        self.cond_image: torch.Tensor | None = None  # (1,3,H,W) uint8: the image it was made from
         self.cond_version = 0  # bumped per refresh: a batch row holding an older one is rewritten
         self.closed = False
         self.error: str | None = None  # why the engine ended this stream (fail())
