@@ -222,6 +222,21 @@ def test_soak_joins_leaves_disconnects_and_malformed_input(tiny_models, monkeypa
         result["rss_mib"] = (round(rss0, 1), round(rss_mib(), 1))
         result["total_s"] = round(time.monotonic() - t_start, 1)
 
+    def _still_alive() -> list:
+        """The sessions' objects gc still finds, after up to 10 s for pool threads to let go of their last
+        work item (a leak never goes; a slow thread does)."""
+        deadline = time.monotonic() + 10
+        while True:
+            gc.collect()
+            live = [o for o in gc.get_objects() if isinstance(o, (Session, StylizedTrack, RTCPeerConnection))]
+            if not live or time.monotonic() > deadline:
+                return live
+            del live
+            time.sleep(0.25)
+
+    def _holders(live: list) -> list[str]:  # what keeps them: for the failure message
+        return sorted({type(r).__name__ for o in live for r in gc.get_referrers(o) if r is not live})[:20]
+
     try:
         asyncio.run(asyncio.wait_for(go(), 540))
         gc.collect()
@@ -233,8 +248,8 @@ def test_soak_joins_leaves_disconnects_and_malformed_input(tiny_models, monkeypa
             time.sleep(0.2)
         result["threads"] = (len(threads0), len(names))
         print("soak:", json.dumps(result))
-        live = [type(o).__name__ for o in gc.get_objects() if isinstance(o, (Session, StylizedTrack, RTCPeerConnection))]
-        assert not live, f"still alive: {live}"
+        live = _still_alive()
+        assert not live, f"still alive: {[type(o).__name__ for o in live]}, held by {_holders(live)}"
         assert result["engine_streams"] == 0, result
         assert set(names) - earlier == set(threads0) - earlier and len(names) - len(set(names) & earlier) == len(
             threads0) - len(set(threads0) & earlier), f"threads now {names}, before {threads0}"
