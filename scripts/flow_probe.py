@@ -2,7 +2,7 @@
 host's CPU: alone; four at once on a pool (four refreshing streams); and on a pool thread while other Python
 threads keep the GIL busy (a server's WebRTC and tick threads), for three ``sys.setswitchinterval`` values.
 Why: a refresh tick's launch waited 31-38 ms at p95 in its `cond` part on an H200 host (2026-12-07), while
-the flow alone costs 13-19 ms on the 2-core development machine. Prints one JSON line ([p50, p95] in ms).
+the flow alone costs 14-23 ms on the 2-core development machine. Prints one JSON line ([p50, p95] in ms).
 
     PYTHONPATH=src python scripts/flow_probe.py
 """
