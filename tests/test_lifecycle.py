@@ -101,3 +101,34 @@ def test_failed_construction_leaves_the_unet_unpatched(tiny_models, frames):
     assert _patched(tiny_models.unet) == []
     out, _ = _run(tiny_models, frames[:4])  # the models are still usable
     assert len(out) == 4
+
+
+# the random adapter's 1e-3 weights barely reach uint8 outputs: a strong multiplier makes a stale cond visible
+@pytest.mark.parametrize("kw", [dict(lllite_multiplier=300.0),
+                                dict(cut_refresh=False, cond_refresh_every=3, lllite_multiplier=300.0),
+                                dict(te_fast=True, cond_stagger=True, cond_refresh_every=3, lllite_multiplier=300.0),
+                                dict(lllite=None, skip_similar=0.5, te_refresh_every=2)],
+                         ids=["adapter", "adapter-no-cuts", "stagger", "filters"])
+def test_restart_equals_a_fresh_engine(tiny_models, frames, kw):
+    """scale/shards.py runs a worker's shards on one engine: after restart() a run computes what a fresh
+    engine computes, whatever the run before it left (noise drawn, temporal state, cond rows, TE cache)."""
+    fresh, _ = _run(tiny_models, frames, **kw)
+    torch.manual_seed(0)
+    with StreamEngine(tiny_models, _config(**kw)) as engine:
+        other = np.stack(list(engine.run(frames[::-1][:7])))  # another clip, an odd length: a padded last batch
+        assert not np.array_equal(other[:7], fresh[:7])
+        engine.restart()
+        again = np.stack(list(engine.run(frames)))
+        assert engine.stats.frames == len(frames)
+    np.testing.assert_array_equal(again, fresh)
+
+
+def test_restart_refuses_a_run_in_progress(tiny_models, frames):
+    with StreamEngine(tiny_models, _config()) as engine:
+        run = engine.run(frames)
+        next(run)
+        with pytest.raises(StreameditError, match="restart"):
+            engine.restart()
+        run.close()
+        engine.restart()  # a run stopped early is over
+        assert len(list(engine.run(frames))) == len(frames)

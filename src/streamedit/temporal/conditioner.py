@@ -126,6 +126,10 @@ class SceneCutDetector:
         hist = np.bincount(((thumb.astype(np.int32) * self.bins) // 256).ravel(), minlength=self.bins).astype(np.float32)
         return hist / hist.sum()
 
+    def reset(self) -> None:
+        """The next frame starts no shot (no previous frame)."""
+        self._prev = None
+
     def update(self, frame: np.ndarray, hist: np.ndarray | None = None) -> bool:
         """Whether ``frame`` starts a new shot after the last updated frame; ``hist``: its :meth:`histogram`
         when already computed."""
@@ -309,6 +313,14 @@ class TemporalConditioner:
         else:
             self.adapter.sync_cond_weights()  # a replay reads the packed weights without running Python
         self._graphs[key](*inputs, rows)
+
+    def restart(self) -> None:
+        """Forget the stream so far: the next batch plans as a first one ("start": every row's cond from its
+        input frame, overwriting what the adapter's buffers held)."""
+        self._batch, self._since_refresh, self._motion, self._after_cut = -1, 0, 0.0, False
+        self._prev_last = self._prev_output = None
+        if self.cuts is not None:
+            self.cuts.reset()
 
     def remember(self, outputs: torch.Tensor, count: int) -> None:
         """Keep the last real decoded frame of this batch (device tensor) for the next refresh."""
