@@ -23,7 +23,18 @@ case "${1:-}" in
   --ray) ONLY=$RAY DEST=.gpu/extra-wheels scripts/gpu-wheels.sh; extra=(.gpu/extra-wheels/*.whl); ray=1 ;;
 esac
 tmp=$(mktemp -d) && trap 'rm -rf "$tmp" .gpu/extra-wheels' EXIT
-for w in .whl/*.whl "${extra[@]}"; do python3 -m zipfile -e "$w" "$tmp/site/"; done
+# extracted with the wheels' file modes (`python -m zipfile -e` drops them: Ray's gcs_server and raylet then
+# fail with "Permission denied")
+python3 - "$tmp/site" .whl/*.whl "${extra[@]}" <<'PY'
+import os, sys, zipfile
+for wheel in sys.argv[2:]:
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            path = z.extract(info, sys.argv[1])
+            mode = info.external_attr >> 16 & 0o777
+            if mode and not info.is_dir():
+                os.chmod(path, mode)
+PY
 # a wheel's NAME.data/{purelib,platlib} belong in site-packages itself (what pip's installer does)
 for d in "$tmp"/site/*.data; do
   [ -d "$d" ] || continue

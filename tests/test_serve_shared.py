@@ -7,6 +7,7 @@ refusal beyond --max-sessions, /stats of two sessions, a broken client that ends
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 
@@ -17,7 +18,7 @@ from conftest import close_clients, run_closing
 from streamedit.engine.multistats import BusyClock, capacity, rows_per_tick, stream_fps
 from streamedit.errors import StreameditError
 from streamedit.serve.runtime import engine_factory
-from streamedit.serve.shared import choose_engine
+from streamedit.serve.shared import LIVE_SWITCH_INTERVAL_S, choose_engine
 
 PROMPTS = ("oil painting", "watercolor", "pencil sketch")
 
@@ -99,7 +100,7 @@ def test_start_engine_prepares_before_sessions_and_measures_on_request(tiny_mode
     default limit 2; and the batch-time measurement (what CUDA start-up runs) gives a figure per bucket."""
     from streamedit.serve.runtime import start_engine
 
-    lines = []
+    lines, before = [], sys.getswitchinterval()
     factory, limit = start_engine(tiny_models, size=64, max_batch=4, frame_sizes=[(32, 64)], echo=lines.append)
     try:
         engine = factory.shared().engine
@@ -107,8 +108,20 @@ def test_start_engine_prepares_before_sessions_and_measures_on_request(tiny_mode
         assert lines[0].startswith("engine: one shared multi-stream engine, preset eager")
         assert "built (eager: nothing to capture) 64x32 for batches of 1, 2, 4" in lines[1]
         assert (32, 64) in engine._groups  # before any session
+        assert sys.getswitchinterval() == LIVE_SWITCH_INTERVAL_S < before  # the refresh flows' GIL wait
     finally:
         factory.close()
+    assert sys.getswitchinterval() == before  # given back with the engine
+    one, two = (engine_factory(tiny_models, shared=True, batch_size=1) for _ in range(2))
+    try:
+        one.build(64).start()
+        two.build(64).start()
+        one.close()
+        assert sys.getswitchinterval() == LIVE_SWITCH_INTERVAL_S  # while another shared engine still runs
+    finally:
+        one.close()
+        two.close()
+    assert sys.getswitchinterval() == before
     factory, limit = start_engine(tiny_models, size=64, max_batch=2, frame_sizes=[(48, 64)], max_sessions=5,
                                   shared=True, echo=lines.append)
     factory.close()

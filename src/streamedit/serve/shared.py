@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -19,6 +21,29 @@ log = logging.getLogger(__name__)
 SHARED_PRESETS = ("exact", "paper", "eager")
 TARGET_FPS = 24.0  # --target-fps default: the rate --max-sessions is derived for (issue 25's "held" rate)
 CPU_MAX_SESSIONS = 2  # on CPU the video codecs share the cores with the model: an engine-only figure overstates
+# The GIL's switch interval while a shared engine runs (CPython's default: 5 ms). A refresh flow (Farnebäck on a
+# pool thread, temporal/conditioner.py) gives the GIL up at each OpenCV call and must win it back after, beside
+# the server's busy Python threads (WebRTC, ticks, hand-out): each win-back can wait out whole intervals, on the
+# tick's critical path. H100 host, scripts/flow_probe.py (2026-12-07): one flow 25 ms alone; beside two busy
+# threads 141-181 ms p50 at 5 ms, 55 at 1 ms, 45-47 at 0.5 ms, 31 at 0.2 ms.
+LIVE_SWITCH_INTERVAL_S = 0.0005
+_switch = {"engines": 0, "saved": None}  # running shared engines; the interval before the first one started
+_switch_lock = threading.Lock()
+
+
+def _count_running(engine: SharedEngine, running: bool) -> None:
+    """Count ``engine`` in or out of the running shared engines: the first one in shortens the switch interval,
+    the last one out restores it."""
+    with _switch_lock:
+        if engine._running == running:
+            return
+        engine._running = running
+        if running and _switch["engines"] == 0:
+            _switch["saved"] = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch["saved"], LIVE_SWITCH_INTERVAL_S))
+        _switch["engines"] += 1 if running else -1
+        if not running and _switch["engines"] == 0:
+            sys.setswitchinterval(_switch["saved"])
 
 
 @dataclass(frozen=True)
@@ -118,6 +143,7 @@ class SharedEngine:
         if te_size is not None:  # given on the command line: it wins over the preset's
             fields["te_size"] = te_size
         self.preset = preset
+        self._running = False  # counted among the running shared engines (the GIL switch interval)
         self.engine = MultiStreamEngine(models, EngineConfig(**fields), max_streams=max_streams)
 
     def prepare(self, frame_sizes: list[tuple[int, int]], size: int | None = None, measure: int = 0) -> list[dict]:
@@ -133,10 +159,14 @@ class SharedEngine:
         return done
 
     def start(self) -> None:
+        """Start the engine's threads (no-op once running); the process's GIL switch interval is shortened
+        to :data:`LIVE_SWITCH_INTERVAL_S` until the last running shared engine closes."""
+        _count_running(self, True)
         self.engine.start()
 
     def close(self) -> None:
         self.engine.close()
+        _count_running(self, False)
 
 
 def describe_prepared(done: dict, buckets) -> str:
