@@ -98,13 +98,7 @@ class StreamEngine(BatchSteps):
         self.side_stream = torch.cuda.Stream(self.device) if self.cuda and config.pipeline else self.main_stream
         # device -> host copies of the outputs, so they do not hold the main stream between two batches
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda and config.pipeline else self.main_stream
-        self.batch_log: list[BatchRecord] = []  # the newest config.log_limit batches
-        self.stats = EngineStats()
         warn_unknown_instruction(models, self._prompt)
-        self._te_prompt = None  # prompt of the cached TE output
-        self._te_cache = None
-        self._te_age = 0
-        self._noise_gen = torch.Generator("cpu").manual_seed(config.seed)
         self._fixed_noise = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="streamedit-prefetch")
         self._similar = self._pre_similar = None
@@ -113,8 +107,7 @@ class StreamEngine(BatchSteps):
             # main thread: the decision, against what was really stylized with the current prompt
             self._pre_similar = SimilarityFilter(config.skip_similar)
             self._similar = SimilarityFilter(config.skip_similar)
-        self._encoded_prompt = None  # prompt of the last batch sent to the GPU
-        self._last_out = None  # last stylized frame handed out (re-emitted for skipped frames)
+        self._start_run()
         self._inflight = 0  # batches encoded but not handed out yet
         self._main_warm = None  # Future of the main graph's first call on a worker (compile_main.warm_main)
         self._main_warm_started = False
@@ -154,15 +147,22 @@ class StreamEngine(BatchSteps):
         self._check_open()
         if self._inflight:
             raise StreameditError("restart() while a run() is still handing out batches")
+        self._start_run()
+        if self.temporal is not None:
+            self.temporal.restart()
+
+    def _start_run(self) -> None:
+        """The per-run state, as a new engine starts it and restart() starts it again."""
         self._noise_gen = torch.Generator("cpu").manual_seed(self.config.seed)
-        self._te_prompt = self._te_cache = self._encoded_prompt = self._last_out = None
+        self._te_prompt = self._te_cache = None  # prompt of the cached TE output, and that output
         self._te_age = 0
+        self._encoded_prompt = None  # prompt of the last batch sent to the GPU
+        self._last_out = None  # last stylized frame handed out (re-emitted for skipped frames)
         for f in (self._similar, self._pre_similar):
             if f is not None:
                 f.reset()
-        if self.temporal is not None:
-            self.temporal.restart()
-        self.stats, self.batch_log = EngineStats(), []
+        self.stats = EngineStats()
+        self.batch_log: list[BatchRecord] = []  # the newest config.log_limit batches
 
     def skip_noise(self, frames: int) -> None:
         """Draw the starting noise of ``frames`` frames and drop it: a shard of a longer job (scale.shards)

@@ -175,18 +175,13 @@ class TemporalConditioner:
         self.stagger = stagger
         self._graphs = {} if graph else None  # (function, row count) -> StaticGraph (see _run)
         self._rows = {}  # slots -> device index tensor (made once per pattern)
-        self._batch = -1
         self.cuts = SceneCutDetector() if cut_refresh else None
         self.motion_threshold = motion_threshold
         self.flow_size = flow_size
         self.convention = getattr(getattr(adapter, "config", None), "flow", "backward")
         self._own_pool = pool is None
         self._pool = pool or ThreadPoolExecutor(workers, thread_name_prefix="streamedit-flow")
-        self._since_refresh = 0
-        self._motion = 0.0
-        self._after_cut = False  # the last batch had a cut after slot 0: refresh this one (module docstring)
-        self._prev_last = None  # last input frame of the previous batch
-        self._prev_output = None  # last decoded output of the previous batch (device, (3,H,W) uint8)
+        self._start_run()
         self.early_flows = 0  # refresh flows that plan() took from early() (started before the batch)
 
     @classmethod
@@ -317,8 +312,14 @@ class TemporalConditioner:
     def restart(self) -> None:
         """Forget the stream so far: the next batch plans as a first one ("start": every row's cond from its
         input frame, overwriting what the adapter's buffers held)."""
-        self._batch, self._since_refresh, self._motion, self._after_cut = -1, 0, 0.0, False
-        self._prev_last = self._prev_output = None
+        self._start_run()
+
+    def _start_run(self) -> None:
+        """The per-stream state, as a new conditioner starts it and restart() starts it again."""
+        self._batch, self._since_refresh, self._motion = -1, 0, 0.0
+        self._after_cut = False  # the last batch had a cut after slot 0: refresh this one (module docstring)
+        self._prev_last = None  # last input frame of the previous batch
+        self._prev_output = None  # last decoded output of the previous batch (device, (3,H,W) uint8)
         if self.cuts is not None:
             self.cuts.reset()
 
