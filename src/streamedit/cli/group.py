@@ -7,6 +7,7 @@ playable file with every frame processed so far.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -35,7 +36,8 @@ class _Group(click.Group):
             import importlib
 
             module, attr = self.lazy[name]
-            return getattr(importlib.import_module(module), attr)
+            with signals_held():  # these modules import torch
+                return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
 
     def invoke(self, ctx):
@@ -63,7 +65,10 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Show library warnings and debug logs.")
 def cli(verbose: bool):
     """Real-time video stylization with an instruction-edit diffusion model."""
-    setup_logging(verbose)
+    with signals_held():
+        import torch  # noqa: F401  (every command needs it; setup_logging imports it anyway)
+
+        setup_logging(verbose)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -80,6 +85,19 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 SIGNALLED: list[int] = []  # signals main() turned into KeyboardInterrupt: any error after one is the interrupt's
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM held back (blocked in this thread) until the block ends, then delivered. Why: torch's
+    import calls Python from C++ (pybind11, e.g. autograd's init); a KeyboardInterrupt raised there cannot
+    unwind through C++ and aborts the process (SIGABRT, exit 134, seen about once in 100 interrupts sent
+    during start-up). Held, the interrupt is raised right after the import, in our code."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _sigterm_to_interrupt(signum, frame):
