@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,58 @@ def test_sessions_spread_over_replicas_and_survive_a_lost_one(app_url):
                 await a.close()
 
     asyncio.run(go())
+
+
+def _tagged(tag: str) -> list[int]:
+    """Processes whose environment carries ``tag`` (a command's children and Ray's node processes inherit it)."""
+    found = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if tag.encode() in env.read_bytes():
+                found.append(int(env.parent.name))
+    return found
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("when", ["loading", "serving"])
+def test_interrupted_serve_ray_local_leaves_no_ray_process(when):
+    """`serve --ray local` starts its own cluster; Ctrl-C (while the replica loads, or while serving) ends the
+    command with 130 and the cluster with it. Before, main()'s os._exit skipped Ray's atexit hook and the node's
+    agents lived on for up to a minute (or, stopped while loading, the app was not deleted at all)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    import uuid
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tag = uuid.uuid4().hex
+    env = dict(os.environ, STREAMEDIT_TEST_TAG=tag)
+    cmd = [sys.executable, "-m", "streamedit.cli", "serve", "--ray", "local", "--model", "demo", "--device", "cpu",
+           "--replicas", "1", "--size", "64", "--host", "127.0.0.1", "--port", str(port), "--token", "t"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    want = "open http" if when == "serving" else "Started Serve"
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # until the pipe closes
+    reader.start()
+    deadline = time.time() + 200
+    while time.time() < deadline and not any(want in ln for ln in lines) and proc.poll() is None:
+        time.sleep(0.1)
+    assert any(want in ln for ln in lines), "".join(lines)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    reader.join(timeout=30)
+    err = "".join(lines)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    deadline = time.time() + 10
+    while _tagged(tag) and time.time() < deadline:
+        time.sleep(0.5)
+    left = _tagged(tag)
+    for pid in left:  # do not leave them to the next test
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"{len(left)} processes of the command's cluster still running 10 s after it exited"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import click
@@ -30,27 +31,33 @@ def _replicas(text: str, slots: int) -> dict:
 
 def run(address: str, *, host: str, port: int, token: str | None, replicas: str, gpus: float | None, slots: int,
         device: str | None, **replica_kw) -> None:
-    require_ray()
+    ray = require_ray()
     from ..serve.server import is_loopback, new_token
 
     scaling = _replicas(replicas, slots)
     gpus = (0.0 if device == "cpu" else 1.0) if gpus is None else gpus
     generated = token is None and not is_loopback(host)
     token = new_token() if generated else token
+    ours = not ray.is_initialized() and address in (None, "", "local")  # a cluster this process starts
     connect(address)
     from ray import serve
 
-    from .serve_app import deployments
+    try:  # from here on, whatever stops the command (Ctrl-C while replicas still load too) ends what it started
+        from .serve_app import deployments
 
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(deployments(slots=slots, gpus=gpus, token=token, device=device, **scaling, **replica_kw),
-              name="streamedit", route_prefix="/")
-    if generated:
-        click.echo(f"access token (generated): {token}", err=True)
-    url = f"http://{'localhost' if is_loopback(host) else host}:{port}/" + (f"?token={token}" if token else "")
-    click.echo(f"streamedit serve --ray: open {url} (Ctrl-C stops the app)", err=True)
-    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployments(slots=slots, gpus=gpus, token=token, device=device, **scaling, **replica_kw),
+                  name="streamedit", route_prefix="/")
+        if generated:
+            click.echo(f"access token (generated): {token}", err=True)
+        url = f"http://{'localhost' if is_loopback(host) else host}:{port}/" + (f"?token={token}" if token else "")
+        click.echo(f"streamedit serve --ray: open {url} (Ctrl-C stops the app)", err=True)
         while True:
             time.sleep(3600)
     finally:
-        serve.delete("streamedit")
+        with contextlib.suppress(Exception):  # Serve may not be up yet: that must not hide why we stopped
+            serve.delete("streamedit")
+        if ours:  # end our cluster now: on Ctrl-C main() leaves by os._exit, past Ray's atexit hook, and the
+            # node's agents then outlived the command by up to a minute
+            serve.shutdown()
+            ray.shutdown()
