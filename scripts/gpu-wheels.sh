@@ -7,6 +7,7 @@
 #   scripts/gpu-wheels.sh                # every pin but torch's stack and the browser-test driver
 #   scripts/gpu-wheels.sh kornia==0.8.1  # plus extras (name them with a version)
 #   ONLY='^(aiortc|aioice)==' DEST=dir scripts/gpu-wheels.sh   # only the pins matching ONLY, into dir
+#   PYVER=3.11 ...                       # wheels for another Python (a check on this machine's Python)
 #
 # On the GPU machine:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
@@ -23,7 +24,7 @@ else
   mapfile -t pins < <(grep -v '^#' constraints.txt | grep -v '^$' | grep -viE "$SKIP")
 fi
 rm -rf "$dest" && mkdir -p "$dest"
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version "${PYVER:-3.12}" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any \
   -d "$dest" "${pins[@]}" "$@" 2>&1 | grep -v '^WARNING: Location' || true

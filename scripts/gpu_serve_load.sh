@@ -13,6 +13,9 @@
 # saved after each run as stacks-RUN.json (cumulative; scripts/stack_report.py AFTER BEFORE shows one run's).
 # KEEP=1 leaves the server (and the memory sampling) running detached after the call, and a later call on the
 # same warm machine finds it on PORT and reuses it (no second start-up); without KEEP the server is stopped.
+# MODEL, LLLITE, DEVICE, DTYPE (default random:real, random, cuda, bfloat16) set the server's model; later args
+# override the fixed ones (e.g. `--ray local --replicas 1`, or `--size 128` for a check on a CPU); SIZE (512): what
+# the load generator's sessions send and ask for.
 # Writes into $OUT (default out/serve-load): server.log, gpumem.csv (the server's whole life so far),
 # load-*.json/.txt, stats-*.json.
 set -uo pipefail
@@ -32,7 +35,7 @@ if get "http://127.0.0.1:$PORT/health" > /dev/null 2>&1; then
 else
   # STACKS=1: the server under scripts/stack_sample.py (its threads' stacks sampled; stacks-RUN.json per run)
   RUNNER=(python -m streamedit); [ "${STACKS:-0}" = 1 ] && RUNNER=(python scripts/stack_sample.py "$LIVE/stacks.json" -m streamedit)
-  setsid nohup "${RUNNER[@]}" serve --model "${MODEL:-random:real}" --device cuda --dtype bfloat16 \
+  setsid nohup "${RUNNER[@]}" serve --model "${MODEL:-random:real}" --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" \
     --lllite "${LLLITE:-random}" --size 512 --max-size 512 --prepare-input 512x512 \
     --max-sessions "${MAX_SESSIONS:-12}" --host 127.0.0.1 --ice-host 127.0.0.1 --port "$PORT" --token "$TOKEN" "$@" \
     > "$LIVE/server.log" 2>&1 < /dev/null &
@@ -59,8 +62,8 @@ for r in ${RUNS:-1x30x60 4x30x60 6x24x30 8x24x30}; do
     echo "== $r: rc=$? at $(el) s"; grep -v -i warning "$OUT/transport-${r#echo}.txt" | tail -$(( n + 4 ))
     continue
   fi
-  timeout $left python -m streamedit.serve.bench --url "http://127.0.0.1:$PORT/?token=$TOKEN" --size 512 \
-    --input 512x512 --warmup 10 --sessions "$n" --fps "$fps" --seconds "$s" --json "$OUT/load-$r.json" \
+  timeout $left python -m streamedit.serve.bench --url "http://127.0.0.1:$PORT/?token=$TOKEN" --size "${SIZE:-512}" \
+    --input "${SIZE:-512}x${SIZE:-512}" --warmup 10 --sessions "$n" --fps "$fps" --seconds "$s" --json "$OUT/load-$r.json" \
     > "$OUT/load-$r.txt" 2>&1
   echo "== $r: rc=$? at $(el) s"; grep -v -i warning "$OUT/load-$r.txt" | tail -$(( n + 4 ))
   get "http://127.0.0.1:$PORT/stats?token=$TOKEN" > "$OUT/stats-$r.json" 2>/dev/null
