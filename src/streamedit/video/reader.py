@@ -163,6 +163,14 @@ class VideoSource:
             kw = {}
             if frame.colorspace == 2 and frame.height >= 720:  # untagged HD: BT.709, as players assume
                 kw["src_colorspace"] = "itu709"
+            if self.shape is not None and not (self.info.rotation or self.crop) and \
+                    self.shape[0] * self.shape[1] < frame.height * frame.width:
+                # shrink and convert in one swscale pass (area filter): at 1080p -> 512x288 a third of the CPU of
+                # converting the whole frame to RGB and resizing it with cv2
+                small = frame.reformat(width=self.shape[1], height=self.shape[0], format="rgb24",
+                                       interpolation="AREA", **kw)
+                yield np.ascontiguousarray(small.to_ndarray())
+                continue
             rgb = frame.to_ndarray(format="rgb24", **kw)
             if self.info.rotation:
                 rgb = np.rot90(rgb, self.info.rotation // 90)

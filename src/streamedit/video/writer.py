@@ -312,6 +312,13 @@ class VideoWriter:
 
     def _convert(self, rgb: np.ndarray) -> av.VideoFrame:
         w, h = self.size
+        pix_fmt = self._stream.pix_fmt
+        if not (w % 2 or h % 2) and pix_fmt.startswith(("yuv", "nv")) and rgb.shape[0] * rgb.shape[1] < w * h:
+            # upscale and convert in one swscale pass from the small frame: a 512x288 result to 1080p 4:2:0 costs
+            # about a tenth of scaling it in RGB first (cv2) and converting the big frame
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            return frame.reformat(width=w, height=h, format=pix_fmt, interpolation="BICUBIC",
+                                  dst_colorspace="itu709", dst_color_range="MPEG")
         img = fit(rgb, (h, w))
         if w % 2 or h % 2:
             img = cv2.copyMakeBorder(img, 0, h % 2, 0, w % 2, cv2.BORDER_REPLICATE)
