@@ -44,6 +44,43 @@ def test_build_app_takes_autoscaling_as_json(monkeypatch):
 
 
 
+def test_ingress_gives_the_page_the_replicas_ice_servers(monkeypatch):
+    """`serve --ray --ice-server ...`: the ingress answers /ice-servers (token-guarded) with the STUN/TURN list
+    the replicas' servers get in their config, so the page and the replicas use the same servers."""
+    from starlette.requests import Request
+
+    from streamedit.scale import serve_app
+
+    bound = {}
+
+    class FakeDeployment:
+        def __init__(self, cls):
+            self.cls = cls
+
+        def options(self, **kw):
+            return self
+
+        def bind(self, *args, **kw):
+            bound[self.cls.__name__] = kw
+            return self.cls.__name__
+
+    monkeypatch.setattr(serve_app.serve, "deployment", FakeDeployment)
+    monkeypatch.setattr(serve_app, "_board", lambda: None)
+    servers = [{"urls": "stun:stun.example.com:3478"}]
+    serve_app.deployments(slots=1, gpus=0, model="demo", server={"size": 64, "ice_servers": servers}, token="t" * 8)
+    assert bound["StreamReplica"]["server"]["ice_servers"] == servers
+    assert bound["Ingress"]["ice_servers"] == servers
+    ingress = serve_app.Ingress(None, **bound["Ingress"])
+
+    def get(path, headers=()):
+        scope = {"type": "http", "method": "GET", "path": path, "query_string": b"", "headers": list(headers)}
+        response = asyncio.run(ingress(Request(scope)))
+        return response.status_code, json.loads(response.body)
+
+    assert get("/ice-servers")[0] == 401
+    assert get("/ice-servers", [(b"x-streamedit-token", b"t" * 8)]) == (200, {"iceServers": servers})
+
+
 @pytest.mark.parametrize("args, drain", [((), 60.0), (("--drain", "5"), 5.0)])
 def test_serve_cli_passes_the_drain(monkeypatch, args, drain):
     """`serve --ray --drain SECONDS` reaches the app as its graceful shutdown time (default 60 s)."""

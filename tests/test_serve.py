@@ -432,3 +432,73 @@ def test_output_frames_convert_to_yuv420p_as_ffmpeg_does():
     assert np.abs(back - rgb).mean() <= np.abs(ffmpeg.to_ndarray(format="rgb24").astype(int) - rgb).mean() + 0.5
     odd = to_yuv420p(rgb[:95, :127])  # odd sides: FFmpeg's own conversion
     assert (odd.format.name, odd.width, odd.height) == ("yuv420p", 127, 95)
+
+
+class _FakeStun(asyncio.DatagramProtocol):
+    """A STUN server that answers every Binding request with one made-up public address."""
+
+    MAPPED = ("203.0.113.7", 40000)
+
+    def __init__(self):
+        self.requests = 0
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        from aioice import stun
+
+        request = stun.parse_message(data)
+        self.requests += 1
+        response = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE,
+                                transaction_id=request.transaction_id)
+        response.attributes["XOR-MAPPED-ADDRESS"] = self.MAPPED
+        self.transport.sendto(bytes(response), addr)
+
+
+def test_ice_servers_reach_the_page_and_the_server_gathers_with_them():
+    """--ice-server: the page reads the list from /ice-servers (token-guarded like the rest of the API), and the
+    server's own ICE agent uses it: with a STUN server, its answer carries a server-reflexive candidate at the
+    address that server reported (what lets a browser reach a server behind NAT). Without one, only host ones."""
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        transport, stun_server = await loop.create_datagram_endpoint(_FakeStun, local_addr=("127.0.0.1", 0))
+        port = transport.get_extra_info("sockname")[1]
+        turn = {"urls": "turn:127.0.0.1:3478?transport=udp", "username": "u", "credential": "c"}
+        _, guarded = await start(token=TOKEN, ice_servers=[{"urls": f"stun:127.0.0.1:{port}"}, turn])
+        server, client = await start(ice_servers=[{"urls": f"stun:127.0.0.1:{port}"}])
+        _, plain = await start()
+        cams = []
+        try:
+            assert (await guarded.get("/ice-servers")).status == 401
+            listed = await (await guarded.get("/ice-servers", headers={"X-Streamedit-Token": TOKEN})).json()
+            assert listed == {"iceServers": [{"urls": f"stun:127.0.0.1:{port}"}, turn]}
+            assert await (await plain.get("/ice-servers")).json() == {"iceServers": []}
+            for http, srflx in ((client, True), (plain, False)):
+                cam, status, body = await connect(http, size=64)
+                cams.append(cam)
+                assert status == 200, body
+                found = re.findall(r"a=candidate:\S+ \d+ udp \d+ (\S+) (\d+) typ srflx", body["sdp"])
+                want = {(_FakeStun.MAPPED[0], str(_FakeStun.MAPPED[1]))} if srflx else set()
+                assert set(found) == want, body["sdp"]
+            assert stun_server.requests >= 1
+        finally:
+            await close_clients(cams, client)
+            await guarded.close()
+            await plain.close()
+            transport.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ice-server", "http://stun.example.com"], "is not a STUN/TURN URL"),
+    (["--ice-server", "turn:turn.example.com:3478"], "give --turn-user and --turn-password"),
+])
+def test_bad_ice_server_is_one_line_and_exit_2(args, message):
+    proc = subprocess.run([sys.executable, "-m", "streamedit.cli", "serve", "--model", "random:tiny", "--device",
+                           "cpu", *args], capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and "--ice-server" in lines[-1] and message in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr and "loading" not in proc.stderr

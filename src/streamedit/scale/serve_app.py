@@ -7,8 +7,8 @@ session ends, so ``max_ongoing_requests=slots`` makes Serve route a new offer to
 autoscaling counts sessions, and a replica being scaled down drains: Serve waits (up to
 ``graceful_shutdown_timeout_s``) for its open sessions. Media and the data channel end in that replica.
 
-``Ingress`` (CPU): the page, token auth, body limits, ``/health``, ``/stats`` (every replica's, from the
-``Board`` actor each replica reports to), ``POST /offer`` (503 when no replica has a free slot within
+``Ingress`` (CPU): the page, token auth, body limits, ``/health``, ``/ice-servers``, ``/stats`` (every replica's,
+from the ``Board`` actor each replica reports to), ``POST /offer`` (503 when no replica has a free slot within
 ``queue_timeout``), ``DELETE /session/{id}``, ``GET /session/{id}`` (running, or why it ended).
 
 ``serve run streamedit.scale.serve_app:build_app model=demo replicas=2`` runs it without the CLI
@@ -112,8 +112,9 @@ class StreamReplica:
 
 class Ingress:
     def __init__(self, replicas, token: str | None = None, queue_timeout: float = 5.0,
-                 max_body_bytes: int = 64 * 1024):
+                 max_body_bytes: int = 64 * 1024, ice_servers: list[dict] | None = None):
         self.replicas, self.token, self.queue_timeout, self.max_body = replicas, token, queue_timeout, max_body_bytes
+        self.ice_servers = ice_servers or []  # the replicas' --ice-server list, for the page
         self.live: dict[str, tuple[object, str]] = {}   # session -> (its open call, replica)
         self.ended: dict[str, str] = {}                 # session -> why it ended
         self.refused = {"auth": 0, "busy": 0, "malformed": 0}
@@ -142,6 +143,8 @@ class Ingress:
             return JSONResponse({"status": "ok", "sessions": len(self.live)})
         if path == "/stats":
             return JSONResponse(await self.stats())
+        if path == "/ice-servers":
+            return JSONResponse({"iceServers": self.ice_servers})
         if path == "/offer" and method == "POST":
             return await self.offer(request)
         if path.startswith("/session/"):
@@ -214,7 +217,8 @@ def deployments(*, slots: int = 2, gpus: float = 1.0, replicas: int | None = 1, 
         graceful_shutdown_timeout_s=drain_s, graceful_shutdown_wait_loop_s=1.0,
         **({"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}))
     ingress = serve.deployment(Ingress).options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-    return ingress.bind(replica.bind(slots=slots, **replica_kw), token=token, queue_timeout=queue_timeout)
+    return ingress.bind(replica.bind(slots=slots, **replica_kw), token=token, queue_timeout=queue_timeout,
+                        ice_servers=(replica_kw.get("server") or {}).get("ice_servers"))
 
 
 def build_app(args: dict):

@@ -60,6 +60,13 @@ def _resolution(value: str) -> int:
 @click.option("--max-resolution", default="1920x1080", show_default=True, help="Largest input frame accepted.")
 @click.option("--ice-host", "ice_hosts", multiple=True, help="Local address(es) for WebRTC media "
               "(default: every interface). Repeatable.")
+@click.option("--ice-server", "ice_urls", multiple=True, metavar="URL",
+              help="STUN/TURN server for both ends (stun:HOST[:PORT], turn:HOST[:PORT][?transport=udp|tcp], "
+                   "turns:...), so a server behind NAT can be reached; the page reads them from /ice-servers. Repeatable.")
+@click.option("--turn-user", default=None, help="--ice-server: the TURN servers' user name.")
+@click.option("--turn-password", default=None, envvar="STREAMEDIT_TURN_PASSWORD",
+              help="--ice-server: the TURN servers' password (or STREAMEDIT_TURN_PASSWORD). The page gets it too: "
+                   "prefer short-lived TURN credentials.")
 @click.option("--cpu-threads", type=click.IntRange(1, 512), default=None,
               help="torch threads when running on CPU (default: half the cores; the rest encode/decode video).")
 @click.option("--certfile", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -78,14 +85,22 @@ def _resolution(value: str) -> int:
                    "replica, busy or not) before they are ended.")
 def serve_command(host, port, model, revision, device, dtype, lllite, steps, te_size, token, prompt, size, crop,
                   max_size, max_sessions, target_fps, max_batch, prepare_inputs, max_resolution, ice_hosts,
-                  cpu_threads, certfile, keyfile, shared_engine, preset, ray_address, replicas, ray_gpus, drain):
+                  ice_urls, turn_user, turn_password, cpu_threads, certfile, keyfile, shared_engine, preset,
+                  ray_address, replicas, ray_gpus, drain):
     """Serve a web page that stylizes the browser's camera (or a video file) live over WebRTC."""
     _need_server_deps()
+    from .network import parse_ice_servers
+
+    try:
+        ice_servers = parse_ice_servers(list(ice_urls), turn_user, turn_password) or None
+    except ValueError as exc:
+        raise click.UsageError(f"--ice-server: {exc}") from None
     if ray_address is not None:  # the scale package sits above this one: reached by name (scale/__init__.py)
         import importlib
 
         server = {"prompt": prompt, "size": size, "crop": crop, "max_size": max_size,
-                  "max_input_pixels": _resolution(max_resolution), "ice_hosts": list(ice_hosts) or None}
+                  "max_input_pixels": _resolution(max_resolution), "ice_hosts": list(ice_hosts) or None,
+                  "ice_servers": ice_servers}
         importlib.import_module("streamedit.scale.serve_cli").run(
             ray_address, host=host, port=port, token=token, replicas=replicas, gpus=ray_gpus, slots=max_sessions or 2,
             model=model, revision=revision, device=device, dtype=dtype, lllite=lllite, steps=steps, te_size=te_size,
@@ -127,7 +142,8 @@ def serve_command(host, port, model, revision, device, dtype, lllite, steps, te_
                                          echo=lambda msg: click.echo(msg, err=True))
     config = ServerConfig(host=host, port=port, token=token, prompt=prompt, size=size, crop=crop, max_size=max_size,
                           max_sessions=max_sessions, max_input_pixels=_resolution(max_resolution),
-                          ice_hosts=list(ice_hosts) or None, model_name=getattr(models, "source", "") or model)
+                          ice_hosts=list(ice_hosts) or None, ice_servers=ice_servers,
+                          model_name=getattr(models, "source", "") or model)
     server = Server(config, factory)
     ssl_context = None
     if certfile:

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
 from ..config import check_prompt
-from .network import LOOPBACK_NAMES, filter_candidates, request_token, restrict_ice_hosts
+from .network import LOOPBACK_NAMES, filter_candidates, request_token, restrict_ice_hosts, rtc_configuration
 from .network import is_loopback as is_loopback, new_token as new_token  # re-exported: serve/commands.py, scale/
 from .rtp import decode_on_marker
 from .session import Session
@@ -54,6 +54,7 @@ class ServerConfig:
     max_queue: int = 1                # input frames kept per session (latest-frame-wins beyond this)
     connect_timeout: float = 20.0     # seconds for a session's WebRTC connection to come up
     ice_hosts: list[str] | None = None  # local addresses for WebRTC media (None: all interfaces)
+    ice_servers: list[dict] | None = None  # STUN/TURN for both ends (network.parse_ice_servers; None: host only)
     stats_interval: float = 0.5
     trace: bool = False               # every session keeps (output pts, input pts, prompt) per frame (an offer
                                       # may ask for it too: "trace": true) and pushes it on its data channel
@@ -80,6 +81,7 @@ class Server:
         app.router.add_get("/", self.index)
         app.router.add_get("/health", self.health)
         app.router.add_get("/stats", self.stats)
+        app.router.add_get("/ice-servers", self.ice_servers)
         app.router.add_post("/offer", self.offer)
         app.router.add_post("/session/{sid}/prompt", self.prompt)
         app.router.add_delete("/session/{sid}", self.stop)
@@ -114,6 +116,10 @@ class Server:
     def _engine_error(self) -> str | None:
         error = getattr(self.engine_factory, "error", None)  # a shared engine's, once it stopped
         return error() if error is not None else None
+
+    async def ice_servers(self, request):
+        """The STUN/TURN servers the page gives its RTCPeerConnection (the same the server gathers with)."""
+        return web.json_response({"iceServers": self.config.ice_servers or []})
 
     async def health(self, request):
         error = self._engine_error()
@@ -154,7 +160,7 @@ class Server:
         pc = session = None
         try:
             sid = uuid.uuid4().hex[:12]
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: nothing leaves this host
+            pc = RTCPeerConnection(rtc_configuration(cfg.ice_servers))  # none given: nothing leaves this host
             session = Session(sid, self.engine_factory, params["prompt"], params["size"], asyncio.get_running_loop(),
                               max_queue=cfg.max_queue, max_input_pixels=cfg.max_input_pixels,
                               engine_lock=self.engine_lock, trace=cfg.trace or params["trace"], crop=cfg.crop,

@@ -76,7 +76,8 @@ async function start() {
     localStream = await openSource();
     const track = localStream.getVideoTracks()[0];
     if (!track) throw new Error("the source has no video track");
-    pc = new RTCPeerConnection({ iceServers: [] });
+    const { iceServers } = await api("ice-servers"); // the server's --ice-server list (STUN/TURN), or none
+    pc = new RTCPeerConnection({ iceServers });
     channel = pc.createDataChannel("control");
     channel.onmessage = (event) => onMessage(JSON.parse(event.data));
     pc.addTransceiver(track, { direction: "sendrecv", streams: [localStream],
