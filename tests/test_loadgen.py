@@ -150,3 +150,44 @@ def test_offer_trace_flag_is_checked():
     assert parse_offer(json.dumps({"sdp": sdp, "type": "offer", "trace": True}).encode(), cfg)["trace"] is True
     with pytest.raises(ValueError, match="'trace' must be true or false"):
         parse_offer(json.dumps({"sdp": sdp, "type": "offer", "trace": "yes"}).encode(), cfg)
+
+
+class _Echo:
+    """An engine that hands frames back unchanged: only the media path matters here."""
+
+    def __init__(self, prompt, size):
+        pass
+
+    def set_prompt(self, prompt):
+        pass
+
+    def process(self, frames):
+        return list(frames)
+
+
+def test_load_generator_takes_the_servers_ice_servers():
+    """The load generator's sessions gather with the server's `GET /ice-servers` list, as the page does: with a
+    STUN server there, each client's offer carries the reflexive candidate that server reported."""
+    from test_serve import _FakeStun
+
+    clients: list = []
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        transport, stun = await loop.create_datagram_endpoint(_FakeStun, local_addr=("127.0.0.1", 0))
+        stun_url = f"stun:127.0.0.1:{transport.get_extra_info('sockname')[1]}"
+        server = Server(ServerConfig(ice_hosts=["127.0.0.1"], size=SIZE, max_sessions=2,
+                                     ice_servers=[{"urls": stun_url}]), _Echo)
+        runner, url = await on_port(server)
+        try:
+            report = await run_load(url, 2, FPS, 1.0, size=SIZE, width=SIZE, height=SIZE, warmup=0.2,
+                                    clients=clients, prompt_change=False, first_frame_timeout=60)
+        finally:
+            await runner.cleanup()
+            transport.close()
+        return report, stun.requests
+
+    report, requests = asyncio.run(asyncio.wait_for(go(), 120))
+    assert len(report["sessions"]) == 2 and requests >= 2
+    mapped = f"{_FakeStun.MAPPED[0]} {_FakeStun.MAPPED[1]} typ srflx"
+    assert all(mapped in c.pc.localDescription.sdp for c in clients), [c.pc.localDescription.sdp for c in clients]

@@ -18,13 +18,13 @@ import time
 import av
 import numpy as np
 from aiortc import (
-    RTCConfiguration,
     RTCPeerConnection,
     RTCSessionDescription,
     VideoStreamTrack,
 )
 from aiortc.mediastreams import MediaStreamError
 
+from .network import rtc_configuration
 from .rtp import decode_on_marker
 from .session import to_yuv420p
 
@@ -88,9 +88,10 @@ class SyntheticCamera(VideoStreamTrack):
 class Client:
     """One WebRTC session; ``offer(post, ...)`` starts it through ``post(path, json) -> (status, body)``."""
 
-    def __init__(self, camera: SyntheticCamera | None = None):
+    def __init__(self, camera: SyntheticCamera | None = None, ice_servers: list[dict] | None = None):
+        """``ice_servers``: the server's ``GET /ice-servers`` list, as the page uses it (None: host candidates)."""
         self.camera = camera or SyntheticCamera(320, 240, 15)
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc = RTCPeerConnection(rtc_configuration(ice_servers))
         self.channel = self.pc.createDataChannel("control")
         self.messages: list[dict] = []
         self.frames: list[tuple[float, int, np.ndarray | None]] = []  # recent (received at, pts, rgb or None)

@@ -130,11 +130,13 @@ async def run_load(url: str, sessions: int, fps: float, seconds: float, *, size:
 
         try:
             before = await stats()
+            async with http.get(base + "/ice-servers") as resp:  # STUN/TURN, as the page takes them
+                ice_servers = (await _json(resp)).get("iceServers") if resp.status == 200 else None
         except aiohttp.ClientError as exc:
             raise LoadError(f"cannot reach the server at {base}: {exc}") from None
         try:
             for k in range(sessions):
-                client = Client(SyntheticCamera(width, height, fps, pattern=k))
+                client = Client(SyntheticCamera(width, height, fps, pattern=k), ice_servers=ice_servers)
                 client.keep_pixels = keep_pixels
                 clients.append(client)
                 params = {"prompt": prompts_for(k)[0], "trace": True} | ({"size": size} if size else {})
