@@ -29,7 +29,9 @@ case $mode in
     python -c "import urllib.request as u;u.urlopen('http://127.0.0.1:${PORT:-7860}/health',timeout=2)" 2>/dev/null \
       || probe "-${NAME:?}"
     OUT=$OUT/$NAME TAR=1 KEEP=${KEEP:-1} STACKS=${STACKS:-0} RUNS="${RUNS:?}" LIMIT=${LIMIT:-555} \
-      scripts/gpu_serve_load.sh --max-batch 4 ${SERVE_ARGS:-} ;;
+      scripts/gpu_serve_load.sh --max-batch 4 ${SERVE_ARGS:-}
+    # how big the compiled functions are: whether a later session could carry them instead of compiling ~455 s
+    du -sh .cache/streamedit/* 2>/dev/null ;;
   ray)
     probe ""
     SECONDS_LONG=${SECONDS_LONG:-120} SHARD=${SHARD:-600} timeout "${LIMIT:-560}" \
