@@ -62,7 +62,8 @@ def _resolution(value: str) -> int:
               "(default: every interface). Repeatable.")
 @click.option("--ice-server", "ice_urls", multiple=True, metavar="URL",
               help="STUN/TURN server for both ends (stun:HOST[:PORT], turn:HOST[:PORT][?transport=udp|tcp], "
-                   "turns:...), so a server behind NAT can be reached; the page reads them from /ice-servers. Repeatable.")
+                   "turns:...), so a server behind NAT can be reached; the page reads them from /ice-servers. "
+                   "Repeatable.")
 @click.option("--turn-user", default=None, help="--ice-server: the TURN servers' user name.")
 @click.option("--turn-password", default=None, envvar="STREAMEDIT_TURN_PASSWORD",
               help="--ice-server: the TURN servers' password (or STREAMEDIT_TURN_PASSWORD). The page gets it too: "
